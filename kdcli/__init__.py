@@ -1,0 +1,3 @@
+"""kd: knowledge distillation from the command line."""
+
+__version__ = "0.1.0"
