@@ -1,0 +1,76 @@
+"""Checkpoint files: written atomically, read back with `weights_only=True`.
+
+A checkpoint is a dict of tensors, numbers, strings and state dicts, nothing a pickle could
+execute. `save` writes to a temporary file in the same folder, fsyncs and renames, so a
+reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdcli.errors import CorruptArtifact
+
+FORMAT = 1
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Calls `write(fileobj)` on a temp file beside `path`, then fsyncs and renames it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda fh: fh.write(text.encode()))
+
+
+def save(obj: dict, path: Path) -> None:
+    """Saves a checkpoint dict atomically, stamped with the format version."""
+    atomic_write(path, lambda fh: torch.save({"format": FORMAT, **obj}, fh))
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Loads a checkpoint with `weights_only=True`; a damaged file raises CorruptArtifact."""
+    path = Path(path)
+    if not path.exists():
+        raise CorruptArtifact(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, bit flips, foreign pickle: all the same to a user
+        raise CorruptArtifact(f"checkpoint {path} is unreadable ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]})") from exc
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CorruptArtifact(f"checkpoint {path} is not a kd checkpoint of format {FORMAT}")
+    return obj
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()

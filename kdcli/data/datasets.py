@@ -1,0 +1,160 @@
+"""Dataset loaders. Each returns a `Dataset`: decoded uint8 images held once in memory.
+
+Images are decoded a single time at load (JPEG -> uint8 NCHW) and never again: every epoch,
+augmentation and the soft-label cache read the same tensor. A dataset config points at one of
+the loaders here by `_target_`; a user's own loader only has to return a `Dataset`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import pickle
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kdcli.errors import DataError
+
+log = logging.getLogger(__name__)
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class Split:
+    """One split: `images` uint8 (N, C, H, W), `labels` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    """A classification dataset with a train and a test split, decoded in memory."""
+
+    name: str
+    train: Split
+    test: Split
+    classes: list[str]
+    mean: tuple[float, ...] = CIFAR_MEAN
+    std: tuple[float, ...] = CIFAR_STD
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    def fingerprint(self) -> str:
+        """Content hash of pixels and labels: a changed dataset gives new store keys."""
+        if self._fingerprint is None:
+            h = hashlib.blake2b(digest_size=16)
+            for split in (self.train, self.test):
+                h.update(split.images.numpy().tobytes())
+                h.update(split.labels.numpy().tobytes())
+            h.update("\n".join(self.classes).encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+
+def _decode_jpegs(blob: np.ndarray, offsets: np.ndarray) -> torch.Tensor:
+    from PIL import Image
+
+    n = len(offsets) - 1
+    first = np.asarray(Image.open(io.BytesIO(blob[offsets[0]:offsets[1]].tobytes())).convert("RGB"))
+    out = np.empty((n, *first.shape), dtype=np.uint8)
+    for i in range(n):
+        raw = blob[offsets[i]:offsets[i + 1]].tobytes()
+        out[i] = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def _split_from_pack(arrays: dict, prefix: str = "") -> Split:
+    images = _decode_jpegs(arrays[f"{prefix}jpeg"], arrays[f"{prefix}offsets"])
+    labels = torch.from_numpy(np.asarray(arrays[f"{prefix}labels"], dtype=np.int64))
+    return Split(images, labels)
+
+
+def _require(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}")
+
+
+def cifar10_subset(name: str = "cifar10_subset", **_: object) -> Dataset:
+    """The 5,000/1,000-image CIFAR-10 subset shipped inside the package (no download)."""
+    asset = resources.files("kdcli.data") / "assets" / "cifar10_subset.npz"
+    with resources.as_file(asset) as path:
+        _require(path, "embedded CIFAR-10 subset")
+        with np.load(path) as z:
+            arrays = dict(z)
+    return Dataset(name, _split_from_pack(arrays, "train_"), _split_from_pack(arrays, "test_"),
+                   [str(c) for c in arrays["classes"]])
+
+
+def cifar10(root: str, name: str = "cifar10", **_: object) -> Dataset:
+    """Full CIFAR-10 from `root`, in either layout found there.
+
+    - the JPEG pack: `root/train.npz`, `root/test.npz` (arrays jpeg, offsets, labels, classes);
+    - torchvision's `cifar-10-batches-py` folder (as `root` or inside it).
+    """
+    base = Path(root).expanduser()
+    if (base / "train.npz").exists():
+        splits = {}
+        for split in ("train", "test"):
+            _require(base / f"{split}.npz", "CIFAR-10 pack file")
+            with np.load(base / f"{split}.npz") as z:
+                arrays = dict(z)
+            splits[split] = _split_from_pack(arrays)
+        return Dataset(name, splits["train"], splits["test"], [str(c) for c in arrays["classes"]])
+    for folder in (base, base / "cifar-10-batches-py"):
+        if (folder / "data_batch_1").exists():
+            return _cifar_batches(folder, name)
+    raise DataError(
+        f"no CIFAR-10 data at {base}: expected train.npz/test.npz (JPEG pack) or a "
+        "cifar-10-batches-py folder; set dataset.root"
+    )
+
+
+def _cifar_batches(folder: Path, name: str) -> Dataset:
+    # torchvision's python-pickle layout; like torchvision we unpickle it, so only point
+    # dataset.root at data you trust (see README, trust model).
+    def read(files: list[str]) -> Split:
+        xs, ys = [], []
+        for f in files:
+            _require(folder / f, "CIFAR-10 batch file")
+            with open(folder / f, "rb") as fh:
+                entry = pickle.load(fh, encoding="latin1")
+            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64))
+        return Split(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+
+    with open(folder / "batches.meta", "rb") as fh:
+        classes = pickle.load(fh, encoding="latin1")["label_names"]
+    train = read([f"data_batch_{i}" for i in range(1, 6)])
+    return Dataset(name, train, read(["test_batch"]), list(classes))
+
+
+def subsample(ds: Dataset, train_size: int | None, test_size: int | None, seed: int = 0) -> Dataset:
+    """Class-balanced-ish random subset (used by the smoke preset to shrink any dataset)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def cut(split: Split, n: int | None) -> Split:
+        if n is None or n >= len(split):
+            return split
+        idx = torch.randperm(len(split), generator=g)[:n].sort().values
+        return Split(split.images[idx].contiguous(), split.labels[idx].contiguous())
+
+    return Dataset(ds.name, cut(ds.train, train_size), cut(ds.test, test_size), ds.classes,
+                   ds.mean, ds.std)

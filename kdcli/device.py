@@ -1,0 +1,125 @@
+"""Reads the `device` config once and answers every device question the engine has.
+
+Precision, channels_last and compile are decided here, before any loop runs, so the training
+loop body has no branches for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from kdcli.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str
+    channels_last: bool
+    compile: bool
+
+    @property
+    def amp_dtype(self) -> torch.dtype:
+        return _DTYPES[self.precision]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        # Only fp16 needs loss scaling; a disabled scaler is a no-op with the same interface.
+        return torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Moves a model to the device and memory format."""
+        return model.to(self.device, memory_format=self.memory_format)
+
+    def describe(self) -> str:
+        name = str(self.device)
+        if self.device.type == "cuda":
+            name += f" ({torch.cuda.get_device_name(self.device)})"
+        return f"{name}, {self.precision}" + (", channels_last" if self.channels_last else "")
+
+
+def resolve(cfg) -> Runtime:
+    """Builds the Runtime from the `device` config node (type, index, precision, ...)."""
+    kind = cfg.type
+    if kind not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device.type={kind!r} is not valid; choose one of auto, cpu, cuda")
+    if cfg.precision not in (*_DTYPES, "auto"):
+        raise ConfigError(f"device.precision={cfg.precision!r} is not valid; "
+                          f"choose one of auto, {', '.join(_DTYPES)}")
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device.type=cuda but no CUDA device is visible; use device=cpu")
+        index = int(cfg.index or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device.index={index} but only {torch.cuda.device_count()} GPU(s)")
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = not cfg.get("deterministic", False)
+    else:
+        device = torch.device("cpu")
+    precision = cfg.precision if cfg.precision != "auto" else _fast_precision(device)
+    if device.type == "cpu" and precision == "fp16":
+        raise ConfigError("device.precision=fp16 is for CUDA; on CPU use bf16 or fp32")
+    channels_last = cfg.channels_last
+    if channels_last == "auto":
+        channels_last = precision != "fp32"
+    threads = cfg.get("threads")
+    if device.type == "cpu":
+        # One intra-op thread per core: more only adds contention on small CIFAR kernels.
+        torch.set_num_threads(int(threads) if threads else max(1, os.cpu_count() or 1))
+    return Runtime(device, precision, bool(channels_last), bool(cfg.get("compile", False)))
+
+
+def _fast_precision(device: torch.device) -> str:
+    """bf16 where the hardware runs it fast: CUDA with bf16 support, or CPUs with bf16 matrix
+    instructions (AMX or AVX512-BF16); fp32 elsewhere, where bf16 would be emulated and slow."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if _cpu_flags() & {"amx_bf16", "avx512_bf16"} else "fp32"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seeds torch (CPU and CUDA); `deterministic` makes kernels bit-reproducible."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -1,0 +1,45 @@
+"""Hinton knowledge distillation (Hinton, Vinyals & Dean, 2015, "Distilling the Knowledge in a
+Neural Network").
+
+    loss = ce_weight * CE(s, y) + kd_weight * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+The T^2 factor keeps the soft term's gradient scale independent of T. Weights are named: a bare
+"alpha" means the KD weight in some codebases and the CE weight in others.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kdcli.losses.base import DistillationLoss, Outputs
+
+
+def kl_div_with_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                            temperature: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(s/T)) averaged over the batch, times T^2."""
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+    return kl * temperature**2
+
+
+class HintonKD(DistillationLoss):
+    """Soft targets at temperature T plus the hard-label term."""
+
+    def __init__(self, temperature: float = 4.0, ce_weight: float = 1.0, kd_weight: float = 1.0
+                 ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+        self.ce_weight = ce_weight
+        self.kd_weight = kd_weight
+
+    def forward(self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor
+                ) -> dict[str, torch.Tensor]:
+        assert teacher is not None, "HintonKD needs teacher logits"
+        ce = F.cross_entropy(student.logits.float(), targets)
+        # The teacher is a fixed target: no gradient may flow into it.
+        kd = kl_div_with_temperature(student.logits, teacher.logits.detach(), self.temperature)
+        return {"loss": self.ce_weight * ce + self.kd_weight * kd, "ce": ce, "kd": kd}

@@ -1,0 +1,232 @@
+"""Classification metrics and model cost (params, FLOPs, size, latency).
+
+Accuracy-style metrics are returned in percent (0-100) as plain Python floats so they can go
+straight into logs, checkpoints and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "classification_metrics",
+    "confusion_matrix",
+    "count_flops",
+    "count_params",
+    "macro_f1",
+    "measure_latency_ms",
+    "model_size_bytes",
+    "profile_model",
+]
+
+
+def confusion_matrix(preds: Tensor, targets: Tensor, num_classes: int) -> Tensor:
+    """Counts (true class, predicted class) pairs.
+
+    Args:
+        preds: Predicted class indices, shape ``(N,)``.
+        targets: True class indices, shape ``(N,)``.
+        num_classes: Number of classes ``C``.
+
+    Returns:
+        An int64 ``(C, C)`` tensor on the CPU; rows are true classes, columns predictions.
+    """
+    preds = preds.detach().reshape(-1).long().cpu()
+    targets = targets.detach().reshape(-1).long().cpu()
+    if preds.shape != targets.shape:
+        raise ValueError(f"preds {tuple(preds.shape)} and targets {tuple(targets.shape)} differ")
+    # One bincount over flattened (true, pred) pairs beats a Python loop by orders of magnitude.
+    flat = targets * num_classes + preds
+    counts = torch.bincount(flat, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def macro_f1(confusion: Tensor) -> float:
+    """Macro-averaged F1 in percent, as sklearn's ``f1_score(average="macro", zero_division=0)``.
+
+    Like sklearn's default ``labels=None``, the average runs over the classes that occur in the
+    targets or the predictions; a class absent from both is left out rather than counted as 0,
+    so a test subset that happens to miss a class is not penalised for it.
+
+    Args:
+        confusion: ``(C, C)`` confusion matrix, rows true, columns predicted.
+    """
+    confusion = confusion.double()
+    tp = confusion.diagonal()
+    support = confusion.sum(dim=1)  # tp + fn
+    predicted = confusion.sum(dim=0)  # tp + fp
+    denom = support + predicted  # 2tp + fp + fn
+    present = denom > 0
+    if not bool(present.any()):
+        return 0.0
+    # 2tp / (2tp + fp + fn) equals 2PR / (P + R) and is 0 whenever tp == 0 (zero_division=0).
+    f1 = 2 * tp[present] / denom[present]
+    return float(f1.mean().item() * 100.0)
+
+
+@torch.no_grad()
+def classification_metrics(
+    logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None
+) -> dict[str, float]:
+    """Top-1, top-5, macro-F1 and (optionally) agreement with the teacher, all in percent.
+
+    Args:
+        logits: Model outputs, shape ``(N, C)``.
+        targets: True class indices, shape ``(N,)``.
+        teacher_logits: Teacher outputs ``(N, C)``; adds ``agreement``, the share of samples
+            whose argmax matches the teacher's.
+
+    Returns:
+        ``{"top1", "top5", "macro_f1"[, "agreement"]}``; ``top5`` is top-``min(5, C)``.
+    """
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (N, C), got {tuple(logits.shape)}")
+    logits = logits.detach()
+    targets = targets.detach().reshape(-1).long().to(logits.device)
+    n, num_classes = logits.shape
+    if targets.numel() != n:
+        raise ValueError(f"{n} logits rows but {targets.numel()} targets")
+    if n == 0:
+        out = {"top1": 0.0, "top5": 0.0, "macro_f1": 0.0}
+        if teacher_logits is not None:
+            out["agreement"] = 0.0
+        return out
+
+    k = min(5, num_classes)
+    topk = logits.topk(k, dim=1).indices  # (N, k), column 0 is the argmax
+    hits = topk.eq(targets.unsqueeze(1))
+    preds = topk[:, 0]
+    out = {
+        "top1": float(hits[:, 0].float().mean().item() * 100.0),
+        "top5": float(hits.any(dim=1).float().mean().item() * 100.0),
+        "macro_f1": macro_f1(confusion_matrix(preds, targets, num_classes)),
+    }
+    if teacher_logits is not None:
+        teacher_preds = teacher_logits.detach().argmax(dim=1).to(preds.device)
+        if teacher_preds.shape != preds.shape:
+            raise ValueError(
+                f"teacher_logits {tuple(teacher_logits.shape)} do not match logits "
+                f"{(n, num_classes)}"
+            )
+        out["agreement"] = float(preds.eq(teacher_preds).float().mean().item() * 100.0)
+    return out
+
+
+def count_params(model: nn.Module) -> int:
+    """Total number of parameters, trainable or not."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The plain module behind a ``torch.compile`` wrapper, so costs don't depend on compile."""
+    return getattr(model, "_orig_mod", model)
+
+
+def _example_input(model: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
+    """A batch-1 zero input on the model's device and floating dtype."""
+    param = next(model.parameters(), None)
+    if param is None or not param.is_floating_point():
+        return torch.zeros(1, *input_shape)
+    return torch.zeros(1, *input_shape, device=param.device, dtype=param.dtype)
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass on one image (a multiply-add counts as 2).
+
+    Args:
+        model: The model; its train/eval mode (per submodule) is restored afterwards.
+        input_shape: One sample's shape without the batch dimension, e.g. ``(3, 32, 32)``.
+    """
+    model = _unwrap(model)
+    # Per-module, so a model with frozen (eval) BatchNorm inside a training model comes back as is.
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        x = _example_input(model, input_shape)
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(x)
+        return int(counter.get_total_flops())
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Size in bytes of the model's ``state_dict`` as ``torch.save`` writes it."""
+    buffer = io.BytesIO()
+    torch.save(_unwrap(model).state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def measure_latency_ms(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    *,
+    warmup: int = 5,
+    iters: int = 30,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Median batch-1 forward latency in milliseconds, in fp32 on ``device`` (CPU by default).
+
+    The report quotes this as CPU fp32 batch-1 latency: comparable across teacher and student
+    and across machines with the same CPU, unlike GPU timings that depend on AMP and batching.
+    The model is deep-copied, so the caller's model keeps its device, dtype and mode.
+
+    Args:
+        model: The model to time.
+        input_shape: One sample's shape without the batch dimension.
+        warmup: Untimed forward passes first (allocator, caches, lazy init).
+        iters: Timed forward passes; the median resists scheduler noise better than the mean.
+        device: Where to time; ``"cpu"`` for the report's numbers.
+    """
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    device = torch.device(device)
+    clone = copy.deepcopy(_unwrap(model)).to(device=device, dtype=torch.float32).eval()
+    x = torch.zeros(1, *input_shape, device=device, dtype=torch.float32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    times_ms: list[float] = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            clone(x)
+        sync()
+        for _ in range(iters):
+            start = time.perf_counter()
+            clone(x)
+            sync()
+            times_ms.append((time.perf_counter() - start) * 1000.0)
+    return float(statistics.median(times_ms))
+
+
+def profile_model(
+    model: nn.Module, input_shape: tuple[int, ...], **latency_kwargs: Any
+) -> dict[str, float | int]:
+    """Parameters, FLOPs, size and latency of a model for the report.
+
+    Args:
+        model: The model to profile; left unchanged.
+        input_shape: One sample's shape without the batch dimension.
+        **latency_kwargs: Passed to :func:`measure_latency_ms` (``warmup``, ``iters``).
+
+    Returns:
+        ``{"params", "flops", "size_bytes", "latency_ms"}``.
+    """
+    return {
+        "params": count_params(model),
+        "flops": count_flops(model, input_shape),
+        "size_bytes": model_size_bytes(model),
+        "latency_ms": measure_latency_ms(model, input_shape, **latency_kwargs),
+    }

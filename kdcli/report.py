@@ -1,0 +1,727 @@
+"""A run's report: ``report.json`` for machines, ``report.md`` plus PNG plots for people.
+
+The report dict has the blocks ``kd_version``, ``versions``, ``wall_time_s``, ``dataset``,
+``teacher`` and ``student`` (metrics in percent plus ``profile_model`` costs and
+``train_time_s``), ``baseline`` (the student architecture trained without KD),
+``compression`` (see :func:`compression`), ``distillation_gain``, ``cache`` (soft-label cache
+footprint), ``stages`` (stage -> trained/reused/resumed) and ``config`` (resolved, plain dict).
+Any block of the report dict may be missing or ``None`` when its stage did not run; the writer
+renders what is there and says "—" for the rest instead of failing at the end of a long run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["compression", "format_bytes", "format_count", "to_jsonable", "write_report"]
+
+PLOTS_DIR = "plots"
+_DASH = "—"
+_STAGE_ORDER = ("teacher", "student", "baseline")
+_CURVES = ("train/loss", "val/top1")
+_STAGE_LABELS = {"teacher": "teacher", "baseline": "from scratch", "student": "distilled student"}
+# One colour per role in every plot, so the student is the same green in curves and bars.
+_STAGE_COLORS = {"teacher": "#4c72b0", "baseline": "#dd8452", "student": "#55a868"}
+
+
+# --------------------------------------------------------------------------- formatting helpers
+
+
+def format_count(n: float | None) -> str:
+    """Human-readable count: ``272474 -> "0.27M"``, ``40.8e6 -> "40.8M"``, ``55 -> "55"``.
+
+    Counts from 100K up are given in M (as KD papers quote parameters), from 1e9 in G.
+    """
+    if n is None or not _is_finite(n):
+        return _DASH
+    n = float(n)
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e5), ("K", 1e3)):
+        if abs(n) >= scale:
+            # "M" starts at 1e5 so small models read 0.27M rather than 272.5K.
+            value = n / (1e6 if unit == "M" else scale)
+            return f"{_trim(value)}{unit}"
+    return f"{n:.0f}" if n == int(n) else f"{n:.2f}"
+
+
+def format_bytes(n: float | None) -> str:
+    """Human-readable size in binary units: ``512 -> "512 B"``, ``1536 -> "1.5 KiB"``."""
+    if n is None or not _is_finite(n):
+        return _DASH
+    n = float(n)
+    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{_trim(n / scale)} {unit}"
+    return f"{n:.0f} B"
+
+
+def _trim(value: float) -> str:
+    """Two decimals below 1, one below 100, none above: ``0.27``, ``40.8``, ``125``."""
+    if abs(value) < 1:
+        return f"{value:.2f}"
+    if abs(value) < 100:
+        return f"{value:.1f}"
+    return f"{value:.0f}"
+
+
+def _is_finite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def _pct(x: Any, digits: int = 2) -> str:
+    return f"{float(x):.{digits}f}" if _is_finite(x) else _DASH
+
+
+def _ratio(x: Any) -> str:
+    return f"{float(x):.1f}×" if _is_finite(x) else _DASH
+
+
+def _ms(x: Any) -> str:
+    return f"{float(x):.2f}" if _is_finite(x) else _DASH
+
+
+def _duration(seconds: Any) -> str:
+    if not _is_finite(seconds):
+        return _DASH
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _block(report: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``report[key]`` as a dict, ``{}`` when missing, ``None`` or not a mapping."""
+    value = report.get(key)
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def compression(teacher_profile: Mapping[str, Any], student_profile: Mapping[str, Any]) -> dict:
+    """Teacher-over-student ratios of params, size and FLOPs, and the latency speed-up.
+
+    Args:
+        teacher_profile: ``profile_model`` output (``params``, ``flops``, ``size_bytes``,
+            ``latency_ms``) for the teacher; extra keys are ignored.
+        student_profile: The same for the student.
+
+    Returns:
+        ``{"params_ratio", "size_ratio", "flops_ratio", "latency_speedup"}``; an entry is
+        ``None`` when either side is missing or the student's value is zero.
+    """
+
+    def ratio(key: str) -> float | None:
+        t, s = teacher_profile.get(key), student_profile.get(key)
+        if not (_is_finite(t) and _is_finite(s)) or float(s) == 0:
+            return None
+        return float(t) / float(s)
+
+    return {
+        "params_ratio": ratio("params"),
+        "size_ratio": ratio("size_bytes"),
+        "flops_ratio": ratio("flops"),
+        "latency_speedup": ratio("latency_ms"),
+    }
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Converts tensors, numpy values, paths and OmegaConf nodes to plain JSON types.
+
+    Non-finite floats become ``None`` so the file stays strict JSON that any parser reads.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Tensor):
+        return to_jsonable(obj.item() if obj.numel() == 1 and obj.ndim == 0 else obj.tolist())
+    if type(obj).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return to_jsonable(OmegaConf.to_container(obj, resolve=True))
+    if hasattr(obj, "tolist") and type(obj).__module__ == "numpy":
+        return to_jsonable(obj.tolist())  # numpy scalars and arrays
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return str(obj)
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Writes ``data`` so readers see the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Makes the rename itself durable; not possible on every OS, so best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _read_history(path: Path) -> dict[str, tuple[list[float], list[float]]]:
+    """``{column: (epochs, values)}`` for ``train/loss`` and ``val/top1``; blanks are skipped."""
+    curves: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in _CURVES}
+    with open(path, newline="") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            epoch = _float_or_none(row.get("epoch"))
+            epoch = float(i) if epoch is None else epoch  # no epoch column: use the row number
+            for key, (xs, ys) in curves.items():
+                value = _float_or_none(row.get(key))
+                if value is not None:
+                    xs.append(epoch)
+                    ys.append(value)
+    return curves
+
+
+def _float_or_none(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _new_figure(width: float, height: float) -> Any:
+    """A figure on the Agg canvas, without pyplot's global state or GUI backends."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    _atomic_write_bytes(path, buffer.getvalue())
+
+
+def _plot_training_curves(histories: Mapping[str, Path | str], path: Path) -> bool:
+    curves = {}
+    for stage, csv_path in histories.items():
+        try:
+            curves[stage] = _read_history(Path(csv_path))
+        except OSError as exc:
+            log.warning("Skipping the %s history in the report plots: %s", stage, exc)
+    if not any(xs for c in curves.values() for xs, _ in c.values()):
+        return False
+
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _new_figure(10, 4)
+    axes = dict(zip(_CURVES, fig.subplots(1, 2), strict=True))
+    for stage in sorted(curves, key=lambda s: (*_STAGE_ORDER, s).index(s)):
+        for key, (xs, ys) in curves[stage].items():
+            if xs:
+                axes[key].plot(
+                    xs,
+                    ys,
+                    marker=".",
+                    label=_STAGE_LABELS.get(stage, stage),
+                    color=_STAGE_COLORS.get(stage),
+                )
+    axes["train/loss"].set(title="Training loss", xlabel="epoch", ylabel="train/loss")
+    axes["val/top1"].set(title="Validation top-1", xlabel="epoch", ylabel="val/top1 (%)")
+    for ax in axes.values():
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend()
+    _save_figure(fig, path)
+    return True
+
+
+def _plot_accuracy_vs_params(rows: list[tuple[str, str, Any, Any]], path: Path) -> bool:
+    """Bars of top-1 per model, labelled with each model's parameter count.
+
+    ``rows`` holds ``(role, label, top1, params)``; models without a top-1 are left out.
+    """
+    rows = [r for r in rows if _is_finite(r[2])]
+    if not rows:
+        return False
+    fig = _new_figure(6, 4)
+    ax = fig.subplots()
+    labels = [f"{label}\n{format_count(params)} params" for _, label, _, params in rows]
+    values = [float(top1) for _, _, top1, _ in rows]
+    bars = ax.bar(labels, values, color=[_STAGE_COLORS.get(role) for role, *_ in rows])
+    ax.bar_label(bars, labels=[f"{v:.1f}%" for v in values], padding=2)
+    ax.set(title="Top-1 accuracy against model size", ylabel="top-1 (%)")
+    ax.set_ylim(0, max(100.0, max(values) * 1.1))
+    ax.grid(axis="y", alpha=0.3)
+    _save_figure(fig, path)
+    return True
+
+
+def _plot_confusion(confusion: Tensor, class_names: list[str] | None, path: Path) -> bool:
+    matrix = confusion.detach().cpu().long().numpy()
+    n = matrix.shape[0]
+    names = (
+        list(class_names) if class_names and len(class_names) == n else [str(i) for i in range(n)]
+    )
+    size = max(4.0, min(14.0, 0.5 * n + 2))
+    fig = _new_figure(size + 1, size)
+    ax = fig.subplots()
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="samples")
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    ax.set(
+        title="Confusion matrix (distilled student)", xlabel="predicted class", ylabel="true class"
+    )
+    if n <= 20:  # beyond this the numbers overlap and the colours carry the message
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for i in range(n):
+            for j in range(n):
+                color = "white" if matrix[i, j] > threshold else "black"
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", color=color, fontsize=8)
+    _save_figure(fig, path)
+    return True
+
+
+def _make_plots(
+    report: Mapping[str, Any],
+    run_dir: Path,
+    histories: Mapping[str, Path | str] | None,
+    confusion: Tensor | None,
+    class_names: list[str] | None,
+) -> dict[str, str]:
+    """Draws every plot it can; returns ``{plot name: path relative to run_dir}``.
+
+    A failing plot (no matplotlib, bad CSV, ...) is logged and skipped: the report matters
+    more than any one picture.
+    """
+    try:
+        import matplotlib  # noqa: F401  (fail early and once if it is not installed)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("matplotlib unavailable, writing the report without plots: %s", exc)
+        return {}
+
+    teacher, student = _block(report, "teacher"), _block(report, "student")
+    baseline = _block(report, "baseline")
+    bar_rows = [
+        (
+            "teacher",
+            f"teacher\n{teacher.get('name', '')}",
+            teacher.get("top1"),
+            teacher.get("params"),
+        ),
+        # The baseline is the student architecture, so it has the student's parameter count.
+        (
+            "baseline",
+            "from scratch",
+            baseline.get("top1"),
+            baseline.get("params", student.get("params")),
+        ),
+        (
+            "student",
+            f"distilled\n{student.get('name', '')}",
+            student.get("top1"),
+            student.get("params"),
+        ),
+    ]
+
+    jobs: dict[str, Callable[[Path], bool]] = {
+        "accuracy_vs_params": lambda p: _plot_accuracy_vs_params(bar_rows, p)
+    }
+    if histories:
+        jobs["training_curves"] = lambda p: _plot_training_curves(histories, p)
+    if confusion is not None:
+        jobs["confusion_matrix"] = lambda p: _plot_confusion(confusion, class_names, p)
+
+    made: dict[str, str] = {}
+    for name, job in jobs.items():
+        rel = f"{PLOTS_DIR}/{name}.png"
+        try:
+            if job(run_dir / rel):
+                made[name] = rel
+        except Exception as exc:  # noqa: BLE001
+            log.warning("Could not draw the %s plot: %s", name, exc)
+    return made
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _summary(report: Mapping[str, Any]) -> str:
+    teacher, student = _block(report, "teacher"), _block(report, "student")
+    baseline, comp = _block(report, "baseline"), _block(report, "compression")
+    if not _is_finite(student.get("top1")):
+        if _is_finite(teacher.get("top1")):
+            return (
+                f"No distilled student was evaluated in this run; the teacher "
+                f"({teacher.get('name', 'teacher')}) reaches {_pct(teacher['top1'], 1)}% top-1."
+            )
+        return "No evaluated model in this run."
+
+    s_top1 = float(student["top1"])
+    text = f"The distilled student ({student.get('name', 'student')}) reaches {s_top1:.1f}% top-1"
+    against = []
+    if _is_finite(baseline.get("top1")):
+        gain = _block(report, "distillation_gain").get("top1")
+        gain = float(gain) if _is_finite(gain) else s_top1 - float(baseline["top1"])
+        against.append(f"{float(baseline['top1']):.1f}% from scratch ({gain:+.1f} points)")
+    if _is_finite(teacher.get("top1")):
+        against.append(f"{float(teacher['top1']):.1f}% for the teacher")
+    if against:
+        text += " vs " + " and ".join(against)
+
+    costs = []
+    params_ratio, speedup = comp.get("params_ratio"), comp.get("latency_speedup")
+    if _is_finite(params_ratio) and float(params_ratio) > 0:
+        r = float(params_ratio)
+        costs.append(f"{r:.1f}× fewer parameters" if r >= 1 else f"{1 / r:.1f}× more parameters")
+    if _is_finite(speedup) and float(speedup) > 0:
+        r = float(speedup)
+        costs.append(f"{r:.1f}× lower latency" if r >= 1 else f"{1 / r:.1f}× higher latency")
+    if costs:
+        text += ", with " + " and ".join(costs)
+    return text + "."
+
+
+def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:
+    """A Markdown table; ``align`` is one char per column, ``l`` or ``r``."""
+    align = align or "l" + "r" * (len(header) - 1)
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    # A "|" inside a cell (a config value, say) would split it into two columns.
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return lines
+
+
+def _results_table(report: Mapping[str, Any]) -> list[str]:
+    teacher, student = _block(report, "teacher"), _block(report, "student")
+    baseline = _block(report, "baseline")
+    # The baseline is the student architecture trained without KD, so it shares its costs.
+    baseline_costs = {
+        k: baseline.get(k, student.get(k)) if baseline else None
+        for k in ("params", "flops", "size_bytes", "latency_ms")
+    }
+    models = [teacher, {**baseline, **baseline_costs}, student]
+
+    def row(label: str, key: str, fmt: Any, skip_teacher: bool = False) -> list[str]:
+        cells = [fmt(m.get(key)) if m else _DASH for m in models]
+        if skip_teacher:
+            cells[0] = _DASH
+        return [label, *cells]
+
+    header = [
+        "metric",
+        f"teacher ({teacher['name']})" if teacher.get("name") else "teacher",
+        "baseline (from scratch)",
+        f"distilled student ({student['name']})" if student.get("name") else "distilled student",
+    ]
+    rows = [
+        row("top-1 (%)", "top1", _pct),
+        row("top-5 (%)", "top5", _pct),
+        row("macro-F1 (%)", "macro_f1", _pct),
+        row("agreement with teacher (%)", "agreement", _pct, skip_teacher=True),
+        row("params", "params", format_count),
+        row("FLOPs", "flops", format_count),
+        row("size", "size_bytes", format_bytes),
+        row("latency (ms)", "latency_ms", _ms),
+        row("train time", "train_time_s", _duration),
+    ]
+    return _table(header, rows)
+
+
+def _compression_table(report: Mapping[str, Any]) -> list[str]:
+    teacher, student = _block(report, "teacher"), _block(report, "student")
+    comp = _block(report, "compression")
+    rows = [
+        [
+            "params",
+            format_count(teacher.get("params")),
+            format_count(student.get("params")),
+            _ratio(comp.get("params_ratio")),
+        ],
+        [
+            "FLOPs",
+            format_count(teacher.get("flops")),
+            format_count(student.get("flops")),
+            _ratio(comp.get("flops_ratio")),
+        ],
+        [
+            "size",
+            format_bytes(teacher.get("size_bytes")),
+            format_bytes(student.get("size_bytes")),
+            _ratio(comp.get("size_ratio")),
+        ],
+        [
+            "latency (ms)",
+            _ms(teacher.get("latency_ms")),
+            _ms(student.get("latency_ms")),
+            _ratio(comp.get("latency_speedup")),
+        ],
+    ]
+    return _table(["", "teacher", "student", "teacher / student"], rows)
+
+
+def _cache_lines(report: Mapping[str, Any]) -> list[str]:
+    cache = _block(report, "cache")
+    if not cache:
+        return ["No soft-label cache was recorded for this run."]
+    per_sample, count = cache.get("bytes_per_sample"), cache.get("num_samples")
+    storage = cache.get("storage") or _DASH
+    if storage == "topk" and cache.get("topk") is not None:
+        storage = f"top-{cache['topk']} logits"
+    elif storage == "full":
+        storage = "full logits"
+    total = (
+        float(per_sample) * float(count) if _is_finite(per_sample) and _is_finite(count) else None
+    )
+    rows = [
+        ["bytes per sample", format_bytes(per_sample)],
+        ["samples", f"{int(count):,}" if _is_finite(count) else _DASH],
+        ["total", format_bytes(total)],
+        ["storage", str(storage)],
+        ["format version", str(cache.get("format_version", _DASH))],
+    ]
+    return _table(["soft-label cache", ""], rows, align="ll")
+
+
+def _short_target(target: Any) -> str:
+    return str(target).rsplit(".", 1)[-1]
+
+
+def _find_key(node: Any, key: str, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every ``(dotted.path, value)`` in a nested config whose last component is ``key``."""
+    found: list[tuple[str, Any]] = []
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            path = f"{prefix}.{k}" if prefix else str(k)
+            if k == key and not isinstance(v, (Mapping, list)):
+                found.append((path, v))
+            else:
+                found += _find_key(v, key, path)
+    return found
+
+
+def _config_rows(report: Mapping[str, Any]) -> list[list[str]]:
+    config = report.get("config")
+    config = to_jsonable(config) if config is not None else {}
+    config = config if isinstance(config, dict) else {}
+
+    def name_of(section: str, fallback: Any) -> str:
+        if fallback:
+            return str(fallback)
+        node = config.get(section)
+        if isinstance(node, Mapping):
+            return str(node.get("name") or _short_target(node.get("_target_", _DASH)))
+        return str(node) if node is not None else _DASH
+
+    rows = [
+        ["teacher", name_of("teacher", _block(report, "teacher").get("name"))],
+        ["student", name_of("student", _block(report, "student").get("name"))],
+        ["dataset", name_of("dataset", _block(report, "dataset").get("name"))],
+    ]
+    loss = config.get("loss")
+    if isinstance(loss, Mapping):
+        name = loss.get("name") or _short_target(loss.get("_target_", "loss"))
+        # Scalars only: the loss's own knobs (temperature, *_weight, ...), not nested modules.
+        knobs = [
+            f"{k}={v}"
+            for k, v in loss.items()
+            if k not in ("_target_", "name", "_partial_") and not isinstance(v, (dict, list))
+        ]
+        rows.append(["loss", f"{name} ({', '.join(knobs)})" if knobs else str(name)])
+    elif loss is not None:
+        rows.append(["loss", str(loss)])
+    for path, value in _find_key(config, "epochs"):
+        rows.append([path, str(value)])
+    if "seed" in config:
+        rows.append(["seed", str(config["seed"])])
+    return rows
+
+
+def _dataset_line(report: Mapping[str, Any]) -> str | None:
+    ds = _block(report, "dataset")
+    if not ds:
+        return None
+    parts = [f"**{ds.get('name', 'dataset')}**"]
+    if ds.get("num_classes") is not None:
+        parts.append(f"{ds['num_classes']} classes")
+    if ds.get("train_size") is not None:
+        parts.append(f"{ds['train_size']} train")
+    if ds.get("test_size") is not None:
+        parts.append(f"{ds['test_size']} test images")
+    if ds.get("image_size") is not None:
+        parts.append(f"{ds['image_size']}×{ds['image_size']} px")
+    return "Dataset: " + ", ".join(parts) + "."
+
+
+def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
+    """The human-readable report; ``plots`` maps plot names to paths relative to the run dir."""
+    plots = plots or {}
+    teacher, student = _block(report, "teacher"), _block(report, "student")
+    dataset = _block(report, "dataset")
+    title = "kd report"
+    if teacher.get("name") or student.get("name"):
+        title += f": {teacher.get('name', '?')} → {student.get('name', '?')}"
+    if dataset.get("name"):
+        title += f" on {dataset['name']}"
+
+    lines = [f"# {title}", "", _summary(report), ""]
+    if (line := _dataset_line(report)) is not None:
+        lines += [line, ""]
+    if _is_finite(report.get("wall_time_s")):
+        lines += [f"Total wall time: {_duration(report['wall_time_s'])}.", ""]
+
+    lines += ["## Results", ""]
+    lines += _results_table(report)
+    lines += [
+        "",
+        (
+            "Accuracy metrics in percent on the test split. Latency is the median CPU fp32 "
+            "batch-1 forward time; the from-scratch baseline shares the student's "
+            "architecture and costs."
+        ),
+        "",
+    ]
+    if "accuracy_vs_params" in plots:
+        lines += [f"![Top-1 against parameters]({plots['accuracy_vs_params']})", ""]
+
+    lines += ["## Compression", ""]
+    lines += _compression_table(report)
+    lines += [""]
+
+    if "training_curves" in plots:
+        lines += [
+            "## Training curves",
+            "",
+            f"![Training curves]({plots['training_curves']})",
+            "",
+            (
+                "Each stage's `train/loss` is its own objective (cross-entropy for the teacher "
+                "and the baseline, the distillation loss for the student): compare shapes, "
+                "not levels."
+            ),
+            "",
+        ]
+    if "confusion_matrix" in plots:
+        lines += [
+            "## Confusion matrix (distilled student)",
+            "",
+            f"![Confusion matrix]({plots['confusion_matrix']})",
+            "",
+        ]
+
+    lines += ["## Stages", ""]
+    stages = _block(report, "stages")
+    if stages:
+        lines += _table(
+            ["stage", "status"],
+            [[str(k), str(v) if v else "not run"] for k, v in stages.items()],
+            align="ll",
+        )
+    else:
+        lines += ["No stage information recorded."]
+    lines += ["", "## Soft-label cache", ""]
+    lines += _cache_lines(report)
+
+    lines += ["", "## Configuration", ""]
+    lines += _table(["setting", "value"], _config_rows(report), align="ll")
+    lines += ["", "The full resolved configuration is in `report.json` under `config`.", ""]
+
+    versions = _block(report, "versions")
+    if report.get("kd_version") and "kd" not in versions:
+        versions["kd"] = report["kd_version"]
+    if versions:
+        lines += ["## Versions", ""]
+        lines += _table(
+            ["package", "version"], [[k, str(v)] for k, v in versions.items()], align="ll"
+        )
+        lines += [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def write_report(
+    report: dict,
+    run_dir: Path,
+    histories: dict[str, Path] | None = None,
+    confusion: Tensor | None = None,
+    class_names: list[str] | None = None,
+) -> None:
+    """Writes ``report.json``, ``report.md`` and ``plots/*.png`` into ``run_dir``.
+
+    Both report files are replaced atomically, so an interrupted run leaves the previous
+    report intact. Plots are best effort: a plotting failure is logged, not raised.
+
+    Args:
+        report: The run's report dict (see the module docstring); blocks may be ``None``.
+        run_dir: The run's output directory; created if missing.
+        histories: Stage name (``teacher``/``student``/``baseline``) to its history CSV with
+            columns ``epoch``, ``train/loss``, ``val/top1``.
+        confusion: The distilled student's ``(C, C)`` test confusion matrix (rows true).
+        class_names: Labels for the confusion-matrix axes.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # JSON first: it is what scripts and sweeps read, so no plot failure may cost us it.
+    data = to_jsonable(report)
+    _atomic_write_text(
+        run_dir / "report.json",
+        json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+    )
+    plots = _make_plots(data, run_dir, histories, confusion, class_names)
+    _atomic_write_text(run_dir / "report.md", render_markdown(data, plots))
+    log.info("Wrote report to %s", run_dir / "report.md")

@@ -1,0 +1,185 @@
+"""The soft-label cache file format. No other module opens cache files.
+
+One file per split, `<split>.kdsl`:
+
+    0   8 bytes   magic b"KDSOFTLB"
+    8   uint32    format version (VERSION)
+    12  uint64    header length H
+    20  H bytes   JSON header: arrays (name, dtype, shape, offset), sha256 of the data region,
+                  num_samples, num_classes, views, storage, topk, and the producer's fingerprint
+    ..  padding   so the data region starts at a 64-byte boundary
+        data      arrays back to back, each readable in place by np.memmap
+
+Storage is float16 logits. With few classes (`storage=full`) every logit is kept: (N, V, C).
+With many (`storage=topk`) the top-k values and their class indices are kept, (N, V, k), plus
+each row's float32 logsumexp so the probability mass outside the top-k is known exactly at
+T=1 and spread evenly over the remaining classes when the row is densified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdcli.checkpoint import atomic_write
+from kdcli.errors import CorruptArtifact
+
+MAGIC = b"KDSOFTLB"
+VERSION = 1
+_PREFIX = struct.Struct("<8sIQ")
+_ALIGN = 64
+
+
+def choose_storage(num_classes: int, storage: str, topk: int) -> str:
+    """`auto` keeps full logits up to 100 classes and top-k beyond."""
+    if storage == "auto":
+        return "full" if num_classes <= 100 or topk >= num_classes else "topk"
+    if storage not in ("full", "topk"):
+        raise ValueError(f"cache.storage={storage!r}; choose auto, full or topk")
+    return storage
+
+
+def encode(logits: torch.Tensor, storage: str, topk: int) -> dict[str, np.ndarray]:
+    """Turns float logits (N, V, C) into the arrays stored for `storage`."""
+    logits = logits.float()
+    if storage == "full":
+        return {"logits": logits.half().numpy()}
+    values, indices = logits.topk(topk, dim=-1)
+    idx_dtype = np.int16 if logits.shape[-1] <= np.iinfo(np.int16).max else np.int32
+    return {
+        "values": values.half().numpy(),
+        "indices": indices.numpy().astype(idx_dtype),
+        "logsumexp": logits.logsumexp(-1).numpy().astype(np.float32),
+    }
+
+
+def write(path: Path, logits: torch.Tensor, *, storage: str = "auto", topk: int = 20,
+          info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Writes a cache file atomically. `logits` is (N, C) or (N, V, C). Returns its header."""
+    if logits.dim() == 2:
+        logits = logits[:, None]
+    if not torch.isfinite(logits).all():
+        raise CorruptArtifact(f"refusing to cache non-finite teacher logits into {path}")
+    n, views, c = logits.shape
+    storage = choose_storage(c, storage, topk)
+    arrays = encode(logits, storage, min(topk, c))
+    layout, offset, digest = [], 0, hashlib.sha256()
+    for name, arr in arrays.items():
+        arr = np.ascontiguousarray(arr)
+        arrays[name] = arr
+        layout.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape),
+                       "offset": offset})
+        offset += arr.nbytes
+        offset += -offset % _ALIGN
+    header = {
+        "num_samples": n, "num_classes": c, "views": views, "storage": storage,
+        "topk": min(topk, c) if storage == "topk" else None, "arrays": layout,
+        "data_bytes": offset, "info": info or {},
+    }
+    # The checksum covers the data region exactly as laid out (arrays plus alignment padding).
+    chunks = []
+    for entry in layout:
+        arr = arrays[entry["name"]]
+        chunk = arr.tobytes() + b"\0" * (-arr.nbytes % _ALIGN)
+        chunks.append(chunk)
+        digest.update(chunk)
+    header["sha256"] = digest.hexdigest()
+    blob = json.dumps(header).encode()
+    head_len = _PREFIX.size + len(blob)
+    pad = -head_len % _ALIGN
+
+    def _write(fh) -> None:
+        fh.write(_PREFIX.pack(MAGIC, VERSION, len(blob) + pad))
+        fh.write(blob + b" " * pad)
+        for chunk in chunks:
+            fh.write(chunk)
+
+    atomic_write(path, _write)
+    return header
+
+
+@dataclass
+class SoftLabels:
+    """A cache file opened by memory-map."""
+
+    path: Path
+    header: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def num_samples(self) -> int:
+        return self.header["num_samples"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.header["num_classes"]
+
+    @property
+    def bytes_per_sample(self) -> float:
+        return self.header["data_bytes"] / self.num_samples
+
+    def logits(self, index: np.ndarray | torch.Tensor | slice = slice(None), view: int = 0
+               ) -> torch.Tensor:
+        """Dense float32 logits (B, C) for the given rows and view."""
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        if self.header["storage"] == "full":
+            return torch.from_numpy(np.asarray(self.arrays["logits"][index, view], np.float32))
+        values = torch.from_numpy(np.asarray(self.arrays["values"][index, view], np.float32))
+        idx = torch.from_numpy(np.asarray(self.arrays["indices"][index, view], np.int64))
+        lse = torch.from_numpy(np.asarray(self.arrays["logsumexp"][index, view], np.float32))
+        return densify(values, idx, lse, self.num_classes)
+
+    def all_logits(self, view: int = 0) -> torch.Tensor:
+        return self.logits(slice(None), view)
+
+
+def densify(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int
+            ) -> torch.Tensor:
+    """Rebuilds (B, C) logits from top-k: the leftover mass is spread over the other classes."""
+    k = values.shape[-1]
+    kept = (values - lse[:, None]).exp().sum(-1).clamp(max=1 - 1e-6)
+    rest = ((1 - kept) / max(num_classes - k, 1)).log() + lse
+    out = rest[:, None].expand(-1, num_classes).clone()
+    return out.scatter_(1, indices, values)
+
+
+def open(path: Path, verify: bool = True) -> SoftLabels:
+    """Opens a cache file; checks magic, version and (with `verify`) the data checksum."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            magic, version, head_len = _PREFIX.unpack(fh.read(_PREFIX.size))
+            if magic != MAGIC:
+                raise CorruptArtifact(f"{path} is not a kd soft-label cache (bad magic)")
+            if version != VERSION:
+                raise CorruptArtifact(f"{path} has cache format {version}; this kd reads {VERSION}")
+            header = json.loads(fh.read(head_len))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptArtifact(f"soft-label cache {path} is unreadable: {exc}") from exc
+    data_start = _PREFIX.size + head_len
+    if path.stat().st_size != data_start + header["data_bytes"]:
+        raise CorruptArtifact(f"soft-label cache {path} is truncated or padded "
+                              f"({path.stat().st_size} bytes, expected "
+                              f"{data_start + header['data_bytes']})")
+    if verify:
+        digest = hashlib.sha256()
+        with path.open("rb") as fh:
+            fh.seek(data_start)
+            while block := fh.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != header["sha256"]:
+            raise CorruptArtifact(f"soft-label cache {path} fails its checksum (corrupted)")
+    arrays = {
+        a["name"]: np.memmap(path, dtype=np.dtype(a["dtype"]), mode="r",
+                             offset=data_start + a["offset"], shape=tuple(a["shape"]))
+        for a in header["arrays"]
+    }
+    return SoftLabels(path, header, arrays)

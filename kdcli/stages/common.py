@@ -1,0 +1,229 @@
+"""What every stage needs: the run context, model building, and training one store entry."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kdcli import checkpoint, engine
+from kdcli.data.datasets import Dataset, subsample
+from kdcli.data.loader import BatchLoader
+from kdcli.data.transforms import build_augment
+from kdcli.device import Runtime, resolve, seed_everything
+from kdcli.errors import ConfigError, CorruptArtifact
+from kdcli.losses.base import DistillationLoss
+from kdcli.metrics import classification_metrics
+from kdcli.store import Entry, Store
+
+log = logging.getLogger(__name__)
+
+# Bump when a change alters what a stage produces from the same inputs: old entries go stale.
+STAGE_VERSION = 1
+
+TRAINED, REUSED, RESUMED = "trained", "reused", "resumed"
+
+
+@dataclass
+class Context:
+    """Everything a stage reads besides its own config node, built once per run."""
+
+    cfg: DictConfig
+    runtime: Runtime
+    dataset: Dataset
+    store: Store
+    run_dir: Path
+
+    def loader(self, split: str, batch_size: int, train: bool) -> BatchLoader:
+        ds = self.dataset
+        return BatchLoader(
+            getattr(ds, split), batch_size, device=self.runtime.device, mean=ds.mean, std=ds.std,
+            shuffle=train, augment=build_augment(self.cfg.dataset.augment) if train else None,
+            seed=int(self.cfg.seed), drop_last=train, memory_format=self.runtime.memory_format,
+        )
+
+    def eval_loader(self, split: str = "test") -> BatchLoader:
+        return self.loader(split, int(self.cfg.trainer.eval_batch_size), train=False)
+
+    def choice(self, group: str) -> str:
+        """The option picked for a config group (e.g. "resnet20" for teacher)."""
+        return option_name(self.cfg, group)
+
+
+def option_name(cfg: DictConfig, group: str) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        name = HydraConfig.get().runtime.choices.get(group)
+        if name:
+            return str(name)
+    except ValueError:  # not running under Hydra (library use, tests)
+        pass
+    node = cfg[group]
+    return str(node.get("name") or str(node.get("_target_", group)).rsplit(".", 1)[-1])
+
+
+def build_context(cfg: DictConfig, run_dir: Path | None = None) -> Context:
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ConfigError(f"missing required config value(s): {', '.join(sorted(missing))}")
+    seed_everything(int(cfg.seed), bool(cfg.deterministic))
+    runtime = resolve(cfg.device)
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+    t0 = time.perf_counter()
+    dataset = load_dataset(cfg.dataset, int(cfg.seed))
+    log.info("dataset %s: %d train / %d test images, %d classes (%.1fs); device %s",
+             dataset.name, len(dataset.train), len(dataset.test), dataset.num_classes,
+             time.perf_counter() - t0, runtime.describe())
+    return Context(cfg, runtime, dataset, Store(cfg.store), Path(run_dir))
+
+
+def load_dataset(node: DictConfig, seed: int = 0) -> Dataset:
+    ds = instantiate(node.loader)
+    if not isinstance(ds, Dataset):
+        raise ConfigError(f"dataset.loader must return kdcli.data.datasets.Dataset, got {type(ds)}")
+    ds.name = str(node.get("name", ds.name))
+    if node.get("num_classes") is not None and int(node.num_classes) != ds.num_classes:
+        raise ConfigError(f"dataset.num_classes={node.num_classes} but the data at hand has "
+                          f"{ds.num_classes} classes")
+    if node.get("train_size") or node.get("test_size"):
+        ds = subsample(ds, node.get("train_size"), node.get("test_size"), seed)
+    return ds
+
+
+def container(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node, for store keys and reports."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def build_model(ctx: Context, role: str) -> nn.Module:
+    """Builds the `teacher` or `student` model for the dataset and checks its output size."""
+    node = ctx.cfg[role]
+    ds = ctx.dataset
+    try:
+        model = instantiate(node, num_classes=ds.num_classes)
+    except Exception as exc:  # Hydra wraps the builder's own error; show the root cause
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise ConfigError(f"{role}={ctx.choice(role)}: cannot build model: {cause}") from exc
+    with torch.no_grad():
+        probe = torch.zeros(2, *ds.image_shape)
+        was_training = model.training
+        model.eval()
+        out = model(probe)
+        model.train(was_training)
+    if out.dim() != 2 or out.shape[1] != ds.num_classes:
+        raise ConfigError(f"{role}={ctx.choice(role)} outputs {tuple(out.shape[1:])} classes but "
+                          f"dataset {ds.name} has {ds.num_classes}")
+    return ctx.runtime.prepare(model)
+
+
+def dataset_inputs(ctx: Context) -> dict[str, Any]:
+    node = ctx.cfg.dataset
+    return {"fingerprint": ctx.dataset.fingerprint(), "augment": node.augment,
+            "train_size": node.get("train_size"), "test_size": node.get("test_size")}
+
+
+def train_inputs(ctx: Context, role: str, optimizer: str, scheduler: str, trainer: str
+                 ) -> dict[str, Any]:
+    """Everything that determines a trained model, besides its loss and teacher."""
+    cfg = ctx.cfg
+    return {
+        "version": STAGE_VERSION, "model": container(cfg[role]), "dataset": dataset_inputs(ctx),
+        "optimizer": container(cfg[optimizer]), "scheduler": container(cfg[scheduler]),
+        "trainer": container(cfg.trainer[trainer]), "seed": int(cfg.seed),
+        "deterministic": bool(cfg.deterministic), "precision": ctx.runtime.precision,
+    }
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    state = checkpoint.load(path)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise ConfigError(f"checkpoint {path} does not fit this architecture: "
+                          f"{str(exc).splitlines()[0]}") from exc
+    return model
+
+
+def reuse_if_valid(entry: Entry) -> dict[str, Any] | None:
+    """Returns the entry's meta when it is complete and intact; a damaged one is rebuilt."""
+    if not entry.complete:
+        return None
+    try:
+        return entry.verify()
+    except CorruptArtifact as exc:
+        log.warning("%s; rebuilding %s", exc, entry.path)
+        entry.invalidate()
+        return None
+
+
+def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationLoss,
+                optimizer: str, scheduler: str, trainer: str, label: str,
+                teacher: engine.TeacherFn = engine.no_teacher) -> dict[str, Any]:
+    """Trains the `role` model into `entry`, or reuses/resumes it. Returns status and meta."""
+    with entry.lock():
+        meta = reuse_if_valid(entry)
+        if meta is not None:
+            log.info("%s: reusing %s (top-1 %.2f%%)", label, entry.path, meta["metrics"]["top1"])
+            return {"status": REUSED, "entry": entry, "meta": meta}
+        status = RESUMED if entry.file("last.pt").exists() else TRAINED
+        torch.manual_seed(int(ctx.cfg.seed))  # same init whatever ran before in this process
+        model = build_model(ctx, role)
+        tcfg = ctx.cfg.trainer[trainer]
+        train_loader = ctx.loader("train", int(tcfg.batch_size), train=True)
+        opt = instantiate(ctx.cfg[optimizer], params=model.parameters())
+        sched = instantiate(ctx.cfg[scheduler], optimizer=opt, epochs=int(tcfg.epochs),
+                            steps_per_epoch=len(train_loader))
+        test_loader = ctx.eval_loader("test")
+        log.info("%s: %s %s (%d epochs) -> %s", label, "resuming" if status == RESUMED
+                 else "training", ctx.choice(role), int(tcfg.epochs), entry.path)
+        result = engine.fit(
+            model=model, train_loader=train_loader, val_loader=test_loader, loss_fn=loss_fn,
+            optimizer=opt, scheduler=sched, runtime=ctx.runtime, epochs=int(tcfg.epochs),
+            out_dir=entry.path, teacher=teacher, label=label,
+        )
+        logits, labels = engine.predict(model, test_loader, ctx.runtime)
+        checkpoint.save({"logits": logits, "labels": labels}, entry.file("test_logits.pt"))
+        metrics = classification_metrics(logits, labels)
+        meta = entry.finish(
+            ["last.pt", "best.pt", "metrics.csv", "test_logits.pt"],
+            {"name": ctx.choice(role), "metrics": metrics, "train_time_s": result.train_time_s,
+             "images_per_s": result.images_per_s, "epochs": int(tcfg.epochs)},
+        )
+        log.info("%s: test top-1 %.2f%% (%s)", label, metrics["top1"], status)
+        return {"status": status, "entry": entry, "meta": meta}
+
+
+def publish(entry: Entry, run_dir: Path, stage: str, files: tuple[str, ...] = ("best.pt",
+            "last.pt")) -> None:
+    """Links a store entry's checkpoints and metrics into the run folder (copy if no links)."""
+    dest = run_dir / "checkpoints" / stage
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in files:
+        _link(entry.file(name), dest / name)
+    if entry.file("metrics.csv").exists():
+        (run_dir / "metrics").mkdir(exist_ok=True)
+        _link(entry.file("metrics.csv"), run_dir / "metrics" / f"{stage}.csv")
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.exists() or dst.is_symlink():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,34 @@
+"""`kd eval`: evaluate a checkpoint on a dataset split and write eval.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from kdcli import engine
+from kdcli.checkpoint import atomic_write_text
+from kdcli.errors import ConfigError
+from kdcli.metrics import classification_metrics, profile_model
+from kdcli.stages.common import build_context, build_model, load_weights
+
+log = logging.getLogger(__name__)
+
+
+def main(cfg) -> dict[str, Any]:
+    if cfg.arch not in ("student", "teacher"):
+        raise ConfigError(f"arch={cfg.arch!r}; choose student or teacher")
+    if cfg.split not in ("train", "test"):
+        raise ConfigError(f"split={cfg.split!r}; choose test or train")
+    ctx = build_context(cfg)
+    path = Path(str(cfg.checkpoint)).expanduser()
+    model = load_weights(build_model(ctx, cfg.arch), path)
+    logits, labels = engine.predict(model, ctx.eval_loader(cfg.split), ctx.runtime)
+    result = {"checkpoint": str(path), "arch": ctx.choice(cfg.arch), "split": cfg.split,
+              "dataset": ctx.dataset.name, **classification_metrics(logits, labels),
+              **profile_model(model.float(), ctx.dataset.image_shape)}
+    atomic_write_text(ctx.run_dir / "eval.json", json.dumps(result, indent=2))
+    log.info("eval %s on %s/%s: top-1 %.2f%%  top-5 %.2f%%  macro-F1 %.2f", path,
+             ctx.dataset.name, cfg.split, result["top1"], result["top5"], result["macro_f1"])
+    return result

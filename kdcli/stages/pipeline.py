@@ -1,0 +1,117 @@
+"""`kd train`: teacher -> soft-label cache -> student (+ from-scratch baseline) -> report.
+
+Returns the distilled student's test top-1, the value a Hydra sweeper optimises.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from typing import Any
+
+import torch
+import torchvision
+
+import kdcli
+from kdcli import checkpoint
+from kdcli.metrics import classification_metrics, confusion_matrix, profile_model
+from kdcli.report import compression, write_report
+from kdcli.stages import cache as cache_stage
+from kdcli.stages import student as student_stage
+from kdcli.stages import teacher as teacher_stage
+from kdcli.stages.common import (
+    Context,
+    build_context,
+    build_model,
+    container,
+    load_weights,
+    publish,
+)
+
+log = logging.getLogger(__name__)
+
+
+def run(ctx: Context) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    teacher = teacher_stage.run(ctx)
+    cache = cache_stage.run(ctx, teacher)
+    student = student_stage.run(ctx, cache)
+    baseline = student_stage.run_baseline(ctx) if ctx.cfg.baseline else None
+    for stage, result in (("teacher", teacher), ("student", student), ("baseline", baseline)):
+        if result is not None:
+            publish(result["entry"], ctx.run_dir, stage)
+    report = build_report(ctx, teacher, cache, student, baseline, time.perf_counter() - t0)
+    s, b = report["student"], report["baseline"]
+    log.info("student %s: top-1 %.2f%% (baseline %s, teacher %.2f%%); report: %s",
+             report["student"]["name"], s["top1"],
+             f"{b['top1']:.2f}%" if b else "off", report["teacher"]["top1"],
+             ctx.run_dir / "report.md")
+    return report
+
+
+def _test_logits(result: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    saved = checkpoint.load(result["entry"].file("test_logits.pt"))
+    return saved["logits"], saved["labels"]
+
+
+def _model_block(ctx: Context, role: str, result: dict[str, Any], teacher_logits=None
+                 ) -> dict[str, Any]:
+    logits, labels = _test_logits(result)
+    block = {"name": ctx.choice(role), **classification_metrics(logits, labels, teacher_logits),
+             "train_time_s": result["meta"]["train_time_s"], "status": result["status"]}
+    model = load_weights(build_model(ctx, role), result["entry"].file("last.pt"))
+    block.update(profile_model(model.float().to(memory_format=torch.contiguous_format),
+                               ctx.dataset.image_shape))
+    return block
+
+
+def build_report(ctx: Context, teacher: dict, cache: dict, student: dict, baseline: dict | None,
+                 wall_time_s: float) -> dict[str, Any]:
+    t_logits, labels = _test_logits(teacher)
+    t_block = _model_block(ctx, "teacher", teacher)
+    s_block = _model_block(ctx, "student", student, t_logits)
+    b_block = None
+    if baseline is not None:
+        b_logits, _ = _test_logits(baseline)
+        b_block = {**classification_metrics(b_logits, labels, t_logits),
+                   "train_time_s": baseline["meta"]["train_time_s"]}
+    s_logits, _ = _test_logits(student)
+    ds = ctx.dataset
+    report = {
+        "kd_version": kdcli.__version__,
+        "versions": {"kd": kdcli.__version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "python": platform.python_version()},
+        "wall_time_s": wall_time_s,
+        "device": ctx.runtime.describe(),
+        "dataset": {"name": ds.name, "num_classes": ds.num_classes, "train_size": len(ds.train),
+                    "test_size": len(ds.test), "image_size": ds.image_shape[-1]},
+        "teacher": t_block,
+        "student": s_block,
+        "baseline": b_block,
+        "compression": compression(t_block, s_block),
+        "distillation_gain": {"top1": s_block["top1"] - b_block["top1"]} if b_block else None,
+        "cache": {k: cache["meta"][k] for k in ("bytes_per_sample", "num_samples",
+                                               "format_version", "storage", "topk")},
+        "stages": {"teacher": teacher["status"], "cache": cache["status"],
+                   "student": student["status"],
+                   **({"baseline": baseline["status"]} if baseline else {})},
+        "store": {k: str(v["entry"].path) for k, v in (("teacher", teacher), ("cache", cache),
+                  ("student", student), ("baseline", baseline)) if v is not None},
+        "config": container(ctx.cfg),
+    }
+    histories = {stage: ctx.run_dir / "metrics" / f"{stage}.csv"
+                 for stage in ("teacher", "student", "baseline")
+                 if (ctx.run_dir / "metrics" / f"{stage}.csv").exists()}
+    write_report(report, ctx.run_dir, histories=histories,
+                 confusion=confusion_matrix(s_logits.argmax(-1), labels, ds.num_classes),
+                 class_names=ds.classes)
+    return report
+
+
+def main(cfg) -> float:
+    """`kd train`: all stages; returns the student's top-1 for sweepers."""
+    ctx = build_context(cfg)
+    return float(run(ctx)["student"]["top1"])
+
+

@@ -1,0 +1,133 @@
+"""The content-addressed store of stage outputs, shared by every run that points at it.
+
+An entry's key is a hash of everything that determines its output (for a teacher: model,
+dataset content, optimizer, schedule, epochs, seed, precision, ...). Runs that agree on those
+share the entry, so a sweep over loss settings trains its teacher once. Layout:
+
+    <root>/<stage>/<name>-<key>/      files of the stage (checkpoints, logits, metrics.csv)
+    <root>/<stage>/<name>-<key>/meta.json   written last: the entry is complete when it exists
+    <root>/<stage>/<name>-<key>.lock  held while a process builds or checks the entry
+
+`meta.json` records the key inputs and a sha256 of every file, so a damaged or altered entry
+is detected on reuse instead of silently trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+from kdcli.checkpoint import atomic_write_text, sha256_file
+from kdcli.errors import CorruptArtifact
+
+log = logging.getLogger(__name__)
+
+META = "meta.json"
+
+
+def key_of(inputs: dict[str, Any]) -> str:
+    """Stable short hash of a JSON-able dict (sorted keys)."""
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class Entry:
+    """One stage output in the store."""
+
+    def __init__(self, root: Path, stage: str, name: str, inputs: dict[str, Any]) -> None:
+        self.stage = stage
+        self.inputs = inputs
+        self.key = key_of(inputs)
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        self.path = Path(root) / stage / f"{safe}-{self.key}"
+        self._lock = FileLock(str(self.path) + ".lock")
+
+    @contextlib.contextmanager
+    def lock(self, poll_log_s: float = 30.0) -> Iterator[None]:
+        """Exclusive lock across processes; waits (logging who it waits for) if another holds it.
+
+        filelock's OS-level locks are released by the kernel when their holder dies, so a
+        killed run never leaves a lock that blocks the next one.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        waited = False
+        while True:
+            try:
+                self._lock.acquire(timeout=poll_log_s)
+                break
+            except Timeout:
+                if not waited:
+                    log.info("%s %s is being built by another process; waiting", self.stage,
+                             self.path.name)
+                waited = True
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def complete(self) -> bool:
+        return (self.path / META).exists()
+
+    @property
+    def started(self) -> bool:
+        return self.path.exists() and any(self.path.iterdir())
+
+    def meta(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.path / META).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CorruptArtifact(
+                f"store entry {self.path} has an unreadable {META}: {exc}") from exc
+
+    def verify(self) -> dict[str, Any]:
+        """Checks every file against the sha256 recorded at completion; returns the meta."""
+        meta = self.meta()
+        for name, digest in meta.get("files", {}).items():
+            f = self.path / name
+            if not f.exists():
+                raise CorruptArtifact(f"store entry file missing: {f}")
+            if sha256_file(f) != digest:
+                raise CorruptArtifact(f"store entry file {f} does not match its checksum")
+        return meta
+
+    def finish(self, files: list[str], info: dict[str, Any]) -> dict[str, Any]:
+        """Marks the entry complete: records inputs, file checksums and `info` in meta.json."""
+        meta = {
+            "stage": self.stage,
+            "key": self.key,
+            "inputs": self.inputs,
+            "files": {f: sha256_file(self.path / f) for f in files},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "pid": os.getpid(),
+            **info,
+        }
+        atomic_write_text(self.path / META, json.dumps(meta, indent=2, default=str))
+        return meta
+
+    def invalidate(self) -> None:
+        """Drops the completion marker so the entry is rebuilt (after a failed verify)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / META).unlink()
+
+
+class Store:
+    """Entries under one root folder."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    def entry(self, stage: str, name: str, inputs: dict[str, Any]) -> Entry:
+        return Entry(self.root, stage, name, inputs)

@@ -1,0 +1,144 @@
+"""Metrics against hand-computed values; model costs on models small enough to count by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from kdcli.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    count_flops,
+    count_params,
+    measure_latency_ms,
+    model_size_bytes,
+    profile_model,
+)
+
+# 4 samples, 3 classes. Argmax preds [0, 0, 1, 1] against targets [0, 1, 2, 1].
+LOGITS = torch.tensor(
+    [
+        [3.0, 1.0, 0.0],
+        [2.0, 1.0, 0.0],
+        [0.0, 2.0, 1.0],
+        [0.0, 3.0, 1.0],
+    ]
+)
+TARGETS = torch.tensor([0, 1, 2, 1])
+
+
+def test_top1_top5_and_types():
+    m = classification_metrics(LOGITS, TARGETS)
+    assert set(m) == {"top1", "top5", "macro_f1"}
+    assert all(type(v) is float for v in m.values())
+    assert m["top1"] == pytest.approx(50.0)  # samples 0 and 3
+    assert m["top5"] == pytest.approx(100.0)  # top-min(5, 3) = top-3 covers every class
+
+
+def test_top5_uses_five_when_more_classes():
+    # Ranking 6 > 5 > 4 > 3 > 2 > 1 > 0: class 2 is in the top 5, class 1 is not.
+    logits = torch.arange(7.0).repeat(2, 1)
+    m = classification_metrics(logits, torch.tensor([2, 1]))
+    assert m["top1"] == pytest.approx(0.0)
+    assert m["top5"] == pytest.approx(50.0)
+
+
+def test_macro_f1_hand_computed():
+    # class 0: tp=1 fp=1 fn=0 -> 2/3; class 1: tp=1 fp=1 fn=1 -> 1/2; class 2: tp=0 -> 0.
+    expected = (2 / 3 + 1 / 2 + 0) / 3 * 100  # 38.888...
+    assert classification_metrics(LOGITS, TARGETS)["macro_f1"] == pytest.approx(expected)
+
+
+def test_macro_f1_absent_class_follows_sklearn_default():
+    # preds [0, 2, 2, 1], targets [0, 0, 1, 1], 4 classes. Class 2 is only predicted (F1 = 0,
+    # counted); class 3 is in neither, so sklearn's default labels leave it out of the mean.
+    # f1_score([0, 0, 1, 1], [0, 2, 2, 1], average="macro", zero_division=0) == 4/9.
+    logits = torch.tensor(
+        [
+            [5.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 5.0, 0.0],
+            [0.0, 0.0, 5.0, 0.0],
+            [0.0, 5.0, 0.0, 0.0],
+        ]
+    )
+    m = classification_metrics(logits, torch.tensor([0, 0, 1, 1]))
+    assert m["macro_f1"] == pytest.approx(400 / 9)  # 44.44, not 33.33 (class 3 counted as 0)
+    assert m["top1"] == pytest.approx(50.0)
+
+
+def test_agreement_with_teacher():
+    teacher = torch.tensor(
+        [
+            [9.0, 0.0, 0.0],  # 0: agrees with student pred 0
+            [0.0, 9.0, 0.0],  # 1: student says 0
+            [0.0, 0.0, 9.0],  # 2: student says 1
+            [0.0, 0.0, 9.0],  # 2: student says 1
+        ]
+    )
+    m = classification_metrics(LOGITS, TARGETS, teacher_logits=teacher)
+    assert m["agreement"] == pytest.approx(25.0)
+    assert classification_metrics(LOGITS, TARGETS, teacher_logits=LOGITS)["agreement"] == 100.0
+
+
+def test_perfect_predictions():
+    m = classification_metrics(torch.eye(3) * 4, torch.tensor([0, 1, 2]))
+    assert m == pytest.approx({"top1": 100.0, "top5": 100.0, "macro_f1": 100.0})
+
+
+def test_confusion_matrix_rows_true_cols_pred():
+    cm = confusion_matrix(torch.tensor([0, 0, 1, 1]), TARGETS, num_classes=3)
+    assert cm.dtype == torch.int64
+    expected = torch.tensor(
+        [
+            [1, 0, 0],  # true 0 -> pred 0
+            [1, 1, 0],  # true 1 -> pred 0 once, pred 1 once
+            [0, 1, 0],  # true 2 -> pred 1
+        ]
+    )
+    assert torch.equal(cm, expected)
+    assert int(cm.sum()) == 4
+
+
+def test_count_params_linear():
+    assert count_params(nn.Linear(10, 5)) == 55
+
+
+def test_count_flops_linear_is_two_macs():
+    assert count_flops(nn.Linear(10, 5), (10,)) == 100
+
+
+def test_count_flops_restores_modes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout())
+    model.train()
+    model[1].eval()  # e.g. frozen BatchNorm statistics inside a training model
+    count_flops(model, (4,))
+    assert model.training and model[0].training and model[2].training
+    assert not model[1].training
+
+    model.eval()
+    count_flops(model, (4,))
+    assert not any(m.training for m in model.modules())
+
+
+def test_model_size_grows_with_params():
+    small, big = model_size_bytes(nn.Linear(10, 5)), model_size_bytes(nn.Linear(100, 50))
+    assert 0 < small < big
+    assert big >= 5050 * 4  # holds at least its fp32 weights
+
+
+def test_latency_leaves_caller_model_untouched():
+    model = nn.Linear(10, 5).double().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ms = measure_latency_ms(model, (10,), warmup=1, iters=3)
+    assert ms > 0
+    assert model.training
+    assert all(p.dtype == torch.float64 and p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_profile_model_keys():
+    profile = profile_model(nn.Linear(10, 5), (10,), warmup=0, iters=2)
+    assert set(profile) == {"params", "flops", "size_bytes", "latency_ms"}
+    assert profile["params"] == 55 and profile["flops"] == 100
+    assert profile["size_bytes"] > 0 and profile["latency_ms"] > 0

@@ -1,0 +1,259 @@
+"""report.json / report.md / plots from a sample report dict."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdcli import report as report_mod
+from kdcli.report import compression, format_bytes, format_count, write_report
+
+
+def sample_report() -> dict:
+    teacher = {
+        "name": "resnet20",
+        "top1": 80.0,
+        "top5": 98.5,
+        "macro_f1": 79.25,
+        "params": 272474,
+        "flops": 40_800_000,
+        "size_bytes": 1_100_000,
+        "latency_ms": 4.0,
+        "train_time_s": 600.0,
+    }
+    student = {
+        "name": "tiny_cnn",
+        "top1": 71.25,
+        "top5": 96.0,
+        "macro_f1": 70.5,
+        "agreement": 78.5,
+        "params": 54_000,
+        "flops": 5_100_000,
+        "size_bytes": 220_000,
+        "latency_ms": 1.0,
+        "train_time_s": 95.0,
+    }
+    return {
+        "kd_version": "0.1.0",
+        "versions": {"torch": "2.15.0", "torchvision": "0.30.0", "kd": "0.1.0", "python": "3.11"},
+        "wall_time_s": 123.4,
+        "dataset": {
+            "name": "cifar10_subset",
+            "num_classes": 10,
+            "train_size": 5000,
+            "test_size": 1000,
+            "image_size": 32,
+        },
+        "teacher": teacher,
+        "student": student,
+        "baseline": {
+            "top1": 65.0,
+            "top5": 94.0,
+            "macro_f1": 64.0,
+            "agreement": 70.0,
+            "train_time_s": 90.0,
+        },
+        "compression": compression(teacher, student),
+        "distillation_gain": {"top1": 6.25},
+        "cache": {
+            "bytes_per_sample": 40,
+            "num_samples": 5000,
+            "format_version": 1,
+            "storage": "full",
+            "topk": None,
+        },
+        "stages": {"teacher": "trained", "cache": "reused", "student": "resumed", "baseline": None},
+        "config": {
+            "teacher": {"name": "resnet20", "epochs": 30},
+            "student": {"name": "tiny_cnn", "epochs": 20},
+            "dataset": {"name": "cifar10_subset"},
+            "loss": {
+                "_target_": "kdcli.losses.hinton.HintonLoss",
+                "temperature": 4.0,
+                "ce_weight": 0.1,
+                "kd_weight": 0.9,
+            },
+            "seed": 0,
+        },
+    }
+
+
+def write_histories(tmp_path: Path) -> dict[str, Path]:
+    teacher = tmp_path / "teacher.csv"
+    teacher.write_text("epoch,train/loss,val/top1,lr\n1,2.0,40.0,0.1\n2,1.5,60.0,0.05\n")
+    student = tmp_path / "student.csv"
+    # No val/top1 column and a blank loss: both must be tolerated.
+    student.write_text("epoch,train/loss,train/kd\n1,3.0,1.0\n2,,0.8\n3,2.0,0.5\n")
+    return {"teacher": teacher, "student": student}
+
+
+def test_format_count():
+    assert format_count(55) == "55"
+    assert format_count(5000) == "5.0K"
+    assert format_count(272474) == "0.27M"
+    assert format_count(40_800_000) == "40.8M"
+    assert format_count(125_000_000) == "125M"
+    assert format_count(2_500_000_000) == "2.5G"
+    assert format_count(None) == "—"
+
+
+def test_format_bytes():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(1536) == "1.5 KiB"
+    assert format_bytes(3 * 1024**2) == "3.0 MiB"
+    assert format_bytes(220_000) == "215 KiB"
+    assert format_bytes(None) == "—"
+
+
+def test_compression_ratios():
+    t = {"params": 1000, "flops": 400, "size_bytes": 4000, "latency_ms": 3.0}
+    s = {"params": 250, "flops": 100, "size_bytes": 1000, "latency_ms": 1.5, "top1": 50.0}
+    assert compression(t, s) == pytest.approx(
+        {"params_ratio": 4.0, "size_ratio": 4.0, "flops_ratio": 4.0, "latency_speedup": 2.0}
+    )
+    assert compression(t, {"params": 0})["params_ratio"] is None
+    assert compression({}, s)["latency_speedup"] is None
+
+
+def test_write_report_full(tmp_path):
+    rep = sample_report()
+    run_dir = tmp_path / "run"
+    confusion = torch.tensor([[5, 1], [2, 7]])
+    write_report(
+        rep,
+        run_dir,
+        histories=write_histories(tmp_path),
+        confusion=confusion,
+        class_names=["cat", "dog"],
+    )
+
+    with open(run_dir / "report.json") as f:
+        assert json.load(f) == json.loads(json.dumps(rep))
+
+    md = (run_dir / "report.md").read_text()
+    assert md.startswith("# kd report: resnet20 → tiny_cnn on cifar10_subset")
+    assert (
+        "The distilled student (tiny_cnn) reaches 71.2% top-1 vs 65.0% from scratch "
+        "(+6.2 points) and 80.0% for the teacher, with 5.0× fewer parameters and 4.0× "
+        "lower latency." in md
+    )
+    header = (
+        "| metric | teacher (resnet20) | baseline (from scratch) | distilled student (tiny_cnn) |"
+    )
+    assert header in md
+    assert "| top-1 (%) | 80.00 | 65.00 | 71.25 |" in md
+    assert "| top-5 (%) | 98.50 | 94.00 | 96.00 |" in md
+    assert "| macro-F1 (%) | 79.25 | 64.00 | 70.50 |" in md
+    assert "| agreement with teacher (%) | — | 70.00 | 78.50 |" in md
+    assert "| params | 0.27M | 54.0K | 54.0K |" in md  # baseline shares the student's costs
+    assert "| FLOPs | 40.8M | 5.1M | 5.1M |" in md
+    assert "| size | 1.0 MiB | 215 KiB | 215 KiB |" in md
+    assert "| latency (ms) | 4.00 | 1.00 | 1.00 |" in md
+    assert "| params | 0.27M | 54.0K | 5.0× |" in md  # compression table
+    assert "| latency (ms) | 4.00 | 1.00 | 4.0× |" in md
+    assert "| teacher | trained |" in md and "| cache | reused |" in md
+    assert "| student | resumed |" in md and "| baseline | not run |" in md
+    assert "| bytes per sample | 40 B |" in md and "| storage | full logits |" in md
+    assert "HintonLoss (temperature=4.0, ce_weight=0.1, kd_weight=0.9)" in md
+    assert "| teacher.epochs | 30 |" in md and "| student.epochs | 20 |" in md
+    assert "| torch | 2.15.0 |" in md
+
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert sorted(links) == [
+        "plots/accuracy_vs_params.png",
+        "plots/confusion_matrix.png",
+        "plots/training_curves.png",
+    ]
+    for link in links:
+        png = run_dir / link
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_report_without_baseline_or_cache(tmp_path):
+    rep = sample_report()
+    rep["baseline"] = None
+    rep["cache"] = None
+    rep["distillation_gain"] = None
+    rep["config"] = None
+    del rep["versions"]
+    write_report(rep, tmp_path)
+
+    assert json.loads((tmp_path / "report.json").read_text())["baseline"] is None
+    md = (tmp_path / "report.md").read_text()
+    assert "reaches 71.2% top-1 vs 80.0% for the teacher, with 5.0× fewer parameters" in md
+    assert "from scratch (" not in md
+    assert "| top-1 (%) | 80.00 | — | 71.25 |" in md
+    assert "No soft-label cache was recorded" in md
+    assert "| kd | 0.1.0 |" in md  # falls back to kd_version
+    assert "plots/training_curves.png" not in md and "confusion_matrix" not in md
+
+
+def test_report_with_almost_nothing(tmp_path):
+    write_report({"teacher": {"name": "resnet20", "top1": 50.0}, "student": None}, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "No distilled student was evaluated" in md and "50.0% top-1" in md
+
+
+def test_json_converts_tensors_and_numpy(tmp_path):
+    rep = sample_report()
+    rep["teacher"]["top1"] = torch.tensor(80.0)
+    rep["teacher"]["params"] = np.int64(272474)
+    rep["student"]["latency_ms"] = np.float32(1.0)
+    rep["config"]["out_dir"] = tmp_path
+    rep["wall_time_s"] = float("nan")
+    write_report(rep, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["teacher"]["top1"] == 80.0 and data["teacher"]["params"] == 272474
+    assert data["student"]["latency_ms"] == 1.0
+    assert data["config"]["out_dir"] == str(tmp_path)
+    assert data["wall_time_s"] is None  # NaN is not valid JSON
+
+
+def test_plot_failure_still_writes_markdown(tmp_path, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(report_mod, "_new_figure", broken)
+    write_report(sample_report(), tmp_path, histories=write_histories(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert "| top-1 (%) | 80.00 | 65.00 | 71.25 |" in md
+    assert "![" not in md
+    assert "Could not draw" in caplog.text
+
+
+def test_missing_matplotlib_still_writes_markdown(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    write_report(sample_report(), tmp_path, histories=write_histories(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert "| top-5 (%) | 98.50 | 94.00 | 96.00 |" in md
+    assert "![" not in md and not (tmp_path / "plots").exists()
+    assert "matplotlib unavailable" in caplog.text
+
+
+def test_atomic_write_keeps_previous_report(tmp_path, monkeypatch):
+    write_report(sample_report(), tmp_path)
+    before_json = (tmp_path / "report.json").read_bytes()
+    before_md = (tmp_path / "report.md").read_bytes()
+    files_before = sorted(p.name for p in tmp_path.iterdir())
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    changed = sample_report()
+    changed["student"]["top1"] = 1.0
+    with pytest.raises(OSError, match="disk full"):
+        write_report(changed, tmp_path)
+
+    assert (tmp_path / "report.json").read_bytes() == before_json
+    assert (tmp_path / "report.md").read_bytes() == before_md
+    assert sorted(p.name for p in tmp_path.iterdir()) == files_before
+    assert not list(tmp_path.rglob("*.tmp"))
