@@ -62,7 +62,7 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, bit flips, foreign pickle: all the same to a user
         raise CorruptArtifact(f"checkpoint {path} is unreadable ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]})") from exc
+                              f"{(str(exc).splitlines() or [''])[0][:200]})") from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CorruptArtifact(f"checkpoint {path} is not a kd checkpoint of format {FORMAT}")
     return obj

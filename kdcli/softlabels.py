@@ -70,6 +70,8 @@ def write(path: Path, logits: torch.Tensor, *, storage: str = "auto", topk: int 
     n, views, c = logits.shape
     storage = choose_storage(c, storage, topk)
     arrays = encode(logits, storage, min(topk, c))
+    if not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
+        raise CorruptArtifact(f"refusing to cache teacher logits beyond float16 range into {path}")
     layout, offset, digest = [], 0, hashlib.sha256()
     for name, arr in arrays.items():
         arr = np.ascontiguousarray(arr)
@@ -131,10 +133,10 @@ class SoftLabels:
         if isinstance(index, torch.Tensor):
             index = index.cpu().numpy()
         if self.header["storage"] == "full":
-            return torch.from_numpy(np.asarray(self.arrays["logits"][index, view], np.float32))
-        values = torch.from_numpy(np.asarray(self.arrays["values"][index, view], np.float32))
-        idx = torch.from_numpy(np.asarray(self.arrays["indices"][index, view], np.int64))
-        lse = torch.from_numpy(np.asarray(self.arrays["logsumexp"][index, view], np.float32))
+            return torch.from_numpy(np.array(self.arrays["logits"][index, view], np.float32))
+        values = torch.from_numpy(np.array(self.arrays["values"][index, view], np.float32))
+        idx = torch.from_numpy(np.array(self.arrays["indices"][index, view], np.int64))
+        lse = torch.from_numpy(np.array(self.arrays["logsumexp"][index, view], np.float32))
         return densify(values, idx, lse, self.num_classes)
 
     def all_logits(self, view: int = 0) -> torch.Tensor:

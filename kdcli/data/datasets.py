@@ -123,7 +123,7 @@ def cifar10(root: str, name: str = "cifar10", **_: object) -> Dataset:
             return _cifar_batches(folder, name)
     raise DataError(
         f"no CIFAR-10 data at {base}: expected train.npz/test.npz (JPEG pack) or a "
-        "cifar-10-batches-py folder; set dataset.root"
+        "cifar-10-batches-py folder; set dataset.loader.root"
     )
 
 

@@ -20,7 +20,7 @@ from kdcli.data.datasets import Dataset, subsample
 from kdcli.data.loader import BatchLoader
 from kdcli.data.transforms import build_augment
 from kdcli.device import Runtime, resolve, seed_everything
-from kdcli.errors import ConfigError, CorruptArtifact
+from kdcli.errors import ConfigError, CorruptArtifact, KDError
 from kdcli.losses.base import DistillationLoss
 from kdcli.metrics import classification_metrics
 from kdcli.store import Entry, Store
@@ -90,8 +90,22 @@ def build_context(cfg: DictConfig, run_dir: Path | None = None) -> Context:
     return Context(cfg, runtime, dataset, Store(cfg.store), Path(run_dir))
 
 
+def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
+    """`instantiate` with errors a user can act on: Hydra's wrapper is unwrapped to the cause,
+    and the message says which config choice failed."""
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as exc:
+        cause: BaseException = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, KDError):
+            raise cause from None
+        raise ConfigError(f"{what}: {type(cause).__name__}: {cause}") from exc
+
+
 def load_dataset(node: DictConfig, seed: int = 0) -> Dataset:
-    ds = instantiate(node.loader)
+    ds = build(node.loader, f"dataset={node.get('name')}")
     if not isinstance(ds, Dataset):
         raise ConfigError(f"dataset.loader must return kdcli.data.datasets.Dataset, got {type(ds)}")
     ds.name = str(node.get("name", ds.name))
@@ -112,13 +126,8 @@ def build_model(ctx: Context, role: str) -> nn.Module:
     """Builds the `teacher` or `student` model for the dataset and checks its output size."""
     node = ctx.cfg[role]
     ds = ctx.dataset
-    try:
-        model = instantiate(node, num_classes=ds.num_classes)
-    except Exception as exc:  # Hydra wraps the builder's own error; show the root cause
-        cause = exc
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        raise ConfigError(f"{role}={ctx.choice(role)}: cannot build model: {cause}") from exc
+    model = build(node, f"{role}={ctx.choice(role)}: cannot build model",
+                  num_classes=ds.num_classes)
     with torch.no_grad():
         probe = torch.zeros(2, *ds.image_shape)
         was_training = model.training
@@ -185,9 +194,9 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         model = build_model(ctx, role)
         tcfg = ctx.cfg.trainer[trainer]
         train_loader = ctx.loader("train", int(tcfg.batch_size), train=True)
-        opt = instantiate(ctx.cfg[optimizer], params=model.parameters())
-        sched = instantiate(ctx.cfg[scheduler], optimizer=opt, epochs=int(tcfg.epochs),
-                            steps_per_epoch=len(train_loader))
+        opt = build(ctx.cfg[optimizer], optimizer, params=model.parameters())
+        sched = build(ctx.cfg[scheduler], scheduler, optimizer=opt, epochs=int(tcfg.epochs),
+                      steps_per_epoch=len(train_loader))
         test_loader = ctx.eval_loader("test")
         log.info("%s: %s %s (%d epochs) -> %s", label, "resuming" if status == RESUMED
                  else "training", ctx.choice(role), int(tcfg.epochs), entry.path)

@@ -12,7 +12,6 @@ import logging
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 
 from kdcli.data.loader import Batch
 from kdcli.errors import ConfigError
@@ -21,6 +20,7 @@ from kdcli.losses.ce import CrossEntropy
 from kdcli.stages import cache as cache_stage
 from kdcli.stages.common import (
     Context,
+    build,
     build_context,
     container,
     publish,
@@ -32,13 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def build_loss(ctx: Context) -> DistillationLoss:
-    try:
-        loss = instantiate(ctx.cfg.loss)
-    except Exception as exc:
-        cause = exc
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        raise ConfigError(f"loss={ctx.choice('loss')}: {cause}") from exc
+    loss = build(ctx.cfg.loss, f"loss={ctx.choice('loss')}")
     if not isinstance(loss, DistillationLoss):
         raise ConfigError(f"loss={ctx.choice('loss')} must build a "
                           f"kdcli.losses.base.DistillationLoss, got {type(loss).__name__}")

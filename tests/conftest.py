@@ -1,0 +1,37 @@
+"""Shared fixtures: run the installed `kd` on tiny configs with outputs under tmp_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Every end-to-end run uses the smoke preset on the embedded subset, on the CPU, in fp32 so
+# results do not depend on whether the machine has fast bf16.
+SMOKE = ["experiment=smoke", "device=cpu"]
+
+
+def kd(*args: str, cwd: Path, env: dict | None = None, check: bool = True
+       ) -> subprocess.CompletedProcess:
+    """Runs `python -m kdcli.cli ARGS` (the `kd` console script) in `cwd`."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("KD_STORE", None)
+    proc = subprocess.run([sys.executable, "-m", "kdcli.cli", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kd {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_report(run_dir: Path) -> dict:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,143 @@
+"""Checkpoints: atomic saves, weights-only loads, damaged and foreign files refused."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from kdcli import checkpoint
+from kdcli.errors import CorruptArtifact
+
+
+class Arbitrary:
+    """Not a tensor, number or string: weights_only unpickling must refuse it."""
+
+    def __init__(self) -> None:
+        self.payload = [1, 2, 3]
+
+
+def sample_state() -> dict:
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 7,
+            "val_top1": 0.625, "tag": "best", "history": [1.0, 0.5], "ids": torch.arange(5)}
+
+
+def test_round_trip(tmp_path):
+    state = sample_state()
+    path = tmp_path / "teacher" / "last.pt"  # parent folder is created
+    checkpoint.save(state, path)
+    back = checkpoint.load(path)
+    assert back["format"] == checkpoint.FORMAT
+    assert back["epoch"] == 7 and back["tag"] == "best" and back["val_top1"] == 0.625
+    assert back["history"] == [1.0, 0.5]
+    torch.testing.assert_close(back["ids"], torch.arange(5))
+    assert back["model"].keys() == state["model"].keys()
+    for name, value in state["model"].items():
+        torch.testing.assert_close(back["model"][name], value)
+    mom = back["optimizer"]["state"][0]["momentum_buffer"]
+    torch.testing.assert_close(mom, state["optimizer"]["state"][0]["momentum_buffer"])
+    assert back["optimizer"]["param_groups"][0]["lr"] == 0.1
+    # The loaded state dicts load back into fresh objects.
+    model = nn.Linear(3, 2)
+    model.load_state_dict(back["model"])
+    torch.optim.SGD(model.parameters(), lr=1.0).load_state_dict(back["optimizer"])
+
+
+def test_saved_file_loads_with_plain_torch_weights_only(tmp_path):
+    checkpoint.save(sample_state(), tmp_path / "last.pt")
+    obj = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert obj["format"] == checkpoint.FORMAT and obj["epoch"] == 7
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CorruptArtifact, match="not found"):
+        checkpoint.load(tmp_path / "nope.pt")
+
+
+def test_truncated_file_names_path(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save(sample_state(), path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CorruptArtifact, match="unreadable") as err:
+        checkpoint.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_garbage_file(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CorruptArtifact) as err:
+        checkpoint.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_arbitrary_pickled_object_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "obj": Arbitrary()}, path)
+    with pytest.raises(CorruptArtifact, match="unreadable"):
+        checkpoint.load(path)
+
+
+def test_plain_pickle_refused(tmp_path):
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"format": checkpoint.FORMAT, "obj": Arbitrary()}, protocol=2))
+    with pytest.raises(CorruptArtifact):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("obj", [{"epoch": 1}, {"format": checkpoint.FORMAT + 1, "epoch": 1},
+                                 [1, 2, 3]])
+def test_missing_or_wrong_format_refused(tmp_path, obj):
+    path = tmp_path / "foreign.pt"
+    torch.save(obj, path)
+    with pytest.raises(CorruptArtifact, match="format"):
+        checkpoint.load(path)
+
+
+def test_failed_save_keeps_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    checkpoint.save({"epoch": 1}, path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def half_save(obj, fh, *args, **kwargs):
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        fh.write(buf.getvalue()[:100])
+        raise RuntimeError("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", half_save)
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        checkpoint.save({"epoch": 2}, path)
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before
+    assert checkpoint.load(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_save_replaces_old_file(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save({"epoch": 1}, path)
+    checkpoint.save({"epoch": 2}, path)
+    assert checkpoint.load(path)["epoch"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_atomic_write_text_and_sha256(tmp_path):
+    path = tmp_path / "sub" / "a.txt"
+    checkpoint.atomic_write_text(path, "abc")
+    assert path.read_text() == "abc"
+    # sha256("abc"), the FIPS 180-2 test vector.
+    assert checkpoint.sha256_file(path) == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+    assert checkpoint.sha256_file(path, chunk=1) == checkpoint.sha256_file(path)

@@ -1,0 +1,187 @@
+"""End-to-end: the installed CLI on the smoke preset, with real (embedded) CIFAR-10 data."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SMOKE, kd, read_report
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-job sweep over the temperature, sharing a store: the basis of several tests."""
+    root = tmp_path_factory.mktemp("sweep")
+    kd("train", "-m", *SMOKE, "loss.temperature=2,8", f"store={root / 'store'}",
+       f"hydra.sweep.dir={root / 'multi'}", cwd=root)
+    return root
+
+
+def test_sweep_trains_teacher_cache_and_baseline_once(sweep: Path) -> None:
+    first, second = read_report(sweep / "multi" / "0"), read_report(sweep / "multi" / "1")
+    assert first["stages"] == {"teacher": "trained", "cache": "trained", "student": "trained",
+                               "baseline": "trained"}
+    # The loss changed, so only the student is retrained; everything upstream is shared.
+    assert second["stages"] == {"teacher": "reused", "cache": "reused", "student": "trained",
+                                "baseline": "reused"}
+    assert first["config"]["loss"]["temperature"] == 2
+    assert second["config"]["loss"]["temperature"] == 8
+    assert len(list((sweep / "store" / "teacher").glob("*/meta.json"))) == 1
+    assert len(list((sweep / "store" / "student").glob("*/meta.json"))) == 2
+
+
+def test_report_has_every_promised_field(sweep: Path) -> None:
+    run = sweep / "multi" / "0"
+    report = read_report(run)
+    for role in ("teacher", "student"):
+        for key in ("top1", "top5", "macro_f1", "params", "flops", "size_bytes", "latency_ms"):
+            assert isinstance(report[role][key], (int, float)), (role, key)
+    assert 0 <= report["student"]["agreement"] <= 100
+    assert {"top1", "agreement"} <= set(report["baseline"])
+    assert report["compression"]["params_ratio"] == pytest.approx(
+        report["teacher"]["params"] / report["student"]["params"])
+    assert report["compression"]["latency_speedup"] > 0
+    assert report["cache"]["bytes_per_sample"] == 20  # 10 classes x float16
+    assert set(report["versions"]) >= {"torch", "torchvision", "kd"}
+    assert report["config"]["student"]["_target_"] == "kdcli.models.small.tiny_cnn"
+    md = (run / "report.md").read_text()
+    assert "Teacher" in md or "teacher" in md
+    assert f"{report['student']['top1']:.2f}" in md or f"{report['student']['top1']:.1f}" in md
+
+
+def test_run_folder_has_checkpoints_metrics_and_log(sweep: Path) -> None:
+    run = sweep / "multi" / "0"
+    for stage in ("teacher", "student", "baseline"):
+        for name in ("best.pt", "last.pt"):
+            state = torch.load(run / "checkpoints" / stage / name, weights_only=True)
+            assert "model" in state
+        with open(run / "metrics" / f"{stage}.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        assert [int(r["epoch"]) for r in rows] == [1, 2]
+        assert {"train/loss", "val/top1", "lr"} <= set(rows[0])
+    assert (run / "train.log").read_text().count("epoch") >= 6
+
+
+def test_identical_rerun_reuses_every_stage(sweep: Path) -> None:
+    kd("train", *SMOKE, "loss.temperature=2", f"store={sweep / 'store'}",
+       f"hydra.run.dir={sweep / 'again'}", cwd=sweep)
+    assert set(read_report(sweep / "again")["stages"].values()) == {"reused"}
+
+
+def test_eval_reproduces_the_reported_accuracy(sweep: Path) -> None:
+    ckpt = sweep / "multi" / "0" / "checkpoints" / "student" / "last.pt"
+    kd("eval", *SMOKE, f"checkpoint={ckpt}", f"hydra.run.dir={sweep / 'eval'}", cwd=sweep)
+    result = json.loads((sweep / "eval" / "eval.json").read_text())
+    assert result["top1"] == pytest.approx(read_report(sweep / "multi" / "0")["student"]["top1"])
+
+
+def test_stages_run_alone_in_order(workdir: Path) -> None:
+    store = f"store={workdir / 'store'}"
+    proc = kd("student", *SMOKE, store, cwd=workdir, check=False)
+    assert proc.returncode == 1
+    assert "run `kd teacher`" in proc.stderr
+    kd("teacher", *SMOKE, store, cwd=workdir)
+    proc = kd("student", *SMOKE, store, cwd=workdir, check=False)
+    assert proc.returncode == 1 and "run `kd cache`" in proc.stderr
+    kd("cache", *SMOKE, store, cwd=workdir)
+    kd("student", *SMOKE, store, f"hydra.run.dir={workdir / 'run'}", cwd=workdir)
+    assert torch.load(workdir / "run" / "checkpoints" / "student" / "best.pt",
+                      weights_only=True)["model"]
+    assert len(list((workdir / "store" / "cache").glob("*/train.kdsl"))) == 1
+
+
+def test_killed_run_resumes_from_last_checkpoint(workdir: Path) -> None:
+    args = [*SMOKE, "trainer.teacher.epochs=30", "baseline=false", f"store={workdir / 'store'}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("KD_STORE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "kdcli.cli", "train", *args,
+                             f"hydra.run.dir={workdir / 'killed'}"], cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    last = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((workdir / "store" / "teacher").glob("*/last.pt"))
+        if found:
+            last = found[0]
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    assert last is not None, "teacher never wrote last.pt"
+    assert not (last.parent / "meta.json").exists()
+    done = torch.load(last, weights_only=True)["epoch"] + 1
+    assert done < 30
+
+    kd("train", *args, f"hydra.run.dir={workdir / 'resumed'}", cwd=workdir)
+    report = read_report(workdir / "resumed")
+    assert report["stages"]["teacher"] == "resumed"
+    with open(workdir / "resumed" / "metrics" / "teacher.csv") as fh:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(fh)]
+    assert epochs == list(range(1, 31))
+
+
+# --- bad input: one clear line, non-zero exit, nothing already written is touched -----------
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    kd("train", *SMOKE, "baseline=false", f"store={root / 'store'}",
+       f"hydra.run.dir={root / 'run'}", cwd=root)
+    return root
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("loss.temprature=2", "temprature"),
+    ("student=resnet9000", "resnet9000"),
+    ("dataset=imagenet9", "imagenet9"),
+    ("dataset=cifar10 dataset.loader.root=/no/such/cifar", "/no/such/cifar"),
+    ("student=resnet18 student.name=notamodel", "notamodel"),
+    ("device.precision=fp8", "fp8"),
+])
+def test_bad_input_is_reported_and_damages_nothing(finished: Path, tmp_path: Path,
+                                                    override: str, expected: str) -> None:
+    before = _tree_digest(finished)
+    proc = kd("train", *SMOKE, "baseline=false", *override.split(), f"store={finished / 'store'}",
+              f"hydra.run.dir={tmp_path / 'bad'}", cwd=finished, check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+    after = _tree_digest(finished)
+    assert {k: v for k, v in after.items() if k in before} == before
+
+
+def test_student_with_wrong_class_count_is_refused(finished: Path) -> None:
+    (finished / "mymodels.py").write_text(
+        "from torch import nn\n"
+        "def five_way(num_classes=10, **_):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 5))\n")
+    proc = kd("train", *SMOKE, "student._target_=mymodels.five_way",
+              f"store={finished / 'store'}", f"hydra.run.dir={finished / 'bad5'}",
+              cwd=finished, check=False, env={"PYTHONPATH": str(finished)})
+    assert proc.returncode == 1
+    assert "outputs (5,) classes but dataset cifar10_subset has 10" in proc.stderr
+
+
+def test_users_own_model_by_target(finished: Path) -> None:
+    (finished / "usermodels.py").write_text(
+        "from torch import nn\n"
+        "def linear(num_classes=10, **_):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, num_classes))\n")
+    kd("student", *SMOKE, "student._target_=usermodels.linear", f"store={finished / 'store'}",
+       f"hydra.run.dir={finished / 'user'}", cwd=finished, env={"PYTHONPATH": str(finished)})
+    assert (finished / "user" / "checkpoints" / "student" / "best.pt").exists()

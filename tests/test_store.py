@@ -1,0 +1,196 @@
+"""The content-addressed store: keys, completion, verification and the cross-process lock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kdcli.errors import CorruptArtifact
+from kdcli.store import Entry, Store, key_of
+
+INPUTS = {"model": "resnet20", "epochs": 3, "optimizer": {"lr": 0.1, "momentum": 0.9}}
+
+# A child process that takes an entry's lock, announces it through a marker file, waits for the
+# parent's go file, then holds the lock `hold` more seconds (timed from the parent's signal).
+# kdcli.checkpoint is stubbed in the child only to skip its torch import (~2 s on 2 cores): the
+# lock code under test is the real Entry.lock, which needs nothing from it.
+HOLDER = textwrap.dedent("""
+    import os, sys, time, types
+    stub = types.ModuleType("kdcli.checkpoint")
+    stub.__getattr__ = lambda name: None
+    sys.modules["kdcli.checkpoint"] = stub
+    from kdcli.store import Store
+    root, seed, marker, go, hold = sys.argv[1:6]
+    entry = Store(root).entry("teacher", "resnet20", {"seed": int(seed)})
+    with entry.lock():
+        open(marker, "w").write("held")
+        while not os.path.exists(go):
+            time.sleep(0.01)
+        time.sleep(float(hold))
+""")
+
+
+def test_key_is_stable_across_dict_order():
+    reordered = {"optimizer": {"momentum": 0.9, "lr": 0.1}, "epochs": 3, "model": "resnet20"}
+    assert key_of(INPUTS) == key_of(reordered)
+    assert len(key_of(INPUTS)) == 16
+    blob = json.dumps(INPUTS, sort_keys=True, separators=(",", ":"))
+    assert key_of(INPUTS) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("change", [
+    {"epochs": 4}, {"model": "resnet32"}, {"optimizer": {"lr": 0.05, "momentum": 0.9}},
+    {"seed": 1},
+])
+def test_key_differs_for_different_inputs(change):
+    assert key_of({**INPUTS, **change}) != key_of(INPUTS)
+
+
+def test_entry_path_has_stage_name_and_key(tmp_path):
+    entry = Store(tmp_path).entry("teacher", "resnet/20 x", INPUTS)
+    assert entry.key == key_of(INPUTS)
+    assert entry.path == tmp_path.resolve() / "teacher" / f"resnet_20_x-{entry.key}"
+    assert entry.file("last.pt") == entry.path / "last.pt"
+    assert not entry.complete and not entry.started
+
+
+def test_same_inputs_same_entry(tmp_path):
+    store = Store(tmp_path)
+    a = store.entry("teacher", "resnet20", INPUTS)
+    b = store.entry("teacher", "resnet20", dict(reversed(list(INPUTS.items()))))
+    assert a.path == b.path
+
+
+def _filled_entry(tmp_path):
+    entry = Store(tmp_path).entry("cache", "resnet20", INPUTS)
+    entry.path.mkdir(parents=True)
+    entry.file("train.kdsl").write_bytes(b"abc")
+    entry.file("test.kdsl").write_bytes(b"")
+    return entry
+
+
+def test_finish_writes_meta_with_checksums(tmp_path):
+    entry = _filled_entry(tmp_path)
+    assert entry.started and not entry.complete
+    meta = entry.finish(["train.kdsl", "test.kdsl"], {"num_samples": 5})
+    assert entry.complete
+    on_disk = json.loads(entry.file("meta.json").read_text())
+    assert on_disk == meta
+    assert on_disk["files"] == {
+        "train.kdsl": hashlib.sha256(b"abc").hexdigest(),
+        "test.kdsl": hashlib.sha256(b"").hexdigest(),
+    }
+    assert on_disk["key"] == entry.key and on_disk["stage"] == "cache"
+    assert on_disk["inputs"] == INPUTS and on_disk["num_samples"] == 5
+    assert entry.verify() == on_disk
+
+
+def test_verify_detects_modified_file(tmp_path):
+    entry = _filled_entry(tmp_path)
+    entry.finish(["train.kdsl"], {})
+    entry.file("train.kdsl").write_bytes(b"abd")
+    with pytest.raises(CorruptArtifact, match="checksum"):
+        entry.verify()
+
+
+def test_verify_detects_missing_file(tmp_path):
+    entry = _filled_entry(tmp_path)
+    entry.finish(["train.kdsl", "test.kdsl"], {})
+    entry.file("test.kdsl").unlink()
+    with pytest.raises(CorruptArtifact, match="missing"):
+        entry.verify()
+
+
+def test_unreadable_meta(tmp_path):
+    entry = _filled_entry(tmp_path)
+    entry.file("meta.json").write_text("{not json")
+    with pytest.raises(CorruptArtifact, match="meta.json"):
+        entry.verify()
+
+
+def test_invalidate_removes_completion(tmp_path):
+    entry = _filled_entry(tmp_path)
+    entry.finish(["train.kdsl"], {})
+    entry.invalidate()
+    assert not entry.complete
+    assert entry.file("train.kdsl").exists()
+    entry.invalidate()  # idempotent
+    with pytest.raises(CorruptArtifact):
+        entry.meta()
+
+
+@dataclass
+class Holder:
+    proc: subprocess.Popen
+    marker: Path
+    go: Path
+    entry: Entry
+
+    def wait_until_held(self) -> None:
+        deadline = time.monotonic() + 60
+        while not self.marker.exists():
+            assert self.proc.poll() is None, "lock holder exited early"
+            assert time.monotonic() < deadline, "lock holder never took the lock"
+            time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def holders(tmp_path_factory):
+    """Two child processes, each holding the lock of its own entry (seed 0 and seed 1)."""
+    tmp = tmp_path_factory.mktemp("locks")
+    out = []
+    for seed, hold in ((0, 2.0), (1, 600.0)):
+        marker, go = tmp / f"held-{seed}", tmp / f"go-{seed}"
+        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp / "store"), str(seed),
+                                 str(marker), str(go), str(hold)])
+        entry = Store(tmp / "store").entry("teacher", "resnet20", {"seed": seed})
+        out.append(Holder(proc, marker, go, entry))
+    yield out
+    for h in out:
+        h.proc.kill()
+        h.proc.wait()
+
+
+def _acquire_within(entry, timeout_s: float) -> float:
+    """Seconds to take `entry.lock()` in a helper thread; fails rather than hanging."""
+    took: list[float] = []
+
+    def take() -> None:
+        start = time.monotonic()
+        with entry.lock(poll_log_s=0.2):
+            took.append(time.monotonic() - start)
+
+    thread = threading.Thread(target=take, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert took, f"lock not acquired within {timeout_s} s"
+    return took[0]
+
+
+def test_lock_excludes_another_process(holders):
+    holder = holders[0]
+    holder.wait_until_held()
+    holder.go.touch()  # the holder releases 2 s from now
+    waited = _acquire_within(holder.entry, timeout_s=20)
+    assert waited >= 1.0
+    # We got the lock only once the other process let go of it.
+    assert holder.proc.wait(timeout=10) == 0
+
+
+def test_lock_of_killed_holder_is_released(holders):
+    holder = holders[1]
+    holder.wait_until_held()
+    os.kill(holder.proc.pid, signal.SIGKILL)
+    assert holder.proc.wait(timeout=10) == -signal.SIGKILL
+    assert _acquire_within(holder.entry, timeout_s=5) < 1.0
