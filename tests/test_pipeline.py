@@ -105,8 +105,9 @@ def test_stages_run_alone_in_order(workdir: Path) -> None:
     assert len(list((workdir / "store" / "cache").glob("*/train.kdsl"))) == 1
 
 
-def test_killed_run_resumes_from_last_checkpoint(workdir: Path) -> None:
-    args = [*SMOKE, "trainer.teacher.epochs=30", "baseline=false", f"store={workdir / 'store'}"]
+def test_killed_run_resumes_and_matches_an_uninterrupted_run(workdir: Path) -> None:
+    common = [*SMOKE, "trainer.teacher.epochs=30", "baseline=false", "deterministic=true"]
+    args = [*common, f"store={workdir / 'store'}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("KD_STORE", None)
     proc = subprocess.Popen([sys.executable, "-m", "kdcli.cli", "train", *args,
@@ -133,6 +134,15 @@ def test_killed_run_resumes_from_last_checkpoint(workdir: Path) -> None:
     with open(workdir / "resumed" / "metrics" / "teacher.csv") as fh:
         epochs = [int(r["epoch"]) for r in csv.DictReader(fh)]
     assert epochs == list(range(1, 31))
+
+    # Deterministic CPU mode: the resumed teacher is bit-identical to one never interrupted.
+    kd("teacher", *common, f"store={workdir / 'clean'}", cwd=workdir)
+    resumed = torch.load(last, weights_only=True)["model"]
+    clean_last = next((workdir / "clean" / "teacher").glob("*/last.pt"))
+    clean = torch.load(clean_last, weights_only=True)["model"]
+    assert clean_last.parent.name == last.parent.name  # same key: same inputs
+    for name, tensor in clean.items():
+        assert torch.equal(tensor, resumed[name]), name
 
 
 # --- bad input: one clear line, non-zero exit, nothing already written is touched -----------
