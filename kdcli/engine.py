@@ -24,6 +24,7 @@ from kdcli.data.loader import Batch, BatchLoader
 from kdcli.device import Runtime
 from kdcli.errors import TrainingDiverged
 from kdcli.losses.base import DistillationLoss, Outputs
+from kdcli.models.features import FeatureTap
 from kdcli.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -89,12 +90,15 @@ def fit(
     label: str = "train",
     checkpoint_extra: dict | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
+    student_taps: FeatureTap | None = None,
 ) -> FitResult:
     """Trains `model` for `epochs`, resuming from `out_dir/last.pt` when present.
 
     Writes `out_dir/last.pt` (full state, every epoch), `out_dir/best.pt` (weights with the best
-    val/top1) and `out_dir/metrics.csv`. Raises TrainingDiverged on a non-finite loss, leaving the
-    last good checkpoint in place.
+    val/top1) and `out_dir/metrics.csv`. `student_taps` adds the named feature maps to the
+    student's Outputs for feature losses; the loss's own state (e.g. a FitNets adapter) is saved
+    and restored with the model. Raises TrainingDiverged on a non-finite loss, leaving the last
+    good checkpoint in place.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
@@ -104,6 +108,7 @@ def fit(
     if last_path.exists():
         state = checkpoint.load(last_path)
         model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -117,12 +122,21 @@ def fit(
                  epochs)
 
     step_model = torch.compile(model) if runtime.compile else model
+
+    def forward(images: torch.Tensor) -> Outputs:
+        return Outputs(step_model(images))
+
+    if student_taps is not None:
+        def forward(images: torch.Tensor) -> Outputs:  # noqa: F811 - chosen once, before the loop
+            return Outputs(step_model(images), student_taps.pop())
+
     steps_per_epoch = len(train_loader)
     images = 0
     with Progress(label) as bar:
         for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             model.train()
+            loss_fn.train()
             sums: dict[str, torch.Tensor] = {}
             correct = torch.zeros((), device=runtime.device)
             first_bad = torch.full((), -1, device=runtime.device)
@@ -130,7 +144,7 @@ def fit(
             task = bar.start_epoch(epoch, epochs, steps_per_epoch)
             for step, batch in enumerate(train_loader.epoch(epoch)):
                 with runtime.autocast():
-                    student = Outputs(step_model(batch.images))
+                    student = forward(batch.images)
                     terms = loss_fn(student, teacher(batch), batch.labels)
                 loss = terms["loss"]
                 scaler.scale(loss).backward()
@@ -174,7 +188,8 @@ def fit(
                 checkpoint.save({"model": model.state_dict(), "epoch": epoch, "val_top1": top1,
                                  **(checkpoint_extra or {})}, best_path)
             state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "model": model.state_dict(), "loss": loss_fn.state_dict(),
+                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "best_top1": best_top1, "history": history,
                 "train_time_s": elapsed, "rng_cpu": torch.get_rng_state(),

@@ -10,16 +10,18 @@ One file per split, `<split>.kdsl`:
     ..  padding   so the data region starts at a 64-byte boundary
         data      arrays back to back, each readable in place by np.memmap
 
-Storage is float16 logits. With few classes (`storage=full`) every logit is kept: (N, V, C).
-With many (`storage=topk`) the top-k values and their class indices are kept, (N, V, k), plus
-each row's float32 logsumexp so the probability mass outside the top-k is known exactly at
-T=1 and spread evenly over the remaining classes when the row is densified.
+Storage is float16 logits (float32 if a logit exceeds float16's range). With few classes
+(`storage=full`) every logit is kept: (N, V, C). With many (`storage=topk`) the top-k values
+and their class indices are kept, (N, V, k), plus each row's float32 logsumexp so the
+probability mass outside the top-k is known exactly at T=1 and spread evenly over the
+remaining classes when the row is densified.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,8 @@ import torch
 
 from kdcli.checkpoint import atomic_write
 from kdcli.errors import CorruptArtifact
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"KDSOFTLB"
 VERSION = 1
@@ -47,14 +51,22 @@ def choose_storage(num_classes: int, storage: str, topk: int) -> str:
 
 
 def encode(logits: torch.Tensor, storage: str, topk: int) -> dict[str, np.ndarray]:
-    """Turns float logits (N, V, C) into the arrays stored for `storage`."""
+    """Turns float logits (N, V, C) into the arrays stored for `storage`.
+
+    Values are float16, unless some logit lies beyond float16's range (|x| > 65504, a sign of
+    a badly scaled teacher): then float32, rather than caching inf.
+    """
     logits = logits.float()
+    dtype = np.float16 if logits.abs().max() <= np.finfo(np.float16).max else np.float32
+    if dtype == np.float32:
+        log.warning("teacher logits reach %.3g, beyond float16: caching them as float32",
+                    float(logits.abs().max()))
     if storage == "full":
-        return {"logits": logits.half().numpy()}
+        return {"logits": logits.numpy().astype(dtype)}
     values, indices = logits.topk(topk, dim=-1)
     idx_dtype = np.int16 if logits.shape[-1] <= np.iinfo(np.int16).max else np.int32
     return {
-        "values": values.half().numpy(),
+        "values": values.numpy().astype(dtype),
         "indices": indices.numpy().astype(idx_dtype),
         "logsumexp": logits.logsumexp(-1).numpy().astype(np.float32),
     }
@@ -70,8 +82,6 @@ def write(path: Path, logits: torch.Tensor, *, storage: str = "auto", topk: int 
     n, views, c = logits.shape
     storage = choose_storage(c, storage, topk)
     arrays = encode(logits, storage, min(topk, c))
-    if not all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f"):
-        raise CorruptArtifact(f"refusing to cache teacher logits beyond float16 range into {path}")
     layout, offset, digest = [], 0, hashlib.sha256()
     for name, arr in arrays.items():
         arr = np.ascontiguousarray(arr)

@@ -121,7 +121,7 @@ def test_nonpositive_temperature_raises(temperature):
 
 def test_hinton_needs_teacher():
     assert HintonKD.needs_teacher is True
-    assert HintonKD.needs_features is False
+    assert HintonKD().needs_features is False
 
 
 def test_cross_entropy_equals_functional():

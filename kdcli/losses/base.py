@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,13 +23,23 @@ class DistillationLoss(nn.Module):
     The other entries (e.g. "ce", "kd") are logged as `train/<name>`. A loss never knows whether
     teacher logits came from the soft-label cache or a live teacher.
 
-    Class attributes:
+    Attributes:
         needs_teacher: False for a plain supervised loss (no cache, no teacher at all).
-        needs_features: True when the loss reads feature maps, which forces a live teacher.
+        student_layers, teacher_layers: module names (as in `named_modules()`) whose outputs the
+            loss reads from `Outputs.features`. Any layer forces a live teacher (online mode).
     """
 
     needs_teacher: bool = True
-    needs_features: bool = False
+    student_layers: Sequence[str] = ()
+    teacher_layers: Sequence[str] = ()
+
+    @property
+    def needs_features(self) -> bool:
+        return bool(self.student_layers or self.teacher_layers)
+
+    def setup(self, student: Outputs, teacher: Outputs) -> None:
+        """Called once before training with the outputs of a probe batch, so a loss can size its
+        learned parts (e.g. a FitNets adapter) from the real feature shapes. Default: nothing."""
 
     def forward(self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor
                 ) -> dict[str, torch.Tensor]:

@@ -78,9 +78,8 @@ def open_split(cache: dict[str, Any], split: str) -> softlabels.SoftLabels:
     return labels
 
 
-def require(ctx: Context) -> dict[str, Any]:
-    """The stored cache for this config, without building one (for `kd student`)."""
-    teacher = teacher_stage.require(ctx)
+def require(ctx: Context, teacher: dict[str, Any]) -> dict[str, Any]:
+    """The stored cache for `teacher`, without building one (for `kd student`)."""
     entry = entry_for(ctx, teacher)
     meta = reuse_if_valid(entry)
     if meta is None:

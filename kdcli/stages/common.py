@@ -21,8 +21,9 @@ from kdcli.data.loader import BatchLoader
 from kdcli.data.transforms import build_augment
 from kdcli.device import Runtime, resolve, seed_everything
 from kdcli.errors import ConfigError, CorruptArtifact, KDError
-from kdcli.losses.base import DistillationLoss
+from kdcli.losses.base import DistillationLoss, Outputs
 from kdcli.metrics import classification_metrics
+from kdcli.models.features import FeatureTap
 from kdcli.store import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,10 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         model = build_model(ctx, role)
         tcfg = ctx.cfg.trainer[trainer]
         train_loader = ctx.loader("train", int(tcfg.batch_size), train=True)
-        opt = build(ctx.cfg[optimizer], optimizer, params=model.parameters())
+        taps = setup_feature_loss(ctx, model, loss_fn, teacher, train_loader)
+        # A loss may own parameters (a FitNets adapter): they train with the student.
+        params = list(model.parameters()) + list(loss_fn.parameters())
+        opt = build(ctx.cfg[optimizer], optimizer, params=params)
         sched = build(ctx.cfg[scheduler], scheduler, optimizer=opt, epochs=int(tcfg.epochs),
                       steps_per_epoch=len(train_loader))
         test_loader = ctx.eval_loader("test")
@@ -203,7 +207,7 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         result = engine.fit(
             model=model, train_loader=train_loader, val_loader=test_loader, loss_fn=loss_fn,
             optimizer=opt, scheduler=sched, runtime=ctx.runtime, epochs=int(tcfg.epochs),
-            out_dir=entry.path, teacher=teacher, label=label,
+            out_dir=entry.path, teacher=teacher, label=label, student_taps=taps,
         )
         logits, labels = engine.predict(model, test_loader, ctx.runtime)
         checkpoint.save({"logits": logits, "labels": labels}, entry.file("test_logits.pt"))
@@ -215,6 +219,28 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         )
         log.info("%s: test top-1 %.2f%% (%s)", label, metrics["top1"], status)
         return {"status": status, "entry": entry, "meta": meta}
+
+
+def setup_feature_loss(ctx: Context, model: nn.Module, loss_fn: DistillationLoss,
+                       teacher: engine.TeacherFn, loader: BatchLoader) -> FeatureTap | None:
+    """For a feature loss: taps the student's layers and lets the loss size its learned parts
+    from one probe batch (no grad, eval mode, so BatchNorm statistics are untouched)."""
+    loss_fn.to(ctx.runtime.device)
+    if not loss_fn.needs_features:
+        return None
+    taps = FeatureTap(model, list(loss_fn.student_layers), role=f"student={ctx.choice('student')}")
+    probe = next(iter(loader.epoch(0)))
+    model.eval()
+    with torch.no_grad(), ctx.runtime.autocast():
+        student_out = Outputs(model(probe.images), taps.pop())
+        teacher_out = teacher(probe)
+    model.train()
+    if teacher_out is None:
+        raise ConfigError(f"loss={ctx.choice('loss')} reads teacher features but no live teacher "
+                          "was given")
+    loss_fn.setup(student_out, teacher_out)
+    loss_fn.to(ctx.runtime.device)
+    return taps
 
 
 def publish(entry: Entry, run_dir: Path, stage: str, files: tuple[str, ...] = ("best.pt",

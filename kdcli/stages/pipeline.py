@@ -36,7 +36,7 @@ def run(ctx: Context) -> dict[str, Any]:
     t0 = time.perf_counter()
     teacher = teacher_stage.run(ctx)
     cache = cache_stage.run(ctx, teacher)
-    student = student_stage.run(ctx, cache)
+    student = student_stage.run(ctx, cache, teacher)
     baseline = student_stage.run_baseline(ctx) if ctx.cfg.baseline else None
     for stage, result in (("teacher", teacher), ("student", student), ("baseline", baseline)):
         if result is not None:
@@ -70,7 +70,7 @@ def build_report(ctx: Context, teacher: dict, cache: dict, student: dict, baseli
                  wall_time_s: float) -> dict[str, Any]:
     t_logits, labels = _test_logits(teacher)
     t_block = _model_block(ctx, "teacher", teacher)
-    s_block = _model_block(ctx, "student", student, t_logits)
+    s_block = {**_model_block(ctx, "student", student, t_logits), "mode": student["mode"]}
     b_block = None
     if baseline is not None:
         b_logits, _ = _test_logits(baseline)

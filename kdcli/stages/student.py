@@ -1,7 +1,12 @@
 """Stage 3: train the student from the soft-label cache plus hard labels.
 
-No teacher is built or held in memory here: teacher logits for each batch are looked up in
-the cache by sample index. The from-scratch baseline (same student, same budget, hard labels
+Two modes, chosen by the loss:
+- cache (any loss that reads only logits): no teacher is built or held in memory; teacher
+  logits for each batch are looked up in the cache by sample index.
+- online (a loss that reads feature maps, e.g. FitNets, attention transfer): the stored
+  teacher is loaded, frozen, and run on every batch with hooks on the named layers.
+
+The from-scratch baseline (same student, same budget, hard labels
 only) is trained by `run_baseline` and keyed without loss or teacher, so a sweep over loss
 settings trains it once.
 """
@@ -14,15 +19,20 @@ from typing import Any
 import torch
 
 from kdcli.data.loader import Batch
+from kdcli.engine import no_teacher
 from kdcli.errors import ConfigError
 from kdcli.losses.base import DistillationLoss, Outputs
 from kdcli.losses.ce import CrossEntropy
+from kdcli.models.features import FeatureTap
 from kdcli.stages import cache as cache_stage
+from kdcli.stages import teacher as teacher_stage
 from kdcli.stages.common import (
     Context,
     build,
     build_context,
+    build_model,
     container,
+    load_weights,
     publish,
     train_entry,
     train_inputs,
@@ -36,9 +46,6 @@ def build_loss(ctx: Context) -> DistillationLoss:
     if not isinstance(loss, DistillationLoss):
         raise ConfigError(f"loss={ctx.choice('loss')} must build a "
                           f"kdcli.losses.base.DistillationLoss, got {type(loss).__name__}")
-    if loss.needs_features:
-        raise ConfigError(f"loss={ctx.choice('loss')} needs teacher features (online teacher), "
-                          "which this version of the student stage does not run yet")
     return loss
 
 
@@ -53,18 +60,48 @@ class CachedTeacher:
         return Outputs(self.logits[batch.index])
 
 
-def run(ctx: Context, cache: dict[str, Any]) -> dict[str, Any]:
-    """Distils the student from `cache` (a cache stage result)."""
+class OnlineTeacher:
+    """The stored teacher, frozen, run on each batch; returns logits and tapped features."""
+
+    def __init__(self, ctx: Context, teacher: dict[str, Any], layers: list[str]) -> None:
+        model = load_weights(build_model(ctx, "teacher"), teacher["entry"].file("last.pt"))
+        self.model = model.eval().requires_grad_(False)
+        self.taps = FeatureTap(self.model, layers, role=f"teacher={ctx.choice('teacher')}")
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> Outputs:
+        return Outputs(self.model(batch.images), self.taps.pop())
+
+
+def mode_of(loss: DistillationLoss) -> str:
+    """"online" when the loss reads teacher features, "cache" when logits suffice."""
+    if not loss.needs_teacher:
+        return "none"
+    return "online" if loss.needs_features else "cache"
+
+
+def run(ctx: Context, cache: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
+    """Distils the student, from `cache` or, for feature losses, from the live `teacher`."""
     loss = build_loss(ctx)
+    mode = mode_of(loss)
     inputs = train_inputs(ctx, "student", "optimizer", "scheduler", "student")
     inputs["loss"] = container(ctx.cfg.loss)
-    inputs["cache"] = cache["entry"].key
+    if mode == "online":
+        inputs["teacher_weights"] = teacher["meta"]["files"]["last.pt"]
+        source: Any = OnlineTeacher(ctx, teacher, list(loss.teacher_layers))
+        log.info("student: online teacher (loss=%s reads teacher features %s)",
+                 ctx.choice("loss"), ", ".join(loss.teacher_layers))
+    elif mode == "cache":
+        inputs["cache"] = cache["entry"].key
+        source = CachedTeacher(cache, ctx.runtime.device)
+        log.info("student: teacher logits from the soft-label cache (no teacher in memory)")
+    else:
+        source = no_teacher
     entry = ctx.store.entry("student", ctx.choice("student"), inputs)
-    teacher = CachedTeacher(cache, ctx.runtime.device) if loss.needs_teacher else None
-    log.info("student: teacher logits from the soft-label cache (no teacher in memory)")
-    kwargs = {"teacher": teacher} if teacher is not None else {}
-    return train_entry(ctx, entry, role="student", loss_fn=loss, optimizer="optimizer",
-                       scheduler="scheduler", trainer="student", label="student", **kwargs)
+    result = train_entry(ctx, entry, role="student", loss_fn=loss, optimizer="optimizer",
+                         scheduler="scheduler", trainer="student", label="student",
+                         teacher=source)
+    return {**result, "mode": mode}
 
 
 def run_baseline(ctx: Context) -> dict[str, Any]:
@@ -78,6 +115,7 @@ def run_baseline(ctx: Context) -> dict[str, Any]:
 def main(cfg) -> dict[str, Any]:
     """`kd student`: stage 3 alone (needs the stage-2 cache in the store)."""
     ctx = build_context(cfg)
-    result = run(ctx, cache_stage.require(ctx))
+    teacher = teacher_stage.require(ctx)
+    result = run(ctx, cache_stage.require(ctx, teacher), teacher)
     publish(result["entry"], ctx.run_dir, "student")
     return result
