@@ -47,13 +47,14 @@ class FitResult:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, loader: BatchLoader, runtime: Runtime) -> tuple[torch.Tensor,
-                                                                               torch.Tensor]:
-    """Logits (float32, CPU) and labels for every sample of the loader, in order."""
+def predict(model: nn.Module, loader: BatchLoader, runtime: Runtime, view: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (float32, CPU) and labels for every sample of the loader, in order (`view`: which
+    cached view a view-replaying loader shows)."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
-    for batch in loader.epoch(0):
+    for batch in loader.epoch(0, view=view):
         with runtime.autocast():
             out = model(batch.images)
         logits.append(out.float())

@@ -445,6 +445,23 @@ def _table(header: list[str], rows: list[list[str]], align: str | None = None) -
     return lines
 
 
+def _teachers_table(report: Mapping[str, Any]) -> list[str]:
+    """Each teacher of a multi-teacher run, and their ensemble (what the cache holds)."""
+    members = report.get("teachers") or []
+    if len(members) < 2:
+        return []
+    ensemble = _block(report, "teacher")
+    rows = [[m.get("name", "?"), _pct(m.get("top1")), _pct(m.get("top5")),
+             format_count(m.get("params")), _ms(m.get("latency_ms"))] for m in members]
+    rows.append([f"ensemble ({ensemble.get('name', '')})", _pct(ensemble.get("top1")),
+                 _pct(ensemble.get("top5")), format_count(ensemble.get("params")),
+                 _ms(ensemble.get("latency_ms"))])
+    return ["## Teachers", "",
+            *_table(["teacher", "top-1 (%)", "top-5 (%)", "params", "latency (ms)"], rows), "",
+            "The soft labels are the weighted mean of the teachers' logits; the ensemble's "
+            "costs are the sum of its members'.", ""]
+
+
 def _results_table(report: Mapping[str, Any]) -> list[str]:
     teacher, student = _block(report, "teacher"), _block(report, "student")
     baseline = _block(report, "baseline")
@@ -637,6 +654,7 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     if "accuracy_vs_params" in plots:
         lines += [f"![Top-1 against parameters]({plots['accuracy_vs_params']})", ""]
 
+    lines += _teachers_table(report)
     lines += ["## Compression", ""]
     lines += _compression_table(report)
     lines += [""]

@@ -73,8 +73,13 @@ def encode(logits: torch.Tensor, storage: str, topk: int) -> dict[str, np.ndarra
 
 
 def write(path: Path, logits: torch.Tensor, *, storage: str = "auto", topk: int = 20,
-          info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Writes a cache file atomically. `logits` is (N, C) or (N, V, C). Returns its header."""
+          info: dict[str, Any] | None = None, extras: dict[str, np.ndarray] | None = None
+          ) -> dict[str, Any]:
+    """Writes a cache file atomically. `logits` is (N, C) or (N, V, C). Returns its header.
+
+    `extras` are per-sample arrays stored as given (e.g. the augmentation parameters of each
+    cached view), covered by the same checksum.
+    """
     if logits.dim() == 2:
         logits = logits[:, None]
     if not torch.isfinite(logits).all():
@@ -82,6 +87,10 @@ def write(path: Path, logits: torch.Tensor, *, storage: str = "auto", topk: int 
     n, views, c = logits.shape
     storage = choose_storage(c, storage, topk)
     arrays = encode(logits, storage, min(topk, c))
+    for name, arr in (extras or {}).items():
+        if name in arrays or len(arr) != n:
+            raise ValueError(f"extra array {name!r} must be new and have {n} rows")
+        arrays[name] = arr
     layout, offset, digest = [], 0, hashlib.sha256()
     for name, arr in arrays.items():
         arr = np.ascontiguousarray(arr)
@@ -151,6 +160,14 @@ class SoftLabels:
 
     def all_logits(self, view: int = 0) -> torch.Tensor:
         return self.logits(slice(None), view)
+
+    @property
+    def views(self) -> int:
+        return self.header["views"]
+
+    def all_views(self) -> torch.Tensor:
+        """Dense float32 logits of every sample and view: (N, V, C)."""
+        return torch.stack([self.all_logits(v) for v in range(self.views)], dim=1)
 
 
 def densify(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int

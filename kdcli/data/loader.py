@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kdcli.data.datasets import Split
-from kdcli.data.transforms import CropFlip
+from kdcli.data.transforms import CropFlip, ViewTable
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Batch:
     index: torch.Tensor  # positions in the split, for looking up cached soft labels
     images: torch.Tensor  # float, normalised, on the target device
     labels: torch.Tensor
+    view: torch.Tensor | None = None  # which cached view each sample shows (view replay)
 
 
 class BatchLoader:
@@ -37,6 +38,8 @@ class BatchLoader:
         drop_last: drop a final partial batch (training).
         memory_format: torch.channels_last for conv nets on AMX/tensor cores.
         rank, world_size: shard the index list for data-parallel training.
+        views: fixed augmented views to replay instead of drawing fresh augmentations: each
+            epoch every sample shows one of its K views, chosen at random (or `view=` all one).
     """
 
     def __init__(
@@ -54,7 +57,11 @@ class BatchLoader:
         memory_format: torch.memory_format = torch.contiguous_format,
         rank: int = 0,
         world_size: int = 1,
+        views: ViewTable | None = None,
     ) -> None:
+        if views is not None and augment is None:
+            raise ValueError("replaying cached views needs the augmentation that drew them")
+        self.views = views
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size = batch_size
@@ -85,7 +92,8 @@ class BatchLoader:
         per_rank = n // self.world_size
         return idx[self.rank * per_rank:(self.rank + 1) * per_rank] if self.world_size > 1 else idx
 
-    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+    def epoch(self, epoch: int = 0, view: int | None = None) -> Iterator[Batch]:
+        """One pass over the split. With `views`, `view=v` shows every sample's view v."""
         order = self.order(epoch)
         gen = self.generator(epoch + 7_919)  # augmentation stream, distinct from the order stream
         for start in range(0, len(order), self.batch_size):
@@ -94,11 +102,17 @@ class BatchLoader:
                 break
             dev_index = index.to(self.device, non_blocking=True)
             images = self.images[dev_index]
-            if self.augment is not None:
+            chosen = None
+            if self.views is not None:
+                chosen = (torch.full((len(index),), view, dtype=torch.long) if view is not None
+                          else torch.randint(self.views.k, (len(index),), generator=gen))
+                images = self.augment.apply(images, self.views.select(index, chosen))
+                chosen = chosen.to(self.device, non_blocking=True)
+            elif self.augment is not None:
                 images = self.augment(images, gen)
             images = ((images.float() - self.mean) / self.std).contiguous(
                 memory_format=self.memory_format)
-            yield Batch(index, images, self.labels[dev_index])
+            yield Batch(dev_index, images, self.labels[dev_index], chosen)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)

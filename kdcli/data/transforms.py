@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -64,3 +65,41 @@ def build_augment(name: str | None) -> CropFlip | None:
         raise ConfigError(f"dataset.augment={name!r} is not a known preset; "
                           f"valid: {sorted(presets)}")
     return presets[key]
+
+
+@dataclass
+class ViewTable:
+    """K fixed augmented views of every sample: the parameters that replay view v of sample i.
+
+    Stored in the soft-label cache next to the teacher's logits on exactly those views, so the
+    student trains on the very pixels the teacher labelled.
+    """
+
+    offsets: torch.Tensor  # (N, K, 2) crop offsets
+    flips: torch.Tensor  # (N, K) horizontal flips
+
+    @property
+    def k(self) -> int:
+        return self.flips.shape[1]
+
+    def select(self, index: torch.Tensor, view: torch.Tensor) -> CropFlipParams:
+        index, view = index.cpu(), view.cpu()
+        return CropFlipParams(self.offsets[index, view], self.flips[index, view])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Compact arrays for the cache file: 3 bytes per sample and view."""
+        return {"view_offsets": self.offsets.to(torch.int8).numpy(),
+                "view_flips": self.flips.to(torch.uint8).numpy()}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> ViewTable:
+        return cls(torch.from_numpy(np.array(arrays["view_offsets"], np.int64)),
+                   torch.from_numpy(np.array(arrays["view_flips"], np.bool_)))
+
+    @classmethod
+    def sample(cls, augment: CropFlip, n: int, k: int, seed: int) -> ViewTable:
+        """Draws K views per sample from a generator seeded by `seed` alone."""
+        gen = torch.Generator().manual_seed(seed)
+        params = [augment.sample(n, gen) for _ in range(k)]
+        return cls(torch.stack([p.offsets for p in params], 1),
+                   torch.stack([p.flips for p in params], 1))

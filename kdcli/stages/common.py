@@ -6,7 +6,8 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 from kdcli import checkpoint, engine
 from kdcli.data.datasets import Dataset, subsample
 from kdcli.data.loader import BatchLoader
-from kdcli.data.transforms import build_augment
+from kdcli.data.transforms import ViewTable, build_augment
 from kdcli.device import Runtime, resolve, seed_everything
 from kdcli.errors import ConfigError, CorruptArtifact, KDError
 from kdcli.losses.base import DistillationLoss, Outputs
@@ -43,13 +44,23 @@ class Context:
     dataset: Dataset
     store: Store
     run_dir: Path
+    # Option names fixed for this context (a multi-teacher run's per-teacher contexts).
+    names: dict[str, str] = field(default_factory=dict)
 
-    def loader(self, split: str, batch_size: int, train: bool) -> BatchLoader:
+    def variant(self, cfg: DictConfig, names: dict[str, str], dataset: Dataset | None = None
+                ) -> Context:
+        """The same run with another config (e.g. one of several teachers, a pretraining set)."""
+        return replace(self, cfg=cfg, names={**self.names, **names},
+                       dataset=dataset if dataset is not None else self.dataset)
+
+    def loader(self, split: str, batch_size: int, train: bool, views: ViewTable | None = None
+               ) -> BatchLoader:
         ds = self.dataset
         return BatchLoader(
             getattr(ds, split), batch_size, device=self.runtime.device, mean=ds.mean, std=ds.std,
             shuffle=train, augment=build_augment(self.cfg.dataset.augment) if train else None,
             seed=int(self.cfg.seed), drop_last=train, memory_format=self.runtime.memory_format,
+            views=views,
         )
 
     def eval_loader(self, split: str = "test") -> BatchLoader:
@@ -57,7 +68,39 @@ class Context:
 
     def choice(self, group: str) -> str:
         """The option picked for a config group (e.g. "resnet20" for teacher)."""
-        return option_name(self.cfg, group)
+        return self.names.get(group) or option_name(self.cfg, group)
+
+
+def list_override(group: str) -> list[str] | None:
+    """The options of `group=[a,b,...]` on the command line, or None (also outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return None
+    for override in OverridesParser.create().parse_overrides(task):
+        if override.key_or_group == group and override.package is None:
+            value = override.value()
+            return [str(v) for v in value] if isinstance(value, list) else None
+    return None
+
+
+def recompose(extra: list[str], replace_groups: tuple[str, ...]) -> DictConfig:
+    """This run's config composed again with `extra` overrides in place of those naming
+    `replace_groups` or keys inside them: how one run reaches several options of one group."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    hc = HydraConfig.get()
+    task = list(hc.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(task)
+    keep = [line for line, o in zip(task, parsed, strict=True)
+            if not any(o.key_or_group == g or o.key_or_group.startswith(g + ".")
+                       for g in replace_groups)]
+    return compose(config_name=hc.job.config_name, overrides=keep + extra)
 
 
 def option_name(cfg: DictConfig, group: str) -> str:
@@ -123,9 +166,17 @@ def container(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
+# Keys of a model node that configure kd, not the model builder.
+_MODEL_SETTINGS = ("init",)
+
+
 def build_model(ctx: Context, role: str) -> nn.Module:
     """Builds the `teacher` or `student` model for the dataset and checks its output size."""
     node = ctx.cfg[role]
+    if any(k in node for k in _MODEL_SETTINGS):
+        # Resolve first: a detached copy could no longer reach ${dataset.image_size}.
+        plain = OmegaConf.to_container(node, resolve=True)
+        node = OmegaConf.create({k: v for k, v in plain.items() if k not in _MODEL_SETTINGS})
     ds = ctx.dataset
     model = build(node, f"{role}={ctx.choice(role)}: cannot build model",
                   num_classes=ds.num_classes)
@@ -147,14 +198,15 @@ def dataset_inputs(ctx: Context) -> dict[str, Any]:
             "train_size": node.get("train_size"), "test_size": node.get("test_size")}
 
 
-def train_inputs(ctx: Context, role: str, optimizer: str, scheduler: str, trainer: str
+def train_inputs(ctx: Context, role: str, optimizer: str, scheduler: str, budget: DictConfig
                  ) -> dict[str, Any]:
-    """Everything that determines a trained model, besides its loss and teacher."""
+    """Everything that determines a trained model, besides its loss, teacher and init."""
     cfg = ctx.cfg
     return {
         "version": STAGE_VERSION, "model": container(cfg[role]), "dataset": dataset_inputs(ctx),
         "optimizer": container(cfg[optimizer]), "scheduler": container(cfg[scheduler]),
-        "trainer": container(cfg.trainer[trainer]), "seed": int(cfg.seed),
+        "budget": {"epochs": int(budget.epochs), "batch_size": int(budget.batch_size)},
+        "seed": int(cfg.seed),
         "deterministic": bool(cfg.deterministic), "precision": ctx.runtime.precision,
     }
 
@@ -182,9 +234,16 @@ def reuse_if_valid(entry: Entry) -> dict[str, Any] | None:
 
 
 def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationLoss,
-                optimizer: str, scheduler: str, trainer: str, label: str,
-                teacher: engine.TeacherFn = engine.no_teacher) -> dict[str, Any]:
-    """Trains the `role` model into `entry`, or reuses/resumes it. Returns status and meta."""
+                optimizer: str, scheduler: str, budget: DictConfig, label: str,
+                teacher: engine.TeacherFn = engine.no_teacher,
+                initialize: Callable[[nn.Module], dict[str, Any]] | None = None,
+                views: ViewTable | None = None) -> dict[str, Any]:
+    """Trains the `role` model into `entry`, or reuses/resumes it. Returns status and meta.
+
+    `budget` has `epochs` and `batch_size`; `initialize(model)` (e.g. weights from the teacher
+    or a pretraining stage) runs on the fresh model and returns what it did, for the meta.
+    `views` makes the training loader replay the cached augmented views.
+    """
     with entry.lock():
         meta = reuse_if_valid(entry)
         if meta is not None:
@@ -193,8 +252,9 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         status = RESUMED if entry.file("last.pt").exists() else TRAINED
         torch.manual_seed(int(ctx.cfg.seed))  # same init whatever ran before in this process
         model = build_model(ctx, role)
-        tcfg = ctx.cfg.trainer[trainer]
-        train_loader = ctx.loader("train", int(tcfg.batch_size), train=True)
+        init_info = initialize(model) if initialize is not None else {}
+        tcfg = budget
+        train_loader = ctx.loader("train", int(tcfg.batch_size), train=True, views=views)
         taps = setup_feature_loss(ctx, model, loss_fn, teacher, train_loader)
         # A loss may own parameters (a FitNets adapter): they train with the student.
         params = list(model.parameters()) + list(loss_fn.parameters())
@@ -215,7 +275,8 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         meta = entry.finish(
             ["last.pt", "best.pt", "metrics.csv", "test_logits.pt"],
             {"name": ctx.choice(role), "metrics": metrics, "train_time_s": result.train_time_s,
-             "images_per_s": result.images_per_s, "epochs": int(tcfg.epochs)},
+             "images_per_s": result.images_per_s, "epochs": int(tcfg.epochs),
+             "init": init_info},
         )
         log.info("%s: test top-1 %.2f%% (%s)", label, metrics["top1"], status)
         return {"status": status, "entry": entry, "meta": meta}

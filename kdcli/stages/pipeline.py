@@ -1,4 +1,4 @@
-"""`kd train`: teacher -> soft-label cache -> student (+ from-scratch baseline) -> report.
+"""`kd train`: teacher(s) -> soft-label cache -> [pretraining] -> student (+ baseline) -> report.
 
 Returns the distilled student's test top-1, the value a Hydra sweeper optimises.
 """
@@ -18,6 +18,7 @@ from kdcli import checkpoint
 from kdcli.metrics import classification_metrics, confusion_matrix, profile_model
 from kdcli.report import compression, write_report
 from kdcli.stages import cache as cache_stage
+from kdcli.stages import pretrain as pretrain_stage
 from kdcli.stages import student as student_stage
 from kdcli.stages import teacher as teacher_stage
 from kdcli.stages.common import (
@@ -34,19 +35,23 @@ log = logging.getLogger(__name__)
 
 def run(ctx: Context) -> dict[str, Any]:
     t0 = time.perf_counter()
-    teacher = teacher_stage.run(ctx)
-    cache = cache_stage.run(ctx, teacher)
-    student = student_stage.run(ctx, cache, teacher)
-    baseline = student_stage.run_baseline(ctx) if ctx.cfg.baseline else None
-    for stage, result in (("teacher", teacher), ("student", student), ("baseline", baseline)):
+    teachers = teacher_stage.run_all(ctx)
+    cache = cache_stage.run(ctx, teachers)
+    if int(ctx.cfg.cache.get("check") or 0) > 0:
+        cache_stage.check(ctx, teachers, cache, int(ctx.cfg.cache.check))
+    pretrained = pretrain_stage.run(ctx)
+    student = student_stage.run(ctx, cache, teachers, pretrained)
+    baseline = student_stage.run_baseline(ctx, teachers, pretrained) if ctx.cfg.baseline else None
+    teacher_stage.publish_all(teachers, ctx.run_dir)
+    for stage, result in (("student", student), ("baseline", baseline)):
         if result is not None:
             publish(result["entry"], ctx.run_dir, stage)
-    report = build_report(ctx, teacher, cache, student, baseline, time.perf_counter() - t0)
+    report = build_report(ctx, teachers, cache, pretrained, student, baseline,
+                          time.perf_counter() - t0)
     s, b = report["student"], report["baseline"]
     log.info("student %s: top-1 %.2f%% (baseline %s, teacher %.2f%%); report: %s",
-             report["student"]["name"], s["top1"],
-             f"{b['top1']:.2f}%" if b else "off", report["teacher"]["top1"],
-             ctx.run_dir / "report.md")
+             s["name"], s["top1"], f"{b['top1']:.2f}%" if b else "off",
+             report["teacher"]["top1"], ctx.run_dir / "report.md")
     return report
 
 
@@ -66,11 +71,31 @@ def _model_block(ctx: Context, role: str, result: dict[str, Any], teacher_logits
     return block
 
 
-def build_report(ctx: Context, teacher: dict, cache: dict, student: dict, baseline: dict | None,
-                 wall_time_s: float) -> dict[str, Any]:
-    t_logits, labels = _test_logits(teacher)
-    t_block = _model_block(ctx, "teacher", teacher)
-    s_block = {**_model_block(ctx, "student", student, t_logits), "mode": student["mode"]}
+def _ensemble_block(blocks: list[dict[str, Any]], logits: torch.Tensor, labels: torch.Tensor
+                    ) -> dict[str, Any]:
+    """The teachers as one model: accuracy of the combined logits, costs added up."""
+    block = {"name": "+".join(b["name"] for b in blocks), **classification_metrics(logits, labels),
+             "members": [b["name"] for b in blocks]}
+    for key in ("params", "flops", "size_bytes", "latency_ms", "train_time_s"):
+        block[key] = sum(b[key] for b in blocks)
+    return block
+
+
+def build_report(ctx: Context, teachers: list[dict], cache: dict, pretrained: dict | None,
+                 student: dict, baseline: dict | None, wall_time_s: float) -> dict[str, Any]:
+    teacher_blocks = [_model_block(t["ctx"], "teacher", t) for t in teachers]
+    member_logits = [_test_logits(t)[0] for t in teachers]
+    labels = _test_logits(teachers[0])[1]
+    if len(teachers) == 1:
+        t_logits, t_block = member_logits[0], teacher_blocks[0]
+    else:
+        t_logits = cache_stage.ensemble(member_logits, cache["meta"]["weights"])
+        t_block = _ensemble_block(teacher_blocks, t_logits, labels)
+    init = student["meta"].get("init") or {}
+    s_block = {**_model_block(ctx, "student", student, t_logits), "mode": student["mode"],
+               "init": student["entry"].inputs["init"],
+               "init_copied": len(init.get("copied", [])),
+               "init_skipped": init.get("skipped", [])}
     b_block = None
     if baseline is not None:
         b_logits, _ = _test_logits(baseline)
@@ -78,6 +103,18 @@ def build_report(ctx: Context, teacher: dict, cache: dict, student: dict, baseli
                    "train_time_s": baseline["meta"]["train_time_s"]}
     s_logits, _ = _test_logits(student)
     ds = ctx.dataset
+    if len(teachers) == 1:
+        stages = {"teacher": teachers[0]["status"]}
+    else:
+        stages = {f"teacher-{t['ctx'].choice('teacher')}": t["status"] for t in teachers}
+    stages["cache"] = cache["status"]
+    if pretrained is not None:
+        stages["pretrain"] = pretrained["status"]
+    stages["student"] = student["status"]
+    if baseline is not None:
+        stages["baseline"] = baseline["status"]
+    entries = {"cache": cache, "pretrain": pretrained, "student": student, "baseline": baseline}
+    entries.update({f"teacher-{t['ctx'].choice('teacher')}": t for t in teachers})
     report = {
         "kd_version": kdcli.__version__,
         "versions": {"kd": kdcli.__version__, "torch": torch.__version__,
@@ -87,22 +124,19 @@ def build_report(ctx: Context, teacher: dict, cache: dict, student: dict, baseli
         "dataset": {"name": ds.name, "num_classes": ds.num_classes, "train_size": len(ds.train),
                     "test_size": len(ds.test), "image_size": ds.image_shape[-1]},
         "teacher": t_block,
+        "teachers": teacher_blocks,
         "student": s_block,
         "baseline": b_block,
         "compression": compression(t_block, s_block),
         "distillation_gain": {"top1": s_block["top1"] - b_block["top1"]} if b_block else None,
-        "cache": {k: cache["meta"][k] for k in ("bytes_per_sample", "num_samples",
-                                               "format_version", "storage", "topk")},
-        "stages": {"teacher": teacher["status"], "cache": cache["status"],
-                   "student": student["status"],
-                   **({"baseline": baseline["status"]} if baseline else {})},
-        "store": {k: str(v["entry"].path) for k, v in (("teacher", teacher), ("cache", cache),
-                  ("student", student), ("baseline", baseline)) if v is not None},
+        "cache": {k: cache["meta"].get(k) for k in ("bytes_per_sample", "num_samples",
+                                                    "format_version", "storage", "topk",
+                                                    "views")},
+        "stages": stages,
+        "store": {k: str(v["entry"].path) for k, v in entries.items() if v is not None},
         "config": container(ctx.cfg),
     }
-    histories = {stage: ctx.run_dir / "metrics" / f"{stage}.csv"
-                 for stage in ("teacher", "student", "baseline")
-                 if (ctx.run_dir / "metrics" / f"{stage}.csv").exists()}
+    histories = {p.stem: p for p in sorted((ctx.run_dir / "metrics").glob("*.csv"))}
     write_report(report, ctx.run_dir, histories=histories,
                  confusion=confusion_matrix(s_logits.argmax(-1), labels, ds.num_classes),
                  class_names=ds.classes)
@@ -113,5 +147,3 @@ def main(cfg) -> float:
     """`kd train`: all stages; returns the student's top-1 for sweepers."""
     ctx = build_context(cfg)
     return float(run(ctx)["student"]["top1"])
-
-

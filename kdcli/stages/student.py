@@ -6,25 +6,32 @@ Two modes, chosen by the loss:
 - online (a loss that reads feature maps, e.g. FitNets, attention transfer): the stored
   teacher is loaded, frozen, and run on every batch with hooks on the named layers.
 
-The from-scratch baseline (same student, same budget, hard labels
-only) is trained by `run_baseline` and keyed without loss or teacher, so a sweep over loss
-settings trains it once.
+The student starts from scratch, from the teacher's weights where names and shapes match
+(`student.init=from_teacher`), or from the pretraining stage (`pretrain.dataset`). The
+comparison baseline (same student, same start, same budget, hard labels only) is trained by
+`run_baseline` and keyed without loss or cache, so a sweep over loss settings trains it once.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
+from kdcli import checkpoint
 from kdcli.data.loader import Batch
+from kdcli.data.transforms import ViewTable
 from kdcli.engine import no_teacher
 from kdcli.errors import ConfigError
 from kdcli.losses.base import DistillationLoss, Outputs
 from kdcli.losses.ce import CrossEntropy
 from kdcli.models.features import FeatureTap
+from kdcli.models.transfer import copy_matching
 from kdcli.stages import cache as cache_stage
+from kdcli.stages import pretrain as pretrain_stage
 from kdcli.stages import teacher as teacher_stage
 from kdcli.stages.common import (
     Context,
@@ -40,6 +47,8 @@ from kdcli.stages.common import (
 
 log = logging.getLogger(__name__)
 
+INIT_MODES = ("scratch", "from_teacher")
+
 
 def build_loss(ctx: Context) -> DistillationLoss:
     loss = build(ctx.cfg.loss, f"loss={ctx.choice('loss')}")
@@ -50,23 +59,32 @@ def build_loss(ctx: Context) -> DistillationLoss:
 
 
 class CachedTeacher:
-    """Serves teacher logits for a batch from the cache, held on the training device."""
+    """Serves teacher logits for a batch from the cache, held on the training device.
+
+    With cached views, `views` is the table the student's loader must replay, and each
+    sample's logits are those of the very view it shows.
+    """
 
     def __init__(self, cache: dict[str, Any], device: torch.device) -> None:
         labels = cache_stage.open_split(cache, "train")
-        self.logits = labels.all_logits().to(device)
+        self.logits = labels.all_views().to(device)  # (N, V, C)
+        has_views = "view_offsets" in labels.arrays
+        self.views = ViewTable.from_arrays(labels.arrays) if has_views else None
 
     def __call__(self, batch: Batch) -> Outputs:
-        return Outputs(self.logits[batch.index])
+        if batch.view is None:
+            return Outputs(self.logits[batch.index, 0])
+        return Outputs(self.logits[batch.index, batch.view])
 
 
 class OnlineTeacher:
     """The stored teacher, frozen, run on each batch; returns logits and tapped features."""
 
-    def __init__(self, ctx: Context, teacher: dict[str, Any], layers: list[str]) -> None:
-        model = load_weights(build_model(ctx, "teacher"), teacher["entry"].file("last.pt"))
+    def __init__(self, teacher: dict[str, Any], layers: list[str]) -> None:
+        tctx = teacher["ctx"]
+        model = load_weights(build_model(tctx, "teacher"), teacher["entry"].file("last.pt"))
         self.model = model.eval().requires_grad_(False)
-        self.taps = FeatureTap(self.model, layers, role=f"teacher={ctx.choice('teacher')}")
+        self.taps = FeatureTap(self.model, layers, role=f"teacher={tctx.choice('teacher')}")
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Outputs:
@@ -80,42 +98,79 @@ def mode_of(loss: DistillationLoss) -> str:
     return "online" if loss.needs_features else "cache"
 
 
-def run(ctx: Context, cache: dict[str, Any], teacher: dict[str, Any]) -> dict[str, Any]:
-    """Distils the student, from `cache` or, for feature losses, from the live `teacher`."""
+def initializer(ctx: Context, teachers: list[dict[str, Any]], pretrained: dict[str, Any] | None
+                ) -> tuple[Callable[[nn.Module], dict[str, Any]] | None, dict[str, Any]]:
+    """How the student starts: the init function and the store-key inputs describing it."""
+    mode = str(ctx.cfg.student.get("init", "scratch"))
+    if mode not in INIT_MODES:
+        raise ConfigError(f"student.init={mode!r}; choose one of {', '.join(INIT_MODES)}")
+    if pretrained is not None and mode == "from_teacher":
+        raise ConfigError("student.init=from_teacher and pretrain.dataset both set the "
+                          "student's starting weights; choose one")
+    if pretrained is not None:
+        source, label = pretrained["entry"], "student init from pretraining"
+    elif mode == "from_teacher":
+        source = teachers[0]["entry"]
+        label = f"student.init=from_teacher ({teachers[0]['ctx'].choice('teacher')})"
+    else:
+        return None, {"init": "scratch"}
+
+    def initialize(model: nn.Module) -> dict[str, Any]:
+        state = checkpoint.load(source.file("last.pt"))["model"]
+        return copy_matching(state, model, label)
+
+    return initialize, {"init": label, "init_weights": source.key}
+
+
+def run(ctx: Context, cache: dict[str, Any], teachers: list[dict[str, Any]],
+        pretrained: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Distils the student, from `cache` or, for feature losses, from the live teacher."""
     loss = build_loss(ctx)
     mode = mode_of(loss)
-    inputs = train_inputs(ctx, "student", "optimizer", "scheduler", "student")
+    budget = ctx.cfg.trainer.student
+    initialize, init_inputs = initializer(ctx, teachers, pretrained)
+    inputs = {**train_inputs(ctx, "student", "optimizer", "scheduler", budget), **init_inputs}
     inputs["loss"] = container(ctx.cfg.loss)
     if mode == "online":
-        inputs["teacher_weights"] = teacher["meta"]["files"]["last.pt"]
-        source: Any = OnlineTeacher(ctx, teacher, list(loss.teacher_layers))
+        if len(teachers) != 1:
+            raise ConfigError(f"loss={ctx.choice('loss')} reads teacher features, which needs "
+                              f"exactly one teacher (got {len(teachers)})")
+        inputs["teacher_weights"] = teachers[0]["meta"]["files"]["last.pt"]
+        source: Any = OnlineTeacher(teachers[0], list(loss.teacher_layers))
         log.info("student: online teacher (loss=%s reads teacher features %s)",
                  ctx.choice("loss"), ", ".join(loss.teacher_layers))
     elif mode == "cache":
         inputs["cache"] = cache["entry"].key
         source = CachedTeacher(cache, ctx.runtime.device)
-        log.info("student: teacher logits from the soft-label cache (no teacher in memory)")
+        log.info("student: teacher logits from the soft-label cache (no teacher in memory)%s",
+                 f", replaying {source.views.k} cached views per sample" if source.views else "")
     else:
         source = no_teacher
     entry = ctx.store.entry("student", ctx.choice("student"), inputs)
     result = train_entry(ctx, entry, role="student", loss_fn=loss, optimizer="optimizer",
-                         scheduler="scheduler", trainer="student", label="student",
-                         teacher=source)
+                         scheduler="scheduler", budget=budget, label="student",
+                         teacher=source, initialize=initialize,
+                         views=getattr(source, "views", None))
     return {**result, "mode": mode}
 
 
-def run_baseline(ctx: Context) -> dict[str, Any]:
-    """The same student trained from scratch on hard labels, same optimizer and budget."""
-    inputs = train_inputs(ctx, "student", "optimizer", "scheduler", "student")
+def run_baseline(ctx: Context, teachers: list[dict[str, Any]],
+                 pretrained: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The same student from the same start, trained on hard labels with the same budget."""
+    budget = ctx.cfg.trainer.student
+    initialize, init_inputs = initializer(ctx, teachers, pretrained)
+    inputs = {**train_inputs(ctx, "student", "optimizer", "scheduler", budget), **init_inputs}
     entry = ctx.store.entry("baseline", ctx.choice("student"), inputs)
     return train_entry(ctx, entry, role="student", loss_fn=CrossEntropy(), optimizer="optimizer",
-                       scheduler="scheduler", trainer="student", label="baseline")
+                       scheduler="scheduler", budget=budget, label="baseline",
+                       initialize=initialize)
 
 
 def main(cfg) -> dict[str, Any]:
-    """`kd student`: stage 3 alone (needs the stage-2 cache in the store)."""
+    """`kd student`: stage 3 alone (needs the stage-1 teacher and stage-2 cache in the store)."""
     ctx = build_context(cfg)
-    teacher = teacher_stage.require(ctx)
-    result = run(ctx, cache_stage.require(ctx, teacher), teacher)
+    teachers = teacher_stage.require_all(ctx)
+    pretrained = pretrain_stage.run(ctx)
+    result = run(ctx, cache_stage.require(ctx, teachers), teachers, pretrained)
     publish(result["entry"], ctx.run_dir, "student")
     return result

@@ -1,4 +1,8 @@
-"""Stage 1: train the teacher on hard labels (or reuse the stored one with the same key)."""
+"""Stage 1: train the teacher on hard labels (or reuse the stored one with the same key).
+
+`teacher=[a,b,...]` selects several teachers: each is composed as if chosen alone, trained or
+reused under its own key, and the cache stage combines their soft labels.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from kdcli.losses.ce import CrossEntropy
 from kdcli.stages.common import (
     Context,
     build_context,
+    list_override,
     publish,
+    recompose,
     reuse_if_valid,
     train_entry,
     train_inputs,
@@ -18,31 +24,57 @@ from kdcli.store import Entry
 
 
 def entry_for(ctx: Context) -> Entry:
-    inputs = train_inputs(ctx, "teacher", "teacher_optimizer", "teacher_scheduler", "teacher")
+    inputs = train_inputs(ctx, "teacher", "teacher_optimizer", "teacher_scheduler",
+                          ctx.cfg.trainer.teacher)
     return ctx.store.entry("teacher", ctx.choice("teacher"), inputs)
 
 
+def contexts(ctx: Context) -> list[Context]:
+    """One context per teacher: just `ctx` normally, one per option for `teacher=[a,b,...]`."""
+    names = list_override("teacher")
+    if not names:
+        return [ctx]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"teacher={names}: each teacher may appear once")
+    return [ctx.variant(recompose([f"teacher={name}"], ("teacher",)), {"teacher": name})
+            for name in names]
+
+
 def run(ctx: Context) -> dict[str, Any]:
-    """Trains, resumes or reuses the teacher; returns {"status", "entry", "meta"}."""
-    return train_entry(ctx, entry_for(ctx), role="teacher", loss_fn=CrossEntropy(),
-                       optimizer="teacher_optimizer", scheduler="teacher_scheduler",
-                       trainer="teacher", label="teacher")
+    """Trains, resumes or reuses one teacher; returns {"status", "entry", "meta", "ctx"}."""
+    result = train_entry(ctx, entry_for(ctx), role="teacher", loss_fn=CrossEntropy(),
+                         optimizer="teacher_optimizer", scheduler="teacher_scheduler",
+                         budget=ctx.cfg.trainer.teacher, label=f"teacher {ctx.choice('teacher')}")
+    return {**result, "ctx": ctx}
 
 
-def require(ctx: Context) -> dict[str, Any]:
-    """The stored teacher for this config, without training one (for `kd cache`/`kd student`)."""
-    entry = entry_for(ctx)
-    meta = reuse_if_valid(entry)
-    if meta is None:
-        raise ConfigError(f"no trained teacher={ctx.choice('teacher')} for this config in store "
-                          f"{ctx.store.root}; run `kd teacher` (or `kd train`) with the same "
-                          "overrides first")
-    return {"status": "reused", "entry": entry, "meta": meta}
+def run_all(ctx: Context) -> list[dict[str, Any]]:
+    return [run(c) for c in contexts(ctx)]
 
 
-def main(cfg) -> dict[str, Any]:
+def require_all(ctx: Context) -> list[dict[str, Any]]:
+    """The stored teachers for this config, without training (for `kd cache`/`kd student`)."""
+    results = []
+    for c in contexts(ctx):
+        entry = entry_for(c)
+        meta = reuse_if_valid(entry)
+        if meta is None:
+            raise ConfigError(f"no trained teacher={c.choice('teacher')} for this config in "
+                              f"store {c.store.root}; run `kd teacher` (or `kd train`) with the "
+                              "same overrides first")
+        results.append({"status": "reused", "entry": entry, "meta": meta, "ctx": c})
+    return results
+
+
+def publish_all(teachers: list[dict[str, Any]], run_dir) -> None:
+    for t in teachers:
+        stage = "teacher" if len(teachers) == 1 else f"teacher-{t['ctx'].choice('teacher')}"
+        publish(t["entry"], run_dir, stage)
+
+
+def main(cfg) -> list[dict[str, Any]]:
     """`kd teacher`: stage 1 alone."""
     ctx = build_context(cfg)
-    result = run(ctx)
-    publish(result["entry"], ctx.run_dir, "teacher")
-    return result
+    results = run_all(ctx)
+    publish_all(results, ctx.run_dir)
+    return results

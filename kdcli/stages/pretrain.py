@@ -1,0 +1,40 @@
+"""Optional stage before distillation: pretrain the student on `pretrain.dataset`.
+
+"Pretrained distillation" (e.g. Turc et al. 2019, "Well-Read Students Learn Better"): the
+student first learns from hard labels on a pretraining set (possibly larger, possibly with
+other classes), then is distilled starting from those weights. Layers whose shapes differ
+(a classifier over other classes) start fresh. Reused by key like every stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from kdcli.losses.ce import CrossEntropy
+from kdcli.stages.common import Context, load_dataset, recompose, train_entry, train_inputs
+
+log = logging.getLogger(__name__)
+
+
+def enabled(ctx: Context) -> bool:
+    node = ctx.cfg.get("pretrain")
+    return bool(node and node.get("dataset") and int(node.get("epochs") or 0) > 0)
+
+
+def run(ctx: Context) -> dict[str, Any] | None:
+    """Pretrains (or reuses) the student on the pretraining set; None when not configured."""
+    if not enabled(ctx):
+        return None
+    name = str(ctx.cfg.pretrain.dataset)
+    cfg = recompose([f"dataset={name}"], ("dataset",))
+    pctx = ctx.variant(cfg, {"dataset": name}, load_dataset(cfg.dataset, int(cfg.seed)))
+    budget = OmegaConf.create({"epochs": int(ctx.cfg.pretrain.epochs),
+                               "batch_size": int(ctx.cfg.trainer.student.batch_size)})
+    inputs = train_inputs(pctx, "student", "optimizer", "scheduler", budget)
+    entry = ctx.store.entry("pretrain", f"{ctx.choice('student')}-{name}", inputs)
+    return train_entry(pctx, entry, role="student", loss_fn=CrossEntropy(),
+                       optimizer="optimizer", scheduler="scheduler", budget=budget,
+                       label="pretrain")

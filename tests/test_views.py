@@ -1,0 +1,99 @@
+"""Consistent augmented views: the student trains on exactly the pixels the teacher labelled.
+
+The classic bug is a cache that ignores augmentation (teacher logits of the clean image paired
+with an augmented student input) or the shuffling order (logits looked up by batch position
+instead of sample index). These tests replay the student's own batches through the teacher and
+compare with what the cache serves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+
+from kdcli.errors import CorruptArtifact
+from kdcli.stages import cache as cache_stage
+from kdcli.stages import teacher as teacher_stage
+from kdcli.stages.common import build_context, build_model, load_weights
+from kdcli.stages.student import CachedTeacher
+
+
+def _context(tmp: Path, *overrides: str):
+    with initialize_config_module(config_module="kdcli.configs", version_base="1.3"):
+        cfg = compose(config_name="kd_train", overrides=[
+            "experiment=smoke", "device=cpu", f"store={tmp / 'store'}", *overrides])
+    return build_context(cfg, run_dir=tmp / "run")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("views")
+    ctx = _context(tmp, "cache.views=3")
+    teachers = teacher_stage.run_all(ctx)
+    cache = cache_stage.run(ctx, teachers)
+    teacher = load_weights(build_model(ctx, "teacher"), teachers[0]["entry"].file("last.pt"))
+    return tmp, ctx, teachers, cache, teacher.eval()
+
+
+def _live(teacher: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return teacher(images)
+
+
+def test_cached_logits_are_the_teachers_on_the_replayed_views(built) -> None:
+    _, ctx, _, cache, teacher = built
+    served = CachedTeacher(cache, ctx.runtime.device)
+    assert served.views is not None and served.views.k == 3
+    loader = ctx.loader("train", 64, train=True, views=served.views)
+    for epoch in (0, 1):  # shuffled, every sample one of its views
+        for batch in loader.epoch(epoch):
+            torch.testing.assert_close(served(batch).logits, _live(teacher, batch.images),
+                                       atol=2e-2, rtol=2e-3)
+
+
+def test_views_differ_and_epochs_pick_different_views(built) -> None:
+    _, ctx, _, cache, _ = built
+    served = CachedTeacher(cache, ctx.runtime.device)
+    assert not torch.allclose(served.logits[:, 0], served.logits[:, 1])
+    loader = ctx.loader("train", 512, train=True, views=served.views)
+    first, second = (next(iter(loader.epoch(e))) for e in (0, 1))
+    picked = {int(i): int(v) for i, v in zip(first.index, first.view, strict=True)}
+    again = {int(i): int(v) for i, v in zip(second.index, second.view, strict=True)}
+    assert set(picked.values()) == {0, 1, 2}
+    assert any(picked[i] != again[i] for i in picked)
+
+
+def test_naive_clean_cache_does_not_match_augmented_inputs(built) -> None:
+    # The bug these views exist to avoid: clean-image logits for an augmented student input.
+    tmp, _, _, _, teacher = built
+    ctx = _context(tmp, "cache.views=0")
+    naive = cache_stage.run(ctx, teacher_stage.run_all(ctx))
+    served = CachedTeacher(naive, ctx.runtime.device)
+    assert served.views is None
+    batch = next(iter(ctx.loader("train", 256, train=True).epoch(0)))
+    error = (served(batch).logits - _live(teacher, batch.images)).abs().max()
+    assert error > 0.1
+
+
+def test_check_mode_confirms_and_catches_a_wrong_view(built, monkeypatch) -> None:
+    _, ctx, teachers, cache, _ = built
+    assert cache_stage.check(ctx, teachers, cache, samples=48) < 2e-2
+    real = cache_stage.ViewTable.from_arrays
+
+    def flipped(arrays):
+        table = real(arrays)
+        return cache_stage.ViewTable(table.offsets, ~table.flips)
+
+    monkeypatch.setattr(cache_stage.ViewTable, "from_arrays", staticmethod(flipped))
+    with pytest.raises(CorruptArtifact, match="replayed views"):
+        cache_stage.check(ctx, teachers, cache, samples=48)
+
+
+def test_bytes_per_sample_grow_with_views(built) -> None:
+    _, _, _, cache, _ = built
+    # 3 views x (10 float16 logits + 2 crop offsets + 1 flip) = 69 bytes.
+    assert cache["meta"]["bytes_per_sample"] == 69
+    assert cache["meta"]["views"] == 3
