@@ -18,6 +18,11 @@ COMMANDS = {
     "student": ("kdcli.stages.student", "stage 3: distil the student from the cache"),
     "eval": ("kdcli.stages.evaluate", "evaluate a checkpoint on a dataset split"),
 }
+# Verbs that read finished runs rather than compose a config: plain argparse, `main(argv)`.
+PLAIN_COMMANDS = {
+    "report": ("kdcli.compare", "compare runs (run dirs, multirun dirs) in one table"),
+    "export": ("kdcli.export", "export a run's student to ONNX/TorchScript (+ int8), check parity"),
+}
 
 USAGE = """usage: kd <command> [hydra overrides...] [-m] [--cfg job] [--help]
 
@@ -36,8 +41,9 @@ log = logging.getLogger("kdcli")
 
 
 def usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {doc}" for name, (_, doc) in COMMANDS.items()]
+    verbs = {**COMMANDS, **PLAIN_COMMANDS}
+    width = max(map(len, verbs))
+    lines = [f"  {name:<{width}}  {doc}" for name, (_, doc) in verbs.items()]
     return USAGE.format(commands="\n".join(lines))
 
 
@@ -51,9 +57,12 @@ def main() -> None:
         sys.stdout.write(f"kd {__version__}\n")
         sys.exit(0)
     verb = sys.argv.pop(1)
+    if verb in PLAIN_COMMANDS:
+        module = importlib.import_module(PLAIN_COMMANDS[verb][0])
+        sys.exit(run_plain(verb, module.main, sys.argv[1:]))
     if verb not in COMMANDS:
         sys.stderr.write(f"error: unknown command {verb!r}; choose one of "
-                         f"{', '.join(COMMANDS)}\n")
+                         f"{', '.join([*COMMANDS, *PLAIN_COMMANDS])}\n")
         sys.exit(2)
     sys.argv[0] = f"kd {verb}"
     hydra_app(verb)()
@@ -68,6 +77,19 @@ def hydra_app(verb: str):
         return run_command(verb, cfg)
 
     return app
+
+
+def run_plain(verb: str, main_fn, argv: list[str]) -> int:
+    """Runs a plain verb; a KDError becomes a one-line message and exit 1."""
+    from kdcli.errors import KDError
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - "
+                        "%(message)s")
+    try:
+        return int(main_fn(argv) or 0)
+    except KDError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
 
 
 def run_command(verb: str, cfg):
