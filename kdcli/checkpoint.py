@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -49,8 +50,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save(obj: dict, path: Path) -> None:
-    """Saves a checkpoint dict atomically, stamped with the format version."""
-    atomic_write(path, lambda fh: torch.save({"format": FORMAT, **obj}, fh))
+    """Saves a checkpoint dict atomically, stamped with the format version, with its sha256 in
+    a `<name>.sha256` file beside it: torch's zip reader does not notice flipped bits inside a
+    tensor, the checksum does."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **obj}, buf)
+    data = buf.getvalue()
+    atomic_write(path, lambda fh: fh.write(data))
+    atomic_write_text(_sidecar(path), hashlib.sha256(data).hexdigest() + "\n")
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -58,6 +69,10 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.exists():
         raise CorruptArtifact(f"checkpoint not found: {path}")
+    sidecar = _sidecar(path)
+    if sidecar.exists() and sidecar.read_text().strip() != sha256_file(path):
+        raise CorruptArtifact(f"checkpoint {path} fails its checksum ({sidecar.name}): damaged "
+                              "or only half replaced")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, bit flips, foreign pickle: all the same to a user

@@ -118,9 +118,11 @@ class Entry:
         return meta
 
     def invalidate(self) -> None:
-        """Drops the completion marker so the entry is rebuilt (after a failed verify)."""
-        with contextlib.suppress(FileNotFoundError):
-            (self.path / META).unlink()
+        """Sets a damaged entry aside (`<dir>.corrupt-<time>`) so it is rebuilt from scratch:
+        none of its files, a checkpoint to resume from included, can be trusted."""
+        if self.path.exists():
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d%H%M%S')}")
+            os.replace(self.path, aside)
 
 
 class Store:

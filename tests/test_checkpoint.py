@@ -67,9 +67,25 @@ def test_truncated_file_names_path(tmp_path):
     checkpoint.save(sample_state(), path)
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CorruptArtifact, match="fails its checksum") as err:
+        checkpoint.load(path)
+    assert str(path) in str(err.value)
+    # Without the checksum file, torch's own reader still refuses it.
+    (tmp_path / "last.pt.sha256").unlink()
     with pytest.raises(CorruptArtifact, match="unreadable") as err:
         checkpoint.load(path)
     assert str(path) in str(err.value)
+
+
+def test_flipped_bit_inside_a_tensor_is_caught_by_the_checksum(tmp_path):
+    # torch.load does not notice this one: only the sha256 beside the file does.
+    path = tmp_path / "last.pt"
+    checkpoint.save({"model": {"w": torch.zeros(4096)}}, path)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptArtifact, match="fails its checksum"):
+        checkpoint.load(path)
 
 
 def test_garbage_file(tmp_path):
@@ -122,7 +138,7 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch):
 
     assert path.read_bytes() == before
     assert checkpoint.load(path)["epoch"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
 
 
 def test_save_replaces_old_file(tmp_path):
@@ -130,7 +146,7 @@ def test_save_replaces_old_file(tmp_path):
     checkpoint.save({"epoch": 1}, path)
     checkpoint.save({"epoch": 2}, path)
     assert checkpoint.load(path)["epoch"] == 2
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "last.pt.sha256"]
 
 
 def test_atomic_write_text_and_sha256(tmp_path):

@@ -119,12 +119,16 @@ def test_unreadable_meta(tmp_path):
         entry.verify()
 
 
-def test_invalidate_removes_completion(tmp_path):
+def test_invalidate_sets_the_whole_entry_aside(tmp_path):
     entry = _filled_entry(tmp_path)
     entry.finish(["train.kdsl"], {})
     entry.invalidate()
     assert not entry.complete
-    assert entry.file("train.kdsl").exists()
+    # Nothing of a damaged entry is reused (not even a checkpoint to resume from), but the
+    # files are kept beside it for inspection.
+    assert not entry.path.exists()
+    (aside,) = entry.path.parent.glob(f"{entry.path.name}.corrupt-*")
+    assert (aside / "train.kdsl").exists()
     entry.invalidate()  # idempotent
     with pytest.raises(CorruptArtifact):
         entry.meta()
