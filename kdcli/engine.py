@@ -8,6 +8,7 @@ on the device and are read once per epoch, so a GPU is never stalled waiting for
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import logging
@@ -63,6 +64,15 @@ def predict(model: nn.Module, loader: BatchLoader, runtime: Runtime, view: int |
     return torch.cat(logits).cpu(), torch.cat(labels).cpu()
 
 
+def scale_lr(optimizer: torch.optim.Optimizer, scheduler, factor: float) -> None:
+    """Multiplies the learning rate, now and for the rest of the schedule."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+
+
 def _write_history(path: Path, history: list[dict[str, float]]) -> None:
     if not history:
         return
@@ -92,6 +102,9 @@ def fit(
     checkpoint_extra: dict | None = None,
     on_epoch_end: Callable[[int], None] | None = None,
     student_taps: FeatureTap | None = None,
+    nan_retries: int = 0,
+    nan_lr_factor: float = 0.5,
+    on_row: Callable[[dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Trains `model` for `epochs`, resuming from `out_dir/last.pt` when present.
 
@@ -99,15 +112,30 @@ def fit(
     val/top1) and `out_dir/metrics.csv`. `student_taps` adds the named feature maps to the
     student's Outputs for feature losses; the loss's own state (e.g. a FitNets adapter) is saved
     and restored with the model. Raises TrainingDiverged on a non-finite loss, leaving the last
-    good checkpoint in place.
+    good checkpoint in place, unless `nan_retries` allows going back to that checkpoint with
+    the learning rate times `nan_lr_factor`.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     scaler = runtime.grad_scaler()
     history: list[dict[str, float]] = []
     start_epoch, best_top1, resumed_from, elapsed = 0, -1.0, None, 0.0
-    if last_path.exists():
-        state = checkpoint.load(last_path)
+
+    def snapshot(epoch: int) -> dict:
+        """Everything a resumed run needs, as saved to last.pt."""
+        state = {
+            "model": model.state_dict(), "loss": loss_fn.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "epoch": epoch, "best_top1": best_top1, "history": history,
+            "train_time_s": elapsed, "rng_cpu": torch.get_rng_state(),
+            **(checkpoint_extra or {}),
+        }
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def restore(state: dict) -> None:
         model.load_state_dict(state["model"])
         loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
@@ -116,11 +144,17 @@ def fit(
         torch.set_rng_state(state["rng_cpu"])
         if torch.cuda.is_available() and "rng_cuda" in state:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
+
+    if last_path.exists():
+        state = checkpoint.load(last_path)
+        restore(state)
         start_epoch, best_top1 = state["epoch"] + 1, state["best_top1"]
         history, elapsed = list(state["history"]), state["train_time_s"]
         resumed_from = state["epoch"]
         log.info("%s: resuming from %s after epoch %d/%d", label, last_path, state["epoch"] + 1,
                  epochs)
+    # Kept only when a divergence may be retried before the first checkpoint exists.
+    initial = copy.deepcopy(snapshot(-1)) if nan_retries and not last_path.exists() else None
 
     step_model = torch.compile(model) if runtime.compile else model
 
@@ -133,8 +167,9 @@ def fit(
 
     steps_per_epoch = len(train_loader)
     images = 0
+    epoch = start_epoch
     with Progress(label) as bar:
-        for epoch in range(start_epoch, epochs):
+        while epoch < epochs:
             t0 = time.perf_counter()
             model.train()
             loss_fn.train()
@@ -164,11 +199,20 @@ def fit(
                 bar.advance(task)
             bad_step = int(first_bad)
             if bad_step >= 0:
-                kept = last_path if last_path.exists() else "(none yet)"
-                raise TrainingDiverged(
-                    f"{label}: loss became NaN/inf at epoch {epoch + 1}, step {bad_step + 1}; "
-                    f"the last good checkpoint is kept: {kept}; lower the learning rate or "
-                    "use precision fp32")
+                where = f"{label}: loss became NaN/inf at epoch {epoch + 1}, step {bad_step + 1}"
+                if nan_retries <= 0:
+                    kept = last_path if last_path.exists() else "(none yet)"
+                    raise TrainingDiverged(
+                        f"{where}; the last good checkpoint is kept: {kept}; lower the learning "
+                        "rate (or set trainer.nan_retries) or use precision fp32")
+                nan_retries -= 1
+                state = checkpoint.load(last_path) if last_path.exists() else initial
+                restore(state)
+                scale_lr(optimizer, scheduler, nan_lr_factor)
+                epoch = state["epoch"] + 1
+                log.warning("%s; retrying from epoch %d with the learning rate x%g "
+                            "(%d retries left)", where, epoch + 1, nan_lr_factor, nan_retries)
+                continue
             epoch_time = time.perf_counter() - t0
             elapsed += epoch_time
             images += seen
@@ -183,22 +227,14 @@ def fit(
             row["time_s"] = epoch_time
             row["images_per_s"] = seen / epoch_time
             history.append(row)
+            if on_row is not None:
+                on_row(row)
             top1 = row.get("val/top1", row["train/top1"])
             if top1 > best_top1:
                 best_top1 = top1
                 checkpoint.save({"model": model.state_dict(), "epoch": epoch, "val_top1": top1,
                                  **(checkpoint_extra or {})}, best_path)
-            state = {
-                "model": model.state_dict(), "loss": loss_fn.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "best_top1": best_top1, "history": history,
-                "train_time_s": elapsed, "rng_cpu": torch.get_rng_state(),
-                **(checkpoint_extra or {}),
-            }
-            if torch.cuda.is_available():
-                state["rng_cuda"] = torch.cuda.get_rng_state_all()
-            checkpoint.save(state, last_path)
+            checkpoint.save(snapshot(epoch), last_path)
             _write_history(out_dir / "metrics.csv", history)
             bar.end_epoch(task, row)
             log.info("%s epoch %d/%d  loss %.4f  train/top1 %.2f%s  %.0f img/s", label,
@@ -207,6 +243,7 @@ def fit(
                      row["images_per_s"])
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
+            epoch += 1
     rate = (sum(r["images_per_s"] * r["time_s"] for r in history) / elapsed) if elapsed else 0.0
     return FitResult(history, resumed_from, best_top1, elapsed, rate)
 

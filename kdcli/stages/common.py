@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -16,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdcli import checkpoint, engine
+from kdcli import checkpoint, engine, tensorboard
 from kdcli.data.datasets import Dataset, subsample
 from kdcli.data.loader import BatchLoader
 from kdcli.data.transforms import ViewTable, build_augment
@@ -221,6 +222,21 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     return model
 
 
+def resumable(path: Path) -> bool:
+    """True when `path` is a readable checkpoint to resume from. A damaged one (a crash while
+    the disk filled, a bit flip) is moved aside to `<name>.corrupt` and training starts over."""
+    if not path.exists():
+        return False
+    try:
+        checkpoint.load(path)
+        return True
+    except CorruptArtifact as exc:
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        log.warning("%s; moved it to %s and starting this stage over", exc, aside)
+        return False
+
+
 def reuse_if_valid(entry: Entry) -> dict[str, Any] | None:
     """Returns the entry's meta when it is complete and intact; a damaged one is rebuilt."""
     if not entry.complete:
@@ -249,13 +265,14 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         if meta is not None:
             log.info("%s: reusing %s (top-1 %.2f%%)", label, entry.path, meta["metrics"]["top1"])
             return {"status": REUSED, "entry": entry, "meta": meta}
-        status = RESUMED if entry.file("last.pt").exists() else TRAINED
+        status = RESUMED if resumable(entry.file("last.pt")) else TRAINED
         torch.manual_seed(int(ctx.cfg.seed))  # same init whatever ran before in this process
         model = build_model(ctx, role)
         init_info = initialize(model) if initialize is not None else {}
         tcfg = budget
         train_loader = ctx.loader("train", int(tcfg.batch_size), train=True, views=views)
         taps = setup_feature_loss(ctx, model, loss_fn, teacher, train_loader)
+        inject_nan_for_tests(loss_fn, label)
         # A loss may own parameters (a FitNets adapter): they train with the student.
         params = list(model.parameters()) + list(loss_fn.parameters())
         opt = build(ctx.cfg[optimizer], optimizer, params=params)
@@ -268,6 +285,10 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
             model=model, train_loader=train_loader, val_loader=test_loader, loss_fn=loss_fn,
             optimizer=opt, scheduler=sched, runtime=ctx.runtime, epochs=int(tcfg.epochs),
             out_dir=entry.path, teacher=teacher, label=label, student_taps=taps,
+            nan_retries=int(ctx.cfg.trainer.get("nan_retries", 0)),
+            nan_lr_factor=float(ctx.cfg.trainer.get("nan_lr_factor", 0.5)),
+            on_row=tensorboard.epoch_callback(ctx.run_dir, label, bool(OmegaConf.select(
+                ctx.cfg, "logging.tensorboard", default=False))),
         )
         logits, labels = engine.predict(model, test_loader, ctx.runtime)
         checkpoint.save({"logits": logits, "labels": labels}, entry.file("test_logits.pt"))
@@ -280,6 +301,25 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         )
         log.info("%s: test top-1 %.2f%% (%s)", label, metrics["top1"], status)
         return {"status": status, "entry": entry, "meta": meta}
+
+
+def inject_nan_for_tests(loss_fn: DistillationLoss, label: str) -> None:
+    """Test-only fault hook: KD_TEST_NAN_AT="<stage>:<step>" turns the loss of that stage's
+    n-th training step (counted from this process's start of the stage) into NaN."""
+    spec = os.environ.get("KD_TEST_NAN_AT")
+    if not spec:
+        return
+    stage, step = spec.rsplit(":", 1)
+    if not label.startswith(stage):
+        return
+    calls = itertools.count()
+
+    def hook(module: nn.Module, args: object, output: dict) -> dict | None:
+        if next(calls) == int(step):
+            return {**output, "loss": output["loss"] * float("nan")}
+        return None
+
+    loss_fn.register_forward_hook(hook)
 
 
 def setup_feature_loss(ctx: Context, model: nn.Module, loss_fn: DistillationLoss,

@@ -1,0 +1,373 @@
+"""`kd report PATH...`: finished runs side by side, one row per run.
+
+A PATH is a run folder (it holds ``report.json``), a multirun folder (its numbered jobs) or any
+folder with runs somewhere below it (``store`` folders and hidden folders are skipped). Each row
+shows the run's command-line overrides that differ between the runs compared, then the
+student's top-1 and agreement, the from-scratch baseline and what distillation gained over it,
+the teacher, the student's size and latency, and the wall time. The table is printed, and
+written as ``summary.csv`` (for machines) and ``summary.md`` (best student top-1 in bold).
+
+``SummaryCallback`` writes the same summary into the sweep folder at the end of every multirun
+(``kd train -m ...``), registered under ``hydra.callbacks`` in ``configs/kd.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+from rich.console import Console
+from rich.table import Table
+
+from kdcli.checkpoint import atomic_write_text
+from kdcli.errors import KDError
+from kdcli.report import _duration, format_count
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NoRunsFound", "Summary", "SummaryCallback", "collect", "find_runs", "main",
+           "summarize", "write_summary"]
+
+REPORT = "report.json"
+OVERRIDES = Path(".hydra") / "overrides.yaml"
+SUMMARY_CSV, SUMMARY_MD = "summary.csv", "summary.md"
+MISSING = "-"  # an override one run has and another has not
+_DASH = "—"  # a metric a run did not produce (e.g. baseline=false)
+# Folders that never hold runs: the content-addressed store, and hidden ones (.hydra, .git).
+_SKIP_DIRS = {"store", "kd-store"}
+
+
+class NoRunsFound(KDError):
+    """None of the paths holds a finished run (a ``report.json``)."""
+
+
+# --------------------------------------------------------------------------- columns
+
+
+def _pct(x: float | None) -> str:
+    return _DASH if x is None else f"{x:.2f}"
+
+
+def _gain(x: float | None) -> str:
+    return _DASH if x is None else f"{x:+.2f}"
+
+
+def _count(x: float | None) -> str:
+    return _DASH if x is None else format_count(x)
+
+
+def _time(x: float | None) -> str:
+    return _DASH if x is None else _duration(x)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric column: its CSV name, its header for people, how to read and show it."""
+
+    key: str
+    title: str
+    read: Callable[[Mapping[str, Any]], float | None]
+    show: Callable[[float | None], str]
+    higher_is_better: bool = True
+
+
+def _value(report: Mapping[str, Any], block: str | None, key: str) -> float | None:
+    """``report[block][key]`` (or ``report[key]``) if it is a finite number, else None."""
+    node = report.get(block) if block else report
+    value = node.get(key) if isinstance(node, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _gain_of(report: Mapping[str, Any]) -> float | None:
+    student, baseline = _value(report, "student", "top1"), _value(report, "baseline", "top1")
+    return None if student is None or baseline is None else student - baseline
+
+
+METRICS = (
+    Metric("student/top1", "student top-1 %", lambda r: _value(r, "student", "top1"), _pct),
+    Metric("student/agreement", "agreement %", lambda r: _value(r, "student", "agreement"),
+           _pct),
+    Metric("baseline/top1", "baseline top-1 %", lambda r: _value(r, "baseline", "top1"), _pct),
+    Metric("gain/top1", "gain", _gain_of, _gain),
+    Metric("teacher/top1", "teacher top-1 %", lambda r: _value(r, "teacher", "top1"), _pct),
+    Metric("student/params", "params", lambda r: _value(r, "student", "params"), _count,
+           higher_is_better=False),
+    Metric("student/latency_ms", "latency ms", lambda r: _value(r, "student", "latency_ms"),
+           lambda x: _DASH if x is None else f"{x:.2f}", higher_is_better=False),
+    Metric("wall_time_s", "wall time", lambda r: _value(r, None, "wall_time_s"), _time,
+           higher_is_better=False),
+)
+BEST = "student/top1"  # the column whose best value is marked
+# `--sort` names: short aliases of the metric columns, or "run" for path order (the default).
+SORT_KEYS = {"run": None, "top1": "student/top1", "agreement": "student/agreement",
+             "baseline": "baseline/top1", "gain": "gain/top1", "teacher": "teacher/top1",
+             "params": "student/params", "latency": "student/latency_ms",
+             "wall_time": "wall_time_s"}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class Row:
+    run: str  # path relative to the summary's base folder
+    path: Path
+    overrides: dict[str, str]
+    metrics: dict[str, float | None]
+
+
+@dataclass
+class Summary:
+    base: Path  # the runs' common parent
+    keys: list[str]  # the override keys whose values differ between runs
+    rows: list[Row]
+
+    def best(self) -> float | None:
+        values = [r.metrics[BEST] for r in self.rows if r.metrics[BEST] is not None]
+        return max(values) if values else None
+
+
+def _natural(name: str) -> list[Any]:
+    """Sort key putting job 10 after job 9: ``"10" -> ["", 10, ""]``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _runs_under(root: Path) -> list[Path]:
+    if (root / REPORT).is_file():
+        return [root]
+    runs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if REPORT in filenames:
+            runs.append(Path(dirpath))
+            dirnames[:] = []  # a run's own folders hold no other runs
+            continue
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")
+                              and d not in _SKIP_DIRS), key=_natural)
+    return runs
+
+
+def find_runs(paths: Sequence[Path]) -> list[Path]:
+    """Every run folder under `paths`, absolute, in argument order then path order."""
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise KDError(f"no such file or directory: {', '.join(missing)}")
+    runs: dict[Path, None] = {}
+    for path in map(Path, paths):
+        if path.is_file():
+            if path.name != REPORT:
+                raise KDError(f"{path} is a file; give run folders, multirun folders or "
+                              f"folders holding runs")
+            path = path.parent
+        for run in _runs_under(path):
+            runs.setdefault(run.resolve(), None)
+    if not runs:
+        raise NoRunsFound(f"no runs ({REPORT}) found under {', '.join(map(str, paths))}")
+    return list(runs)
+
+
+def read_overrides(run: Path) -> dict[str, str]:
+    """``{key: value}`` of the run's command-line overrides, without the ones that only say
+    where it wrote (``hydra.*``, ``store``). Values stay as typed, e.g. ``"[resnet56,vgg8]"``."""
+    path = run / OVERRIDES
+    if not path.is_file():
+        return {}
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError) as exc:
+        log.warning("Ignoring the unreadable overrides of %s: %s", run, exc)
+        return {}
+    out: dict[str, str] = {}
+    for item in items if isinstance(items, list) else []:
+        key, sep, value = str(item).partition("=")
+        deleted = key.startswith("~")
+        key = key.lstrip("~+")
+        if key in ("store", "hydra") or key.startswith(("hydra.", "hydra/")):
+            continue
+        out[key] = "(deleted)" if deleted else value if sep else ""
+    return out
+
+
+def _read_report(run: Path) -> dict[str, Any] | None:
+    try:
+        report = json.loads((run / REPORT).read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("Skipping %s: unreadable %s: %s", run, REPORT, exc)
+        return None
+    return report if isinstance(report, dict) else None
+
+
+def _common_parent(runs: list[Path]) -> Path:
+    if len(runs) == 1:
+        return runs[0].parent
+    base = Path(os.path.commonpath(runs))
+    return base.parent if base in runs else base
+
+
+def collect(paths: Sequence[Path], sort: str | None = None) -> Summary:
+    """Reads every run under `paths` into a Summary; `sort` is a key of SORT_KEYS."""
+    found = find_runs(paths)
+    reports = {run: r for run in found if (r := _read_report(run)) is not None}
+    if not reports:
+        raise NoRunsFound(f"no readable {REPORT} under {', '.join(map(str, paths))}")
+    base = _common_parent(list(reports))
+    overrides = {run: read_overrides(run) for run in reports}
+    keys: list[str] = []
+    for o in overrides.values():
+        keys += [k for k in o if k not in keys]
+    keys = [k for k in keys if len({o.get(k, MISSING) for o in overrides.values()}) > 1]
+    rows = [Row(run=run.relative_to(base).as_posix(), path=run,
+                overrides={k: overrides[run].get(k, MISSING) for k in keys},
+                metrics={m.key: m.read(report) for m in METRICS})
+            for run, report in reports.items()]
+    column = SORT_KEYS.get(sort) if sort else None
+    if sort and sort not in SORT_KEYS:
+        raise KDError(f"unknown sort key {sort!r}; choose one of {', '.join(SORT_KEYS)}")
+    if column is not None:
+        sign = -1 if next(m for m in METRICS if m.key == column).higher_is_better else 1
+        # Runs without the value go last, in path order.
+        rows.sort(key=lambda r: (r.metrics[column] is None, sign * (r.metrics[column] or 0)))
+    return Summary(base, keys, rows)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def to_csv(summary: Summary) -> str:
+    """One line per run; metrics as plain numbers, an empty cell where a run has none."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*summary.keys, *(m.key for m in METRICS), "run"])
+    for row in summary.rows:
+        writer.writerow([*row.overrides.values(),
+                         *("" if row.metrics[m.key] is None else row.metrics[m.key]
+                           for m in METRICS), row.run])
+    return buf.getvalue()
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def to_markdown(summary: Summary) -> str:
+    """A Markdown table of the runs, the best student top-1 in bold."""
+    best = summary.best()
+    header = [*summary.keys, *(m.title for m in METRICS), "run"]
+    align = [*("---" for _ in summary.keys), *("---:" for _ in METRICS), "---"]
+    lines = [
+        "# Run comparison",
+        "",
+        f"{len(summary.rows)} run(s) under `{summary.base}`. Override columns show only the "
+        f"settings that differ between runs ({MISSING}: not set). Accuracies in %; gain = "
+        "student top-1 − baseline (from scratch) top-1; latency: batch 1 on the CPU. "
+        "Best student top-1 in bold.",
+        "",
+        "| " + " | ".join(map(_md_cell, header)) + " |",
+        "| " + " | ".join(align) + " |",
+    ]
+    for row in summary.rows:
+        cells = [*row.overrides.values()]
+        for m in METRICS:
+            text = m.show(row.metrics[m.key])
+            if m.key == BEST and best is not None and row.metrics[m.key] == best:
+                text = f"**{text}**"
+            cells.append(text)
+        cells.append(f"`{row.run}`")
+        lines.append("| " + " | ".join(map(_md_cell, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_table(summary: Summary) -> Table:
+    best = summary.best()
+    table = Table(title=f"{len(summary.rows)} run(s) under {summary.base}",
+                  caption="gain = student top-1 − baseline top-1 (points)")
+    for key in summary.keys:
+        table.add_column(key, style="cyan")
+    for m in METRICS:
+        table.add_column(m.title, justify="right")
+    table.add_column("run", style="dim")
+    for row in summary.rows:
+        cells = []
+        for m in METRICS:
+            text = m.show(row.metrics[m.key])
+            if m.key == BEST and best is not None and row.metrics[m.key] == best:
+                text = f"[bold green]{text}[/]"
+            cells.append(text)
+        table.add_row(*row.overrides.values(), *cells, row.run)
+    return table
+
+
+def write_summary(summary: Summary, out_dir: Path) -> tuple[Path, Path]:
+    """Writes ``summary.csv`` and ``summary.md`` into `out_dir` (atomically); returns both."""
+    csv_path, md_path = Path(out_dir) / SUMMARY_CSV, Path(out_dir) / SUMMARY_MD
+    atomic_write_text(csv_path, to_csv(summary))
+    atomic_write_text(md_path, to_markdown(summary))
+    return csv_path, md_path
+
+
+def _console() -> Console:
+    # Off a terminal (a log file, CI) rich would squeeze the table into 80 columns.
+    wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=200 if wide else None)
+
+
+def summarize(paths: Sequence[Path], out_dir: Path | None = None, sort: str | None = None,
+              console: Console | None = None) -> Summary:
+    """Collects the runs under `paths`, prints the table and writes the summary files.
+
+    `out_dir` defaults to the single folder given, else the current directory.
+    """
+    summary = collect(paths, sort)
+    if out_dir is None:
+        out_dir = Path(paths[0]) if len(paths) == 1 and Path(paths[0]).is_dir() else Path.cwd()
+    (console or _console()).print(to_table(summary))
+    csv_path, md_path = write_summary(summary, out_dir)
+    log.info("Wrote %s and %s", md_path, csv_path.name)
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kd report",
+        description="Compare finished runs: one row per run, the overrides that differ between "
+                    "them, student/baseline/teacher top-1, size, latency, wall time. Writes "
+                    "summary.csv and summary.md.")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                        help="a run folder, a multirun folder, or any folder holding runs")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="where to write summary.csv/.md (default: the single PATH if it "
+                             "is a folder, else the current directory)")
+    parser.add_argument("--sort", choices=list(SORT_KEYS), default="run",
+                        help="order rows by this column, best first (default: run path)")
+    args = parser.parse_args(argv)
+    summarize(args.paths, out_dir=args.out, sort=args.sort)
+    return 0
+
+
+class SummaryCallback(Callback):
+    """Hydra callback: at the end of a multirun, writes the summary into the sweep folder."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            summarize([sweep_dir], out_dir=sweep_dir)
+        except NoRunsFound:
+            # Only `kd train` writes report.json; a `kd teacher -m` sweep has nothing to compare.
+            log.info("No %s under %s: no sweep summary written", REPORT, sweep_dir)
+        except Exception as exc:  # noqa: BLE001 - a summary must never fail a finished sweep
+            log.warning("Could not write the sweep summary in %s: %s", sweep_dir, exc)

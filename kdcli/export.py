@@ -1,0 +1,605 @@
+"""`kd export RUN_DIR`: a finished run's student as ONNX and TorchScript (+ int8 ONNX).
+
+Each exported file is checked against the PyTorch student on the run's whole test split: a
+format passes when every logit is within ``atol + rtol * |reference|`` of PyTorch's (numpy's
+``allclose`` rule; defaults 1e-3 and 1e-3, far above fp32 round-off, far below a real
+exporter bug) and top-1 predictions agree on at least 99.9 % of images.
+A failed check is an error naming the format and its largest difference.
+
+``--int8`` quantizes the exported ONNX model with onnxruntime's static post-training
+quantization (QDQ, per-channel int8 weights, MinMax calibration on training images); its
+accuracy is measured, not checked, since quantization moves logits by design.
+
+Writes ``OUT/{student.onnx, student.ts, student.int8.onnx, export.json, export.md}`` (OUT is
+``RUN_DIR/export`` by default), adds an ``export`` block to ``RUN_DIR/report.json`` and an
+``## Export`` section to ``RUN_DIR/report.md``; every file is replaced atomically.
+
+Trust: the student is rebuilt by instantiating the ``_target_`` in the run's own
+``.hydra/config.yaml``, as ``kd train`` did, so export only runs whose config you would run.
+The checkpoint is read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+import kdcli
+from kdcli.checkpoint import atomic_write, atomic_write_text
+from kdcli.data.datasets import Dataset, Split
+from kdcli.data.loader import BatchLoader
+from kdcli.errors import ConfigError, CorruptArtifact, DataError, KDError
+from kdcli.metrics import classification_metrics, model_size_bytes
+from kdcli.report import format_bytes, to_jsonable
+from kdcli.stages.common import _MODEL_SETTINGS, build, load_dataset, load_weights
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+FILES = {"onnx": "student.onnx", "torchscript": "student.ts", "int8": "student.int8.onnx"}
+LABELS = {"pytorch": "student fp32 PyTorch", "onnx": "student ONNX",
+          "torchscript": "student TorchScript", "int8": "student int8 ONNX"}
+OPSET = 18
+MIN_AGREEMENT = 99.9  # percent of test images whose top-1 must match PyTorch's
+CALIBRATION_BATCH = 64
+SECTION = "## Export"
+
+
+class ParityError(KDError):
+    """An exported model's outputs differ from the PyTorch student's beyond the tolerance."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="kd export",
+        description="Export a finished run's student to ONNX and TorchScript (optionally int8 "
+                    "ONNX), check each against PyTorch on the test split, and report top-1, "
+                    "file size and batch-1 CPU latency per format.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a `kd train` output folder")
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
+                   help="formats to export (default: both)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write student.int8.onnx (static post-training quantization)")
+    p.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                   help="student weights to export; the report evaluates `last` (default)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/export)")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="absolute logit tolerance atol (default 1e-3)")
+    p.add_argument("--rtol", type=float, default=1e-3,
+                   help="relative logit tolerance: |diff| <= atol + rtol*|ref| (default 1e-3)")
+    p.add_argument("--batches", type=int, default=8,
+                   help=f"int8 calibration batches of {CALIBRATION_BATCH} training images "
+                        "(default 8 = 512 images)")
+    p.add_argument("--latency-runs", type=int, default=50,
+                   help="timed batch-1 runs per format; the median is reported (default 50)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
+    args = p.parse_args(argv)
+    if args.tolerance < 0 or args.rtol < 0:
+        p.error("--tolerance and --rtol must be >= 0")
+    if args.batches < 1 or args.latency_runs < 1 or args.warmup < 0:
+        p.error("--batches and --latency-runs must be >= 1, --warmup >= 0")
+    return args
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
+    """The run's composed config and its report; a ConfigError when RUN_DIR is not a kd run."""
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a directory")
+    cfg_path, report_path = run_dir / ".hydra" / "config.yaml", run_dir / "report.json"
+    for path in (cfg_path, report_path):
+        if not path.is_file():
+            raise ConfigError(f"{run_dir} is not a finished kd run: {path.relative_to(run_dir)} "
+                              "is missing")
+    try:
+        cfg = OmegaConf.load(cfg_path)
+        report = json.loads(report_path.read_text())
+    except Exception as exc:
+        raise CorruptArtifact(f"{run_dir}: cannot read the run's config or report "
+                              f"({_first_line(exc)})") from exc
+    if not isinstance(cfg, DictConfig) or "student" not in cfg or "dataset" not in cfg:
+        raise ConfigError(f"{cfg_path} has no student/dataset config: not a kd train run")
+    if not isinstance(report, dict) or not isinstance(report.get("student"), dict):
+        raise ConfigError(f"{report_path} has no student block: not a kd train run")
+    return cfg, report
+
+
+def _resolved(cfg: DictConfig, key: str) -> DictConfig:
+    """A config node resolved against the whole run config, then detached."""
+    try:
+        return OmegaConf.create(OmegaConf.to_container(cfg[key], resolve=True))
+    except Exception as exc:
+        raise ConfigError(f"cannot resolve `{key}` of the run config: {exc}") from exc
+
+
+def build_student(cfg: DictConfig, num_classes: int, weights: Path) -> nn.Module:
+    """The run's student architecture with `weights` loaded, fp32, eval mode, on the CPU."""
+    node = _resolved(cfg, "student")
+    node = OmegaConf.create({k: v for k, v in node.items() if k not in _MODEL_SETTINGS})
+    model = build(node, "student: cannot build model", num_classes=num_classes)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"student._target_ returned {type(model).__name__}, not an nn.Module")
+    return load_weights(model, weights).float().eval()
+
+
+def loader(split: Split, ds: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0
+           ) -> BatchLoader:
+    """Batches normalised as in training (the dataset's mean/std), no augmentation, CPU."""
+    return BatchLoader(split, batch_size, device=torch.device("cpu"), mean=ds.mean, std=ds.std,
+                       shuffle=shuffle, seed=seed)
+
+
+# --------------------------------------------------------------------------- exporters
+
+
+def _require(module: str) -> Any:
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"kd export needs `{module}` for this format: "
+                          "pip install 'kdcli[export]'") from exc
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor) -> tuple[bytes, str]:
+    """Serialised ONNX model with a dynamic batch axis, and the exporter that made it.
+
+    The torch.export-based exporter comes first; a model it cannot capture falls back to the
+    TorchScript-based one (deprecated in torch, still the most permissive).
+    """
+    _require("onnx")
+    chatter = io.StringIO()  # a failed capture prints whole graphs; keep them for the debug log
+    try:
+        with _quiet(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            program = torch.onnx.export(
+                model, (example,), None, input_names=["images"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
+                dynamo=True, verbose=False)
+        return program.model_proto.SerializeToString(), "dynamo"
+    except Exception as exc:  # noqa: BLE001 - any capture failure: try the other exporter
+        log.debug("torch.export output:\n%s", chatter.getvalue())
+        log.warning("torch.export-based ONNX export failed (%s); using the TorchScript-based "
+                    "exporter", _first_line(exc))
+    buf = io.BytesIO()
+    with _quiet():
+        torch.onnx.export(model, (example,), buf, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                          opset_version=OPSET, dynamo=False)
+    return buf.getvalue(), "torchscript-based"
+
+
+def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Traces the model (works for any forward without data-dependent control flow)."""
+    with _quiet(), torch.no_grad():
+        traced = torch.jit.trace(model, example)
+        atomic_write(path, lambda fh: torch.jit.save(traced, fh))
+
+
+def _first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silences the exporters' deprecation and tracer warnings and their per-pass INFO logs;
+    what matters about the result is checked by parity."""
+    names = ("onnx_ir", "onnxscript", "onnxruntime", "torch")
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(max(lg.getEffectiveLevel(), logging.ERROR))
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def quantize_int8(float_path: Path, out_path: Path, calibration: list[np.ndarray]) -> str:
+    """Writes the int8 model; returns the method used. Static QDQ per-channel first,
+    dynamic (weights only) when static quantization fails for the architecture."""
+    _require("onnxruntime")
+    from onnxruntime import quantization as q
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rewind()
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self._batches, None)
+
+        def rewind(self) -> None:
+            self._batches = iter({"images": b} for b in calibration)
+
+    with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".int8-") as tmp:
+        prepared, result = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        try:  # shape inference + BN folding help the quantizer; optional
+            with _quiet():
+                q.quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
+        except Exception as exc:  # noqa: BLE001
+            log.info("int8: skipping pre-processing (%s)", type(exc).__name__)
+            prepared = float_path
+        try:
+            with _quiet():
+                q.quantize_static(str(prepared), str(result), Reader(),
+                                  quant_format=q.QuantFormat.QDQ, per_channel=True,
+                                  activation_type=q.QuantType.QInt8,
+                                  weight_type=q.QuantType.QInt8,
+                                  calibrate_method=q.CalibrationMethod.MinMax)
+            method = "static, QDQ, per-channel int8, MinMax calibration"
+        except Exception as exc:  # noqa: BLE001
+            log.warning("int8: static quantization failed (%s); falling back to dynamic "
+                        "quantization (int8 weights, activations quantized at run time)",
+                        _first_line(exc))
+            with _quiet():
+                q.quantize_dynamic(str(prepared), str(result), per_channel=True,
+                                   weight_type=q.QuantType.QInt8)
+            method = "dynamic (static quantization failed), per-channel int8 weights"
+        data = result.read_bytes()
+    atomic_write(out_path, lambda fh: fh.write(data))
+    return method
+
+
+# --------------------------------------------------------------------------- running formats
+
+
+def ort_session(path: Path, threads: int) -> Any:
+    ort = _require("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads  # the same CPU budget PyTorch gets
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise CorruptArtifact(f"onnxruntime cannot load {path}: {_first_line(exc)}") from exc
+
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def torch_predict(module: Callable[[torch.Tensor], torch.Tensor]) -> Predict:
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return module(torch.from_numpy(x)).float().numpy()
+
+    return run
+
+
+def ort_predict(session: Any) -> Predict:
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0]
+
+
+def predict_all(fn: Predict, batches: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([fn(b) for b in batches]).astype(np.float32)
+
+
+def median_latency_ms(fns: dict[str, Predict], shape: tuple[int, ...], warmup: int, runs: int,
+                      rounds: int = 5) -> dict[str, float]:
+    """Median batch-1 latency of each predictor in milliseconds.
+
+    The formats take turns, `runs / rounds` calls at a time, so a burst of load from another
+    process slows all of them rather than whichever happened to be timed then.
+    """
+    x = np.zeros((1, *shape), dtype=np.float32)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(x)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    per_round = -(-runs // rounds)
+    while any(len(t) < runs for t in times.values()):
+        for name, fn in fns.items():
+            for _ in range(min(per_round, runs - len(times[name]))):
+                start = time.perf_counter()
+                fn(x)
+                times[name].append((time.perf_counter() - start) * 1000.0)
+    return {name: float(statistics.median(t)) for name, t in times.items()}
+
+
+def check_parity(name: str, reference: np.ndarray, candidate: np.ndarray, *, atol: float,
+                 rtol: float, min_agreement: float = MIN_AGREEMENT) -> dict[str, float]:
+    """Compares a format's logits with the reference (PyTorch fp32) logits.
+
+    Passes when ``|candidate - reference| <= atol + rtol * |reference|`` everywhere and top-1
+    predictions agree on at least ``min_agreement`` percent of rows. A flip needs the two top
+    logits within twice the largest difference, so at the default tolerance only near-exact ties
+    can flip; the agreement check is what still holds a loosened ``--tolerance`` to the
+    predictions.
+
+    Returns:
+        ``{"max_abs_diff", "agreement"}``, agreement in percent.
+
+    Raises:
+        ParityError: naming the format, the largest difference and the tolerance.
+    """
+    if reference.shape != candidate.shape:
+        raise ParityError(f"{name}: output shape {candidate.shape} differs from PyTorch's "
+                          f"{reference.shape}")
+    ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    if not np.isfinite(cand).all():
+        raise ParityError(f"{name}: non-finite logits where PyTorch's are finite")
+    diff = np.abs(cand - ref)
+    max_diff = float(diff.max()) if diff.size else 0.0
+    same = ref.argmax(1) == cand.argmax(1)
+    agreement = float(same.mean() * 100.0) if same.size else 100.0
+    if not (diff <= atol + rtol * np.abs(ref)).all():
+        raise ParityError(f"{name}: max |logit difference| {max_diff:.3g} exceeds the tolerance "
+                          f"(atol {atol:g} + rtol {rtol:g} * |logit|)")
+    if agreement < min_agreement:
+        raise ParityError(f"{name}: top-1 agrees with PyTorch on {agreement:.2f}% of test images "
+                          f"(< {min_agreement:g}%); max |logit difference| {max_diff:.3g}")
+    return {"max_abs_diff": max_diff, "agreement": agreement}
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _fmt(x: Any, spec: str) -> str:
+    return format(float(x), spec) if isinstance(x, (int, float)) and math.isfinite(x) else "—"
+
+
+def _ratio(num: Any, den: Any) -> str:
+    ok = all(isinstance(v, (int, float)) and math.isfinite(v) for v in (num, den)) and den > 0
+    if not ok:
+        return "—"
+    return f"{num / den:.1f}×" if num / den >= 1 else f"{num / den:.2f}×"
+
+
+def markdown_table(data: dict[str, Any]) -> list[str]:
+    """What each compression step bought: teacher, then the student in each format."""
+    teacher = data.get("teacher") or {}
+    rows = [["step", "top-1 %", "agreement with float student %", "max \\|Δ logit\\|",
+             "file size", "smaller than teacher", "latency ms", "faster than teacher"],
+            ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"]]
+    t_size, t_lat = teacher.get("size_bytes"), teacher.get("latency_ms")
+    name = f"teacher {teacher['name']}" if teacher.get("name") else "teacher"
+    rows.append([f"{name} (PyTorch fp32)", _fmt(teacher.get("top1"), ".2f"), "—", "—",
+                 format_bytes(t_size), _ratio(t_size, t_size), _fmt(t_lat, ".2f"),
+                 _ratio(t_lat, t_lat)])
+    for key, f in data["formats"].items():
+        diff = "—" if key == "pytorch" else _fmt(f.get("max_abs_diff"), ".2g")
+        rows.append([LABELS[key], _fmt(f["top1"], ".2f"), _fmt(f["agreement"], ".2f"), diff,
+                     format_bytes(f["size_bytes"]), _ratio(t_size, f["size_bytes"]),
+                     _fmt(f["latency_ms"], ".2f"), _ratio(t_lat, f["latency_ms"])])
+    return ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown_notes(data: dict[str, Any]) -> list[str]:
+    tol = data["tolerance"]
+    lines = [
+        f"Student `{data['student']}` from `checkpoints/student/{data['checkpoint']}.pt`; "
+        f"top-1 and agreement on the {data['test_size']} test images. Latency: median of "
+        f"{data['latency']['runs']} batch-1 CPU runs after {data['latency']['warmup']} warm-up "
+        f"runs, {data['latency']['threads']} thread(s), the formats timed in turns so load from "
+        "other processes hits them alike; the teacher's figures are from "
+        "`report.json` (PyTorch fp32, measured when the run finished). File size of the "
+        "PyTorch rows is the saved `state_dict`.",
+        "",
+        *_busy_note(data["latency"]),
+        f"Float formats pass when every logit is within {tol['atol']:g} + {tol['rtol']:g}·|logit| "
+        f"of PyTorch's and top-1 agrees on ≥ {tol['min_agreement']:g}% of images.",
+    ]
+    if "onnx" in data["formats"]:
+        lines[-1] += f" ONNX opset {data['formats']['onnx']['opset']}, " \
+                     f"{data['formats']['onnx']['exporter']} exporter."
+    if "int8" in data["formats"]:
+        q = data["formats"]["int8"]
+        lines += ["", f"int8: {q['method']}; calibrated on {q['calibration_images']} "
+                      f"{q['calibration_split']} images. Its accuracy is measured, not checked."]
+    return lines
+
+
+def _busy_note(latency: dict[str, Any]) -> list[str]:
+    load, cpus = latency.get("load_average"), latency.get("cpus")
+    if load is None or not cpus or load <= cpus:
+        return []
+    return [f"Timed on a busy machine (load average {load:.1f} on {cpus} CPUs): latencies are "
+            "noisy, multi-threaded PyTorch's most.", ""]
+
+
+def replace_section(markdown: str, section: list[str]) -> str:
+    """`markdown` with its `## Export` section (up to the next `## ` heading) replaced by
+    `section`, or with `section` appended when it has none."""
+    lines = markdown.rstrip("\n").split("\n")
+    if SECTION in lines:
+        start = lines.index(SECTION)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        tail = lines[end:]
+        lines = lines[:start] + section + ([""] + tail if tail else [])
+    else:
+        lines += ["", *section]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def write_outputs(data: dict[str, Any], run_dir: Path, out: Path) -> list[str]:
+    """export.json, export.md, the report's `export` block and `## Export` section."""
+    table, notes = markdown_table(data), markdown_notes(data)
+    atomic_write_text(out / "export.json",
+                      json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n")
+    title = f"# kd export: {data['student']} from {run_dir}"
+    atomic_write_text(out / "export.md", "\n".join([title, "", *table, "", *notes]) + "\n")
+
+    report_path = run_dir / "report.json"
+    report = json.loads(report_path.read_text())
+    report["export"] = data
+    atomic_write_text(report_path, json.dumps(to_jsonable(report), indent=2, ensure_ascii=False,
+                                              allow_nan=False) + "\n")
+    md_path = run_dir / "report.md"
+    where = out.relative_to(run_dir) if out.is_relative_to(run_dir) else out
+    section = [SECTION, "", f"Files in `{where}/`.", "", *table, "", *notes]
+    old = md_path.read_text() if md_path.exists() else ""
+    atomic_write_text(md_path, replace_section(old, section))
+    return table
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    run_dir = args.run_dir.resolve()
+    cfg, report = load_run(run_dir)
+    out = (args.out or run_dir / "export").resolve()
+    formats = list(dict.fromkeys(args.formats))
+    if args.int8 and "onnx" not in formats:
+        log.info("--int8 quantizes the ONNX model: exporting ONNX too")
+        formats.insert(0, "onnx")
+    if "onnx" in formats:  # fail before any work when the extra is not installed
+        _require("onnx")
+        _require("onnxruntime")
+
+    num_classes = (report.get("dataset") or {}).get("num_classes")
+    if not isinstance(num_classes, int):
+        raise ConfigError(f"{run_dir / 'report.json'} has no dataset.num_classes")
+    weights = run_dir / "checkpoints" / "student" / f"{args.checkpoint}.pt"
+    if not weights.exists():
+        raise CorruptArtifact(f"{weights} is missing")
+    model = build_student(cfg, num_classes, weights)
+
+    seed = int(cfg.get("seed") or 0)
+    ds = load_dataset(_resolved(cfg, "dataset"), seed)
+    if ds.num_classes != num_classes:
+        raise ConfigError(f"the run's dataset now has {ds.num_classes} classes, the report "
+                          f"says {num_classes}")
+    shape = ds.image_shape
+    eval_bs = int(OmegaConf.select(cfg, "trainer.eval_batch_size", default=256) or 256)
+    test = list(loader(ds.test, ds, eval_bs))
+    if not test:
+        raise DataError(f"dataset {ds.name} has no test images to check the export on")
+    batches = [b.images.numpy() for b in test]
+    labels = torch.cat([b.labels for b in test])
+    threads = torch.get_num_threads()
+    log.info("exporting %s (%s.pt, %d test images, %d thread(s)) to %s",
+             report["student"].get("name", "student"), args.checkpoint, len(labels), threads, out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    ref = predict_all(torch_predict(model), batches)
+    ref_t = torch.from_numpy(ref)
+
+    def scores(logits: np.ndarray) -> dict[str, float]:
+        m = classification_metrics(torch.from_numpy(logits), labels, ref_t)
+        return {"top1": m["top1"], "agreement": m["agreement"]}
+
+    predictors: dict[str, Predict] = {"pytorch": torch_predict(model)}
+    results: dict[str, dict[str, Any]] = {
+        "pytorch": {"file": None, "size_bytes": model_size_bytes(model), **scores(ref)}}
+    # Two images: a batch of one would let the exporter fix the batch axis at 1.
+    example = torch.from_numpy(np.concatenate([batches[0][:1], batches[0][-1:]]))
+    failures: list[ParityError] = []
+
+    def check(name: str, logits: np.ndarray) -> dict[str, float]:
+        try:
+            return check_parity(name, ref, logits, atol=args.tolerance, rtol=args.rtol)
+        except ParityError as exc:  # reported after every format has been tried
+            failures.append(exc)
+            diff = np.abs(logits.astype(np.float64) - ref) if logits.shape == ref.shape else None
+            return {"max_abs_diff": float(diff.max()) if diff is not None else math.nan}
+
+    if "onnx" in formats:
+        path = out / FILES["onnx"]
+        proto, exporter = export_onnx(model, example)
+        atomic_write(path, lambda fh: fh.write(proto))
+        predictors["onnx"] = ort_predict(ort_session(path, threads))
+        logits = predict_all(predictors["onnx"], batches)
+        results["onnx"] = {"file": path.name, "size_bytes": path.stat().st_size,
+                           **scores(logits), **check("onnx", logits), "exporter": exporter,
+                           "opset": OPSET}
+    if "torchscript" in formats:
+        path = out / FILES["torchscript"]
+        export_torchscript(model, example, path)
+        with _quiet():
+            module = torch.jit.load(str(path), map_location="cpu").eval()
+        predictors["torchscript"] = torch_predict(module)
+        logits = predict_all(predictors["torchscript"], batches)
+        results["torchscript"] = {"file": path.name, "size_bytes": path.stat().st_size,
+                                  **scores(logits), **check("torchscript", logits),
+                                  "method": "torch.jit.trace"}
+    if failures:
+        raise ParityError("; ".join(str(e) for e in failures) +
+                          f" (exported files left in {out} for inspection)")
+    if args.int8:
+        path = out / FILES["int8"]
+        train = loader(ds.train, ds, CALIBRATION_BATCH, shuffle=True, seed=seed)
+        calib = [b.images.numpy() for b, _ in zip(train, range(args.batches), strict=False)]
+        n_calib = sum(len(b) for b in calib)
+        log.info("int8: calibrating on %d training images", n_calib)
+        method = quantize_int8(out / FILES["onnx"], path, calib)
+        predictors["int8"] = ort_predict(ort_session(path, threads))
+        logits = predict_all(predictors["int8"], batches)
+        diff = np.abs(logits.astype(np.float64) - ref)
+        results["int8"] = {"file": path.name, "size_bytes": path.stat().st_size,
+                           **scores(logits), "max_abs_diff": float(diff.max()),
+                           "method": method, "calibration_images": n_calib,
+                           "calibration_split": "train"}
+
+    log.info("timing %s at batch 1 (%d runs each)", ", ".join(predictors), args.latency_runs)
+    load, cpus = _machine_load()
+    if load is not None and load > cpus:
+        log.warning("the machine is busy (load average %.1f on %d CPUs): latencies will be "
+                    "noisy, PyTorch's multi-threaded ones most", load, cpus)
+    latency = median_latency_ms(predictors, shape, args.warmup, args.latency_runs)
+    for name, ms in latency.items():
+        results[name]["latency_ms"] = ms
+
+    teacher = report.get("teacher") or {}
+    data = {
+        "student": report["student"].get("name", "student"),
+        "checkpoint": args.checkpoint,
+        "weights": str(weights),
+        "out_dir": str(out),
+        "test_size": len(labels),
+        "report_top1": report["student"].get("top1"),
+        "tolerance": {"atol": args.tolerance, "rtol": args.rtol, "min_agreement": MIN_AGREEMENT},
+        "latency": {"batch_size": 1, "device": "cpu", "threads": threads, "warmup": args.warmup,
+                    "runs": args.latency_runs, "load_average": load, "cpus": cpus},
+        "teacher": {k: teacher.get(k) for k in ("name", "top1", "params", "size_bytes",
+                                                "latency_ms")},
+        "formats": results,
+        "versions": _versions(),
+    }
+    table = write_outputs(data, run_dir, out)
+    log.info("what each compression step bought (%s):\n%s", out / "export.md", "\n".join(table))
+    return 0
+
+
+def _machine_load() -> tuple[float | None, int]:
+    """The 1-minute load average (None where the OS has none) and the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        return os.getloadavg()[0], int(cpus or 1)
+    except (AttributeError, OSError):
+        return None, int(cpus or 1)
+
+
+def _versions() -> dict[str, str]:
+    versions = {"kd": kdcli.__version__, "torch": torch.__version__}
+    for name in ("onnx", "onnxruntime"):
+        with contextlib.suppress(ImportError):
+            versions[name] = importlib.import_module(name).__version__
+    return versions

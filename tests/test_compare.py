@@ -1,0 +1,157 @@
+"""`kd report` and the multirun summary callback; TensorBoard event files of a run.
+
+One real sweep (module fixture) in a subprocess; the other `kd report` checks call the verb
+in-process through the CLI's own `run_plain`, which is what `kd report` runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from kdcli import compare
+from kdcli.cli import run_plain
+from kdcli.compare import MISSING, SummaryCallback, collect, to_markdown
+from tests.conftest import SMOKE, kd, read_report
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 2-job smoke sweep over the temperature, baseline on, TensorBoard on; returns the
+    sweep folder (its summary is written by the callback, not by the test)."""
+    root = tmp_path_factory.mktemp("compare")
+    kd("train", "-m", *SMOKE, "loss.temperature=2,4", "logging.tensorboard=true",
+       f"store={root / 'store'}", f"hydra.sweep.dir={root / 'multi'}", cwd=root)
+    return root / "multi"
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _one_line_error(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    return lines[0]
+
+
+def test_multirun_writes_summary_automatically(sweep: Path) -> None:
+    rows = _rows(sweep / "summary.csv")
+    assert [r["loss.temperature"] for r in rows] == ["2", "4"]
+    assert [r["run"] for r in rows] == ["0", "1"]
+    # Only what varies is a column: not experiment, device, store or logging.tensorboard.
+    header = list(rows[0])
+    assert header[0] == "loss.temperature"
+    assert not {"experiment", "device", "store", "logging.tensorboard"} & set(header)
+    for row, job in zip(rows, ("0", "1"), strict=True):
+        report = read_report(sweep / job)
+        assert float(row["student/top1"]) == pytest.approx(report["student"]["top1"])
+        assert float(row["baseline/top1"]) == pytest.approx(report["baseline"]["top1"])
+        assert float(row["gain/top1"]) == pytest.approx(
+            report["student"]["top1"] - report["baseline"]["top1"])
+        assert float(row["teacher/top1"]) == pytest.approx(report["teacher"]["top1"])
+        assert int(row["student/params"]) == report["student"]["params"]
+        assert float(row["wall_time_s"]) == pytest.approx(report["wall_time_s"])
+    md = (sweep / "summary.md").read_text()
+    best = max(float(r["student/top1"]) for r in rows)
+    assert f"**{best:.2f}**" in md
+    assert md.count("| `") == 2  # one table row per run
+
+
+def test_report_gives_same_rows_for_multirun_and_job_dirs(sweep: Path, tmp_path: Path) -> None:
+    whole = kd("report", str(sweep), "--out", str(tmp_path / "whole"), cwd=tmp_path)
+    assert "loss.temperature" in whole.stdout and "student top-1" in whole.stdout
+    assert compare.main([str(sweep / "0"), str(sweep / "1"), "--out", str(tmp_path / "jobs")]) == 0
+    auto = (sweep / "summary.csv").read_text()
+    assert (tmp_path / "whole" / "summary.csv").read_text() == auto
+    assert (tmp_path / "jobs" / "summary.csv").read_text() == auto
+    assert (tmp_path / "jobs" / "summary.md").read_text() == (sweep / "summary.md").read_text()
+
+
+def test_report_on_parent_folder_skips_store(sweep: Path) -> None:
+    # The sweep's parent also holds the store; the report still finds exactly the 2 jobs,
+    # named relative to their common parent.
+    summary = compare.collect([sweep.parent], sort="top1")
+    assert sorted(r.run for r in summary.rows) == ["0", "1"]
+
+
+def test_report_nonexistent_path_fails_in_one_line(tmp_path: Path, capsys) -> None:
+    assert run_plain("report", compare.main, ["/nonexistent/kd-runs"]) == 1
+    assert "/nonexistent/kd-runs" in _one_line_error(capsys.readouterr().err)
+
+
+def test_report_folder_without_runs_fails(tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty"
+    # A report.json inside a store or hidden folder is not a run.
+    for skipped in ("store", ".hidden"):
+        (empty / skipped / "x").mkdir(parents=True)
+        (empty / skipped / "x" / "report.json").write_text("{}")
+    assert run_plain("report", compare.main, [str(empty)]) == 1
+    line = _one_line_error(capsys.readouterr().err)
+    assert "no runs" in line and str(empty) in line
+    assert not (empty / "summary.csv").exists()
+
+
+def test_tensorboard_events_per_trained_stage(sweep: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = sweep / "0"
+    dirs = {p.name: p for p in (run / "tensorboard").iterdir()}
+    teacher = [name for name in dirs if name.startswith("teacher")]
+    assert len(teacher) == 1 and {"student", "baseline"} <= set(dirs)
+    for name, stage in ((teacher[0], "teacher"), ("student", "student"),
+                        ("baseline", "baseline")):
+        acc = EventAccumulator(str(dirs[name]))
+        acc.Reload()
+        assert {"val/top1", "train/loss", "lr"} <= set(acc.Tags()["scalars"])
+        events = acc.Scalars("val/top1")
+        history = _rows(run / "metrics" / f"{stage}.csv")
+        assert [e.step for e in events] == [int(r["epoch"]) for r in history] == [1, 2]
+        assert [e.value for e in events] == pytest.approx(
+            [float(r["val/top1"]) for r in history], abs=1e-4)
+    # The second job reused teacher and baseline: only the stage it trained is logged.
+    assert [p.name for p in (sweep / "1" / "tensorboard").iterdir()] == ["student"]
+
+
+# --------------------------------------------------------------------------- no subprocess
+
+
+def _fake_run(path: Path, overrides: list[str], top1: float | None, baseline: float = 50.0
+              ) -> None:
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    student = {"top1": top1, "agreement": 80.0, "params": 1000, "latency_ms": 0.5}
+    (path / "report.json").write_text(json.dumps({
+        "student": student, "baseline": {"top1": baseline}, "teacher": {"top1": 70.0},
+        "wall_time_s": 12.0}))
+
+
+def test_collect_columns_missing_overrides_and_sort(tmp_path: Path) -> None:
+    _fake_run(tmp_path / "a", ["experiment=smoke", "loss=dkd", "store=/s", "hydra.run.dir=x"],
+              60.0)
+    _fake_run(tmp_path / "b", ["experiment=smoke", "loss=dist", "loss.beta=2", "store=/t"],
+              65.0)
+    _fake_run(tmp_path / "c", ["experiment=smoke", "loss=dist", "hydra.run.dir=y"], None)
+    summary = collect([tmp_path], sort="top1")
+    assert summary.keys == ["loss", "loss.beta"]
+    assert [r.run for r in summary.rows] == ["b", "a", "c"]  # best first, no value last
+    assert [r.overrides["loss.beta"] for r in summary.rows] == ["2", MISSING, MISSING]
+    assert summary.rows[0].metrics["gain/top1"] == pytest.approx(15.0)
+    assert summary.rows[2].metrics["gain/top1"] is None
+    md = to_markdown(summary)
+    assert "**65.00**" in md and "**60.00**" not in md
+
+
+def test_callback_never_fails_the_sweep(tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                        ) -> None:
+    callback = SummaryCallback()
+    for sweep_dir in (tmp_path / "empty", tmp_path / "missing"):
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
+    assert "Could not write the sweep summary" in caplog.text  # the missing folder
+    assert not (tmp_path / "empty" / "summary.csv").exists()

@@ -1,0 +1,163 @@
+"""`kd export`: a smoke run's student to ONNX, TorchScript and int8 ONNX, checked and reported."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdcli import export
+from kdcli.errors import ConfigError, CorruptArtifact
+from tests.conftest import SMOKE, kd, read_report
+
+# Few timed runs: the figures are not under test, only that they are there.
+FAST = ["--latency-runs", "5", "--warmup", "2"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One smoke run, exported once with --int8; tests that change it work on a copy."""
+    tmp = tmp_path_factory.mktemp("export")
+    run_dir = tmp / "run"
+    kd("train", *SMOKE, f"store={tmp / 'store'}", f"hydra.run.dir={run_dir}", cwd=tmp)
+    kd("export", str(run_dir), "--int8", *FAST, cwd=tmp)
+    return run_dir
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def read_export(run_dir: Path) -> dict:
+    return json.loads((run_dir / "export" / "export.json").read_text())
+
+
+def test_files_written(run: Path) -> None:
+    for name in ("student.onnx", "student.ts", "student.int8.onnx", "export.json", "export.md"):
+        assert (run / "export" / name).stat().st_size > 0, name
+    assert not list((run / "export").glob(".*")), "temp files left behind"
+
+
+def test_float_formats_match_pytorch_and_the_report(run: Path) -> None:
+    data, report = read_export(run), read_report(run)
+    atol = data["tolerance"]["atol"]
+    assert data["checkpoint"] == "last"  # what the report's student block evaluates
+    for fmt in ("pytorch", "onnx", "torchscript"):
+        f = data["formats"][fmt]
+        # The report's top-1 came from the training device; same weights, within 0.5 points.
+        assert abs(f["top1"] - report["student"]["top1"]) <= 0.5, fmt
+        assert f["agreement"] >= 99.9, fmt
+        assert f["latency_ms"] > 0 and f["size_bytes"] > 0, fmt
+    for fmt in ("onnx", "torchscript"):
+        assert 0 <= data["formats"][fmt]["max_abs_diff"] <= atol, fmt
+    assert data["test_size"] == report["dataset"]["test_size"]
+
+
+def test_int8_is_measured(run: Path) -> None:
+    q = read_export(run)["formats"]["int8"]
+    assert math.isfinite(q["top1"]) and 0 <= q["top1"] <= 100
+    assert 0 <= q["agreement"] <= 100
+    assert q["calibration_split"] == "train" and q["calibration_images"] == 512
+    assert q["size_bytes"] < read_export(run)["formats"]["onnx"]["size_bytes"]
+    assert q["method"].startswith(("static", "dynamic"))
+
+
+def test_report_gets_export_block_and_section(run: Path) -> None:
+    report = read_report(run)
+    assert set(report["export"]["formats"]) == {"pytorch", "onnx", "torchscript", "int8"}
+    assert {"student", "teacher", "config", "stages"} <= set(report)  # the rest is kept
+    md = (run / "report.md").read_text()
+    assert md.count("## Export") == 1
+    assert "student int8 ONNX" in md and "## Results" in md
+    table = (run / "export" / "export.md").read_text()
+    for row in ("teacher", "student fp32 PyTorch", "student ONNX", "student TorchScript",
+                "student int8 ONNX"):
+        assert f"| {row}" in table
+
+
+def test_rerun_replaces_the_section(run: Path, tmp_path: Path) -> None:
+    copy = copy_run(run, tmp_path / "run")
+    kd("export", str(copy), "--formats", "torchscript", *FAST, cwd=tmp_path)
+    md = (copy / "report.md").read_text()
+    assert md.count("## Export") == 1
+    assert "student TorchScript" in md and "student int8 ONNX" not in md
+    assert set(read_report(copy)["export"]["formats"]) == {"pytorch", "torchscript"}
+
+
+def test_not_a_run_is_one_line(tmp_path: Path) -> None:
+    for target in (tmp_path / "missing", tmp_path):
+        proc = kd("export", str(target), cwd=tmp_path, check=False)
+        assert proc.returncode == 1
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and str(target) in lines[0]
+
+
+def test_missing_or_mismatched_checkpoint(run: Path, tmp_path: Path) -> None:
+    copy = copy_run(run, tmp_path / "run")
+    (copy / "checkpoints" / "student" / "best.pt").unlink()
+    with pytest.raises(CorruptArtifact, match="best.pt"):
+        export.main([str(copy), "--checkpoint", "best"])
+    # The teacher is wider than the student: its weights cannot load into the student.
+    shutil.copy(copy / "checkpoints" / "teacher" / "last.pt",
+                copy / "checkpoints" / "student" / "last.pt")
+    with pytest.raises(ConfigError, match="does not fit"):
+        export.main([str(copy)])
+
+
+# --------------------------------------------------------------------------- parity check
+
+
+def test_parity_passes_within_tolerance() -> None:
+    ref = np.array([[1.0, 2.0, 3.0], [3.0, 1.0, 0.0]], dtype=np.float32)
+    out = export.check_parity("onnx", ref, ref + 1e-4, atol=1e-3, rtol=0)
+    assert out["max_abs_diff"] == pytest.approx(1e-4, rel=1e-3)
+    assert out["agreement"] == 100.0
+
+
+def test_parity_failure_names_format_and_difference() -> None:
+    ref = np.zeros((4, 3), dtype=np.float32)
+    ref[:, 0] = 5.0
+    bad = ref.copy()
+    bad[2, 1] = 0.25
+    with pytest.raises(export.ParityError, match=r"torchscript: max \|logit difference\| 0\.25"):
+        export.check_parity("torchscript", ref, bad, atol=1e-3, rtol=1e-3)
+    with pytest.raises(export.ParityError, match="onnx: output shape"):
+        export.check_parity("onnx", ref, ref[:, :2], atol=1e-3, rtol=1e-3)
+
+
+def test_parity_holds_a_loose_tolerance_to_the_predictions() -> None:
+    ref = np.array([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0]], dtype=np.float32)
+    flipped = ref.copy()
+    flipped[0] = [0.0, 2.0]
+    # Every logit is within the (loose) tolerance, but one prediction in three flipped.
+    with pytest.raises(export.ParityError, match=r"onnx: top-1 agrees with PyTorch on 66\.67%"):
+        export.check_parity("onnx", ref, flipped, atol=10, rtol=0)
+
+
+def test_replace_section_keeps_what_follows() -> None:
+    md = "# r\n\n## Results\n\nx\n\n## Export\n\nold\n\n## Later\n\ny\n"
+    new = export.replace_section(md, ["## Export", "", "new"])
+    assert new.count("## Export") == 1 and "old" not in new and "new" in new
+    assert new.index("## Export") < new.index("## Later") and new.endswith("y\n")
+    assert export.replace_section("# r\n", ["## Export", "", "a"]) == "# r\n\n## Export\n\na\n"
+
+
+def test_onnx_falls_back_to_the_torchscript_based_exporter() -> None:
+    class Branchy(torch.nn.Module):
+        """Data-dependent control flow: torch.export cannot capture it, tracing can."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    data, exporter = export.export_onnx(Branchy().eval(), torch.ones(2, 4))
+    assert exporter == "torchscript-based" and len(data) > 0
