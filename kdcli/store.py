@@ -95,6 +95,10 @@ class Entry:
     def verify(self) -> dict[str, Any]:
         """Checks every file against the sha256 recorded at completion; returns the meta."""
         meta = self.meta()
+        if meta.get("key") != self.key:
+            # A folder copied or renamed by hand: intact files, but another config's outputs.
+            raise CorruptArtifact(f"store entry {self.path} holds the outputs of key "
+                                  f"{meta.get('key')}, not {self.key}")
         for name, digest in meta.get("files", {}).items():
             f = self.path / name
             if not f.exists():

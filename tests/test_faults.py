@@ -1,12 +1,31 @@
-"""Faults injected on purpose: NaN losses, damaged checkpoints and store entries."""
+"""Faults injected on purpose: NaN losses, damaged checkpoints and store entries, kill -9 in
+each stage, two runs at once, a stale lock, a full disk."""
 
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
 from pathlib import Path
 
+import pytest
 import torch
 
+from kdcli import checkpoint, report, softlabels
+from kdcli.errors import CorruptArtifact
+from kdcli.stages import cache as cache_stage
+from kdcli.stages.common import reuse_if_valid
+from kdcli.store import Store
 from tests.conftest import SMOKE, kd, read_report
 
 NO_BASELINE = [*SMOKE, "baseline=false"]
@@ -73,3 +92,255 @@ def test_truncated_checkpoint_of_an_interrupted_stage_is_set_aside(tmp_path: Pat
     assert (last.parent / "last.pt.corrupt").exists()
     assert read_report(tmp_path / "run")["stages"]["teacher"] == "trained"
     assert "starting this stage over" in (tmp_path / "run" / "train.log").read_text()
+
+
+# --- helpers for runs that are killed, run side by side, or run out of disk -------------------
+
+
+def _start(*args: str, cwd: Path, preexec_fn=None) -> subprocess.Popen:
+    """`kd ARGS` in the background (the same environment as conftest.kd)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0", "PYTHONUNBUFFERED": "1"}
+    env.pop("KD_STORE", None)
+    return subprocess.Popen([sys.executable, "-m", "kdcli.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec_fn)
+
+
+def _digests(*roots: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _log_time(log: str, pattern: str) -> datetime:
+    """Time stamp of the first log line matching `pattern` (Hydra's `[%Y-%m-%d %H:%M:%S,ms]`)."""
+    match = re.search(r"^\[([\d-]+ [\d:]+,\d+)\]\[[^]]*\]\[\w+\] - " + pattern, log, re.M)
+    assert match, f"no log line matches {pattern!r}"
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
+
+
+def _assert_complete_entries_verify(store: Path) -> None:
+    """Every entry with a meta.json has exactly the files its checksums promise."""
+    for meta_path in store.glob("*/*/meta.json"):
+        meta = json.loads(meta_path.read_text())
+        for name, digest in meta["files"].items():
+            assert checkpoint.sha256_file(meta_path.parent / name) == digest, meta_path.parent
+
+
+# --- two runs at once, a stale lock -----------------------------------------------------------
+
+
+def test_two_runs_at_once_train_each_stage_once(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    runs = [tmp_path / "run-a", tmp_path / "run-b"]
+    procs = [_start("train", *SMOKE, f"store={store}", f"hydra.run.dir={run}", cwd=tmp_path)
+             for run in runs]
+    try:
+        errors = [proc.communicate(timeout=1200)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+    reports = [read_report(run) for run in runs]
+    for stage in ("teacher", "cache", "student", "baseline"):
+        # One process built the entry; the other waited for its lock, then reused it.
+        assert sorted(r["stages"][stage] for r in reports) == ["reused", "trained"], stage
+        (entry,) = [p for p in (store / stage).iterdir() if p.is_dir()]
+        assert (entry / "meta.json").exists()
+        assert {r["store"][stage if stage != "teacher" else "teacher-tiny_cnn-wide"]
+                for r in reports} == {str(entry)}
+    assert reports[0]["student"]["top1"] == reports[1]["student"]["top1"]
+    assert not list(store.rglob("*.tmp")) and not list(store.rglob("*.corrupt*"))
+    _assert_complete_entries_verify(store)
+    for run in runs:
+        torch.load(run / "checkpoints" / "student" / "best.pt", weights_only=True)
+    # They really overlapped: the run that reused the teacher had its data loaded (and was at
+    # the teacher's lock) before the other had finished training it.
+    logs = {r["stages"]["teacher"]: (run / "train.log").read_text()
+            for r, run in zip(reports, runs, strict=True)}
+    assert _log_time(logs["reused"], "dataset ") < _log_time(logs["trained"], "teacher .*top-1")
+
+
+def test_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    proc = _start("teacher", *SMOKE, f"store={store}", cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 600
+        while not list((store / "teacher").glob("*.lock")):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the teacher stage never took its lock"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)  # it holds the teacher's lock: it is training
+        proc.communicate()
+    (lock,) = (store / "teacher").glob("*.lock")
+    assert not (store / "teacher" / lock.stem / "meta.json").exists()
+    lock.write_text("pid 999999 on a host that is gone\n")  # whatever a stale lock may hold
+
+    kd("teacher", *SMOKE, f"store={store}", f"hydra.run.dir={tmp_path / 'next'}", cwd=tmp_path)
+    # Entry.lock logs this after waiting 30 s for a lock it cannot take.
+    assert "being built by another process" not in (tmp_path / "next" / "teacher.log").read_text()
+    assert (store / "teacher" / lock.stem / "meta.json").exists()
+
+
+# --- kill -9 in the cache and student stages (the teacher's: test_pipeline) --------------------
+
+# Runs `kd` with one function wrapped so that the process SIGKILLs itself right after a given
+# file is written: mid-stage, at a known point, with no clean-up of any kind.
+KILL_AFTER = """
+import os, signal, sys
+from kdcli import checkpoint, softlabels
+from kdcli.cli import main
+
+def kill_after(module, name, path_arg, matches):
+    original = getattr(module, name)
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if matches(str(args[path_arg])):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    setattr(module, name, wrapper)
+
+where = sys.argv.pop(1)
+if where == "cache":  # the train split's soft labels written, the test split's not
+    kill_after(softlabels, "write", 0, lambda path: path.endswith("train.kdsl"))
+else:  # the student's first epoch checkpointed
+    kill_after(checkpoint, "save", 1,
+               lambda path: "/student/" in path and path.endswith("/last.pt"))
+main()
+"""
+
+
+def _killed_at(where: str, *args: str, cwd: Path) -> None:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    env.pop("KD_STORE", None)
+    proc = subprocess.run([sys.executable, "-c", KILL_AFTER, where, "train", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+
+
+def test_kill_in_cache_and_student_stages_then_bit_flipped_cache(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    args = [*NO_BASELINE, f"store={store}"]
+    _killed_at("cache", *args, f"hydra.run.dir={tmp_path / 'killed-cache'}", cwd=tmp_path)
+    cache_entry = _entry(store, "cache")
+    assert (cache_entry / "train.kdsl").exists() and not (cache_entry / "meta.json").exists()
+
+    # The half-built cache is rebuilt, not served; this run dies after the student's
+    # first epoch.
+    _killed_at("student", *args, f"hydra.run.dir={tmp_path / 'killed-student'}", cwd=tmp_path)
+    assert "cache: wrote" in (tmp_path / "killed-student" / "train.log").read_text()
+    assert (cache_entry / "meta.json").exists()
+    student_entry = _entry(store, "student")
+    assert not (student_entry / "meta.json").exists()
+    assert torch.load(student_entry / "last.pt", weights_only=True)["epoch"] == 0
+
+    kd("train", *args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert read_report(tmp_path / "run")["stages"] == {
+        "teacher": "reused", "cache": "reused", "student": "resumed"}
+    with open(tmp_path / "run" / "metrics" / "student.csv") as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [1, 2]
+
+    # A bit flipped in the stored soft labels: detected on reuse, the cache is rebuilt (same
+    # key, so the student trained from it is still reused).
+    train_kdsl = cache_entry / "train.kdsl"
+    blob = bytearray(train_kdsl.read_bytes())
+    blob[-7] ^= 0x10
+    train_kdsl.write_bytes(bytes(blob))
+    kd("train", *args, f"hydra.run.dir={tmp_path / 'flipped'}", cwd=tmp_path)
+    assert f"{train_kdsl} does not match its checksum; rebuilding" in \
+        (tmp_path / "flipped" / "train.log").read_text()
+    assert read_report(tmp_path / "flipped")["stages"] == {
+        "teacher": "reused", "cache": "trained", "student": "reused"}
+    softlabels.open(train_kdsl)  # intact again
+
+
+# --- soft labels or a whole entry of another config -------------------------------------------
+
+
+def test_cache_of_another_entry_is_not_served(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    mine, other = (store.entry("cache", "t", {"seed": s}) for s in (0, 1))
+    softlabels.write(other.file("train.kdsl"), torch.randn(8, 10), info={"entry": other.key})
+    other.finish(["train.kdsl"], {})
+    # Soft labels copied in from another entry, with checksums that match: the header's
+    # entry key gives them away.
+    mine.path.mkdir(parents=True)
+    shutil.copy(other.file("train.kdsl"), mine.file("train.kdsl"))
+    mine.finish(["train.kdsl"], {})
+    with pytest.raises(CorruptArtifact, match="belongs to another store entry"):
+        cache_stage.open_split({"entry": mine}, "train")
+    # A whole entry folder copied under another key: not reused, set aside and rebuilt.
+    shutil.rmtree(mine.path)
+    shutil.copytree(other.path, mine.path)
+    with pytest.raises(CorruptArtifact, match=f"holds the outputs of key {other.key}"):
+        mine.verify()
+    assert reuse_if_valid(mine) is None and not mine.path.exists()
+    assert reuse_if_valid(other) is not None
+
+
+# --- a full disk ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def previous(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run and its store: what a failing later run must leave byte-identical."""
+    root = tmp_path_factory.mktemp("disk")
+    kd("train", *NO_BASELINE, f"store={root / 'store'}", f"hydra.run.dir={root / 'run'}",
+       cwd=root)
+    return root
+
+
+def _file_size_limit(limit: int):
+    def apply() -> None:  # in the child: writes past `limit` bytes fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+@pytest.mark.parametrize("override, limit, failing", [
+    # Teacher and cache reused; the student's first checkpoint (~100 KB) does not fit.
+    ("loss.temperature=8", 50_000, r"student/tiny_cnn-[0-9a-f]{16}/best\.pt"),
+    # A new cache key: its first soft-label file (~10 KB) does not fit.
+    ("cache.storage=full", 8_000, r"cache/tiny_cnn-wide-[0-9a-f]{16}/train\.kdsl"),
+])
+def test_disk_full_names_the_file_and_damages_nothing(previous: Path, tmp_path: Path,
+                                                       override: str, limit: int,
+                                                       failing: str) -> None:
+    store = previous / "store"
+    before = _digests(store, previous / "run")
+    entries_before = {p for p in store.glob("*/*") if p.is_dir()}
+    proc = _start("train", *NO_BASELINE, override, f"store={store}",
+                  f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                  preexec_fn=_file_size_limit(limit))
+    try:
+        _, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert re.fullmatch(f"error: {re.escape(str(store))}/{failing}: File too large\n", err), err
+    after = _digests(store, previous / "run")
+    assert {k: v for k, v in after.items() if k in before} == before
+    # No temp file left behind, no entry marked complete that is not, nothing half written.
+    assert not [p for p in (store, tmp_path) for p in p.rglob("*.tmp")]
+    _assert_complete_entries_verify(store)
+    (failed,) = {p for p in store.glob("*/*") if p.is_dir()} - entries_before
+    assert re.fullmatch(failing.rsplit("/", 1)[0], str(failed.relative_to(store)))
+    assert not (failed / "meta.json").exists()
+    assert not (tmp_path / "run" / "report.json").exists()
+
+
+@pytest.mark.parametrize("write", [checkpoint.atomic_write_text, report._atomic_write_text])
+def test_failed_write_names_the_file_and_keeps_the_old_one(tmp_path: Path, monkeypatch,
+                                                           write) -> None:
+    target = tmp_path / "report.json"
+    target.write_text("old")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as err:
+        write(target, "new")
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(target))
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["report.json"]

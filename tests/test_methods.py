@@ -50,6 +50,15 @@ def test_second_multi_teacher_run_reuses_both_teachers(root: Path) -> None:
     assert stages["cache"] == "reused" and stages["student"] == "trained"
 
 
+def test_keyed_teacher_override_with_several_teachers_is_refused(root: Path) -> None:
+    # With teacher=[a,b] there is no single `teacher` node: the override must not vanish.
+    proc = kd("train", *SMOKE, TWO, "teacher.width=64", f"store={root / 'refused'}",
+              f"hydra.run.dir={root / 'refused-run'}", cwd=root, check=False)
+    assert proc.returncode == 1
+    assert "teacher.width=64: cannot be combined with teacher=" in proc.stderr
+    assert not (root / "refused" / "teacher").exists()
+
+
 def test_student_init_from_teacher_copies_matching_tensors(root: Path) -> None:
     # Same architecture: every tensor matches, so the student starts as the teacher.
     kd("train", *SMOKE, "student=tiny_cnn-wide", "student.init=from_teacher",

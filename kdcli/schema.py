@@ -1,0 +1,432 @@
+"""Checks a composed config before any work: unknown keys, wrong types and unset values, each
+reported with its full path (`config: trainer.student.epochs: expected int, got 'abc'`).
+
+Two kinds of node (configs map to code 1:1):
+- settings without `_target_` (`cache`, `trainer`, `device`, ...) are declared by the
+  dataclasses below: a key they do not declare is a typo, a value of another type a mistake;
+- a node with `_target_` (models, loss, optimizers, schedulers, the dataset loader) has its
+  target's signature as schema: every key must be a parameter (unless the target takes
+  `**kwargs`), values are checked against simple annotations (int, float, bool, str, Literal,
+  lists and unions of them), and a required parameter must be set unless kd passes it.
+
+Hydra already refuses a typo'd key on the command line (struct mode). This catches what it
+cannot: typos inside YAML files (a user's `--config-dir`), wrong types (`epochs=abc`), values
+left `???`, in the configs `teacher=[a,b]` and `pretrain.dataset` compose later, all before
+anything is trained or written. Allowed values (`device.precision`, `cache.storage`) stay with
+the module that reads them; this module checks shapes and types only.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Union
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kdcli.errors import ConfigError
+
+# --------------------------------------------------------------------------- node kinds
+
+
+class Target:
+    """A node built by `hydra.utils.instantiate`; its `_target_`'s signature is its schema."""
+
+    # Arguments kd passes at build time: never required in the config.
+    passed: ClassVar[tuple[str, ...]] = ()
+    # Keys kd reads itself and removes before building, with their types.
+    settings: ClassVar[dict[str, Any]] = {}
+
+
+class Model(Target):
+    passed = ("num_classes",)
+
+
+class StudentModel(Model):
+    settings: ClassVar[dict[str, Any]] = {"init": str}
+
+
+class Optimizer(Target):
+    passed = ("params",)
+
+
+class Scheduler(Target):
+    passed = ("optimizer", "epochs", "steps_per_epoch")
+
+
+class Loss(Target):
+    pass
+
+
+class DatasetLoader(Target):
+    pass
+
+
+# --------------------------------------------------------------------------- settings nodes
+
+
+@dataclass
+class Budget:
+    epochs: int
+    batch_size: int
+
+
+@dataclass
+class Trainer:
+    teacher: Budget
+    student: Budget
+    eval_batch_size: int
+    nan_retries: int
+    nan_lr_factor: float
+
+
+@dataclass
+class Cache:
+    storage: str
+    topk: int
+    batch_size: int
+    teacher_weights: list[float] | None
+    views: int
+    check: int
+
+
+@dataclass
+class Device:
+    type: str
+    index: int
+    precision: str
+    channels_last: bool | str  # true, false or auto
+    compile: bool
+    threads: int | None
+
+
+@dataclass
+class Pretrain:
+    dataset: str | None
+    epochs: int
+
+
+@dataclass
+class Logging:
+    tensorboard: bool
+
+
+@dataclass
+class Dataset:
+    name: str
+    loader: DatasetLoader
+    num_classes: int | None
+    image_size: int
+    in_features: int
+    augment: str
+    train_size: int | None
+    test_size: int | None
+
+
+# Settings nodes that may hold more keys than they declare: a dataset option may carry values
+# for model configs to interpolate (`in_features: ${dataset.in_features}`).
+OPEN = (Dataset,)
+
+
+@dataclass
+class Run:
+    """The top level of every verb's config (kd.yaml; `kd eval` adds checkpoint/arch/split)."""
+
+    seed: int
+    deterministic: bool
+    baseline: bool
+    store: str
+    teacher: Model
+    student: StudentModel
+    dataset: Dataset
+    loss: Loss
+    optimizer: Optimizer
+    scheduler: Scheduler
+    teacher_optimizer: Optimizer
+    teacher_scheduler: Scheduler
+    trainer: Trainer
+    device: Device
+    cache: Cache
+    pretrain: Pretrain
+    logging: Logging
+    checkpoint: str
+    arch: str
+    split: str
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raises ConfigError listing every problem of `cfg` (one `config: <path>: ...` line each).
+
+    Under Hydra (a real run) the configs the run composes later are checked too: each teacher of
+    `teacher=[a,b]` as if chosen alone, and the `pretrain.dataset` option.
+    """
+    problems = [f"{key}: no value given (it is ???); set {key}=..."
+                for key in sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))]
+    teachers = _teacher_options()
+    problems += _check_settings(cfg, Run, "", skip=("teacher",) if teachers else ())
+    for name in teachers:
+        sub, problem = _recompose([f"teacher={name}"], ("teacher",), f"teacher={name}")
+        problems += [problem] if problem else [
+            f"{p} (teacher={name})" for p in _check_key(sub, "teacher", Model, "teacher")]
+    problems += _check_pretrain(cfg)
+    if problems:
+        raise ConfigError("\n".join(f"config: {p}" for p in problems))
+
+
+def _missing_keys(node: Any, path: str = "") -> Iterator[str]:
+    """Paths of `???` values (OmegaConf.missing_keys stops at a broken interpolation)."""
+    if node == "???":
+        yield path
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            yield from _missing_keys(value, _join(path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _missing_keys(value, f"{path}[{i}]")
+
+
+def _teacher_options() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    from kdcli.stages.common import list_override
+
+    return list_override("teacher") or []
+
+
+def _check_pretrain(cfg: DictConfig) -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    node = cfg.get("pretrain")
+    if not HydraConfig.initialized() or not isinstance(node, DictConfig):
+        return []
+    try:
+        name, epochs = node.get("dataset"), node.get("epochs")
+    except OmegaConfBaseException:
+        return []  # reported by the main pass
+    if not isinstance(name, str) or not isinstance(epochs, int) or epochs <= 0:
+        return []
+    sub, problem = _recompose([f"dataset={name}"], ("dataset",), f"pretrain.dataset={name}")
+    if problem:
+        return [problem]
+    return [f"{p} (pretrain.dataset={name})" for p in _check_key(sub, "dataset", Dataset,
+                                                                 "dataset")]
+
+
+def _recompose(extra: list[str], groups: tuple[str, ...], label: str
+               ) -> tuple[DictConfig | None, str | None]:
+    from kdcli.stages.common import recompose
+
+    try:
+        return recompose(extra, groups), None
+    except Exception as exc:  # Hydra's errors for an unknown option name, a bad override
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return None, f"{label}: {first}"
+
+
+# --------------------------------------------------------------------------- walking the tree
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _check_settings(node: Any, schema: type, path: str, skip: tuple[str, ...] = ()
+                    ) -> list[str]:
+    """A settings node against its dataclass: every key declared, every value typed."""
+    if not isinstance(node, DictConfig):
+        return [f"{path}: expected a group of settings ({', '.join(_field_names(schema))}), "
+                f"got {_show(node)}"]
+    hints = typing.get_type_hints(schema)
+    problems = []
+    for key in node:
+        full = _join(path, key)
+        if key in skip:
+            continue
+        if key not in hints:
+            if schema not in OPEN:
+                problems.append(f"{full}: unknown key (valid: {', '.join(_field_names(schema))})")
+            continue
+        problems += _check_key(node, key, hints[key], full)
+    return problems
+
+
+def _field_names(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def _check_key(node: DictConfig, key: str, hint: Any, path: str) -> list[str]:
+    """One key of `node` against its declared type, a settings dataclass or a Target kind."""
+    if OmegaConf.is_missing(node, key):
+        return []  # reported once, from OmegaConf.missing_keys
+    try:
+        value = node[key]
+    except OmegaConfBaseException as exc:  # an interpolation that does not resolve
+        return [f"{path}: {_omegaconf_message(exc)}"]
+    if isinstance(hint, type) and issubclass(hint, Target):
+        return _check_target(value, hint, path)
+    if dataclasses.is_dataclass(hint):
+        return _check_settings(value, hint, path)
+    if _is_target_node(value):
+        return _check_target(value, Target, path)
+    if _matches(value, hint) is False:
+        return [f"{path}: expected {_describe(hint)}, got {_show(value)}"]
+    return []
+
+
+def _is_target_node(value: Any) -> bool:
+    return isinstance(value, DictConfig) and "_target_" in value
+
+
+def _check_target(node: Any, kind: type[Target], path: str) -> list[str]:
+    """A node with `_target_` against the target's signature."""
+    if not _is_target_node(node):
+        return [f"{path}: needs a _target_ (the function or class that builds it), got "
+                f"{_show(node)}"]
+    try:
+        target_name = node["_target_"]
+    except OmegaConfBaseException as exc:
+        return [f"{path}._target_: {_omegaconf_message(exc)}"]
+    # What instantiate itself uses (hydra.utils.get_object would also log every failure).
+    from hydra._internal.utils import _locate
+
+    try:
+        target = _locate(str(target_name))
+    except Exception as exc:  # ImportError, AttributeError, or whatever the module raised
+        cause = exc.__cause__ or exc
+        why = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        question = str(exc).strip().splitlines()[-1]
+        if isinstance(cause, ModuleNotFoundError) and cause.name != str(target_name):
+            why = f"no module named {cause.name!r}"
+        elif isinstance(cause, (ImportError, AttributeError)) and question.startswith("Are you"):
+            why = question  # "Are you sure that 'x' is importable from module 'm'?"
+        return [f"{path}._target_: cannot import {target_name!r} ({why})"]
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
+        return []
+    named = {n: p for n, p in params.items()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    hints = _type_hints(target)
+    problems = []
+    for key in node:
+        key = str(key)
+        full = _join(path, key)
+        if key.startswith("_") and key.endswith("_"):  # _target_, _partial_, _args_, ...
+            continue
+        if key in kind.settings:
+            problems += _check_key(node, key, kind.settings[key], full)
+        elif key in named:
+            problems += _check_key(node, key, hints.get(key, Any), full)
+        elif not takes_kwargs:
+            valid = ", ".join(n for n in named if n not in kind.passed) or "none"
+            problems.append(f"{full}: unknown key for {target_name} (valid: {valid})")
+    if "_args_" not in node and not node.get("_partial_", False):
+        for name, p in named.items():
+            if p.default is p.empty and name not in node and name not in kind.passed:
+                problems.append(f"{_join(path, name)}: required by {target_name} but not set")
+    return problems
+
+
+def _type_hints(target: Any) -> dict[str, Any]:
+    """The resolved annotations of a function or a class's __init__; {} when they cannot be
+    resolved (names imported only for type checkers): then values go unchecked."""
+    fn = target.__init__ if inspect.isclass(target) else target
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:
+        return {}
+
+
+# --------------------------------------------------------------------------- types
+
+
+_SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)
+
+
+def _never_from_config(hint: Any) -> bool:
+    """Types a YAML value can never be (a tensor): ignored in a union (`float | Tensor`)."""
+    return isinstance(hint, type) and hint.__module__.startswith("torch") and \
+        hint.__name__ == "Tensor"
+
+
+def _matches(value: Any, hint: Any) -> bool | None:
+    """True if `value` fits `hint`, False if it certainly does not, None if we cannot tell."""
+    if hint is Any or hint is object:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if _is_target_node(value):
+        return None  # built first, then passed: its type is the target's return type
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return value in args
+    if origin in (Union, types.UnionType):
+        results = [_matches(value, a) for a in args if not _never_from_config(a)]
+        if True in results:
+            return True
+        return None if None in results or not results else False
+    if hint in _SEQUENCES or origin in _SEQUENCES:
+        if isinstance(value, str):
+            # A str is a Sequence: `layers: Sequence[str]` taking one name works.
+            return None if collections.abc.Sequence in (hint, origin) else False
+        if not isinstance(value, (ListConfig, list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                return False
+            results = [_matches(v, a) for v, a in zip(value, args, strict=True)]
+        else:
+            item = args[0] if args else Any
+            results = [_matches(v, item) for v in value]
+        return False if False in results else (None if None in results else True)
+    return None
+
+
+def _describe(hint: Any) -> str:
+    if hint is None or hint is type(None):
+        return "null"
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if not _never_from_config(a))
+    if origin in _SEQUENCES:
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    return str(hint)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=False)
+    if isinstance(value, dict):
+        return "a group of settings"
+    return repr(value)
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    msg = getattr(exc, "msg", None) or str(exc)
+    return msg.strip().splitlines()[0]

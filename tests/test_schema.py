@@ -1,0 +1,182 @@
+"""Config validation before any work: every shipped option validates; a wrong type, an unknown
+key (on the command line or inside a user's YAML) or an unset value is reported with its path."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+import kdcli.configs
+from kdcli.errors import ConfigError
+from kdcli.schema import validate
+from tests.conftest import SMOKE, kd
+
+CONFIGS = Path(kdcli.configs.__file__).parent
+PRIMARY = sorted(p.stem for p in CONFIGS.glob("kd_*.yaml"))
+# Groups also selected under another package (the teacher's optimizer and schedule).
+PACKAGES = {"optimizer": ["optimizer", "optimizer@teacher_optimizer"],
+            "scheduler": ["scheduler", "scheduler@teacher_scheduler"]}
+OPTIONS = [f"{package}={path.stem}"
+           for group in sorted(p.name for p in CONFIGS.iterdir() if p.is_dir()
+                               and not p.name.startswith("__"))
+           for path in sorted((CONFIGS / group).glob("*.yaml"))
+           for package in PACKAGES.get(group, [group])]
+
+
+@contextlib.contextmanager
+def composed(*overrides: str, config_name: str = "kd_train") -> Iterator[DictConfig]:
+    """The config a run of `kd <verb> OVERRIDES` gets, with HydraConfig set as in that run
+    (multi-teacher and pretraining options compose more configs through it)."""
+    with initialize_config_module(config_module="kdcli.configs", version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides),
+                      return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        try:
+            yield cfg
+        finally:
+            HydraConfig.instance().cfg = None  # other tests run outside Hydra
+
+
+def _fill_required(cfg: DictConfig) -> None:
+    """Options may leave inputs for the user (`root: ???`, a data path): give them one."""
+    for key in OmegaConf.missing_keys(cfg):
+        OmegaConf.update(cfg, key, "/placeholder")
+
+
+def test_options_were_found() -> None:
+    assert {"teacher=resnet20", "loss=dkd", "optimizer@teacher_optimizer=adamw",
+            "experiment=smoke", "device=cuda_fp16"} <= set(OPTIONS)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_shipped_option_validates(option: str) -> None:
+    with composed(option) as cfg:
+        _fill_required(cfg)
+        validate(cfg)
+
+
+@pytest.mark.parametrize("config_name", PRIMARY)
+def test_every_primary_config_validates(config_name: str) -> None:
+    with composed(config_name=config_name) as cfg:
+        _fill_required(cfg)
+        validate(cfg)
+
+
+@pytest.mark.parametrize("overrides", [
+    SMOKE,
+    ["teacher=[resnet20,resnet8]"],
+    # Each teacher is checked as if chosen alone: the merged node would mix their keys.
+    ["teacher=[tiny_cnn,resnet18]", "cache.teacher_weights=[2,1]"],
+    ["pretrain.dataset=cifar10", "pretrain.epochs=1", "student.init=from_teacher"],
+    ["loss=attention", "loss.student_layers=[block2,block3]", "loss.teacher_layers=block3"],
+    ["scheduler=multistep", "scheduler.milestones=[10,20]", "device.channels_last=true"],
+])
+def test_combinations_validate(overrides: list[str]) -> None:
+    with composed(*overrides) as cfg:
+        validate(cfg)
+
+
+def test_users_own_model_by_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As in test_pipeline.test_users_own_model_by_target: a builder taking **kwargs gets the
+    # option's other keys (tiny_cnn's width) and is not held to a key list.
+    (tmp_path / "schema_usermodels.py").write_text(
+        "def linear(num_classes=10, **_):\n    return None\n"
+        "def strict(num_classes: int = 10, depth: int = 2):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with composed(*SMOKE, "student._target_=schema_usermodels.linear") as cfg:
+        validate(cfg)
+    with composed(*SMOKE, "student._target_=schema_usermodels.strict") as cfg, \
+            pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value) == ("config: student.width: unknown key for "
+                              "schema_usermodels.strict (valid: depth)")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.student.epochs=abc"], "config: trainer.student.epochs: expected int, got 'abc'"),
+    (["trainer.teacher.batch_size=1.5"],
+     "config: trainer.teacher.batch_size: expected int, got 1.5"),
+    (["seed=true"], "config: seed: expected int, got True"),
+    (["deterministic=1"], "config: deterministic: expected bool, got 1"),
+    (["cache.teacher_weights=[1,a]"],
+     "config: cache.teacher_weights: expected a list of float or null, got [1, 'a']"),
+    (["+cache.topK=5"], "config: cache.topK: unknown key (valid: storage, topk, batch_size, "
+                        "teacher_weights, views, check)"),
+    (["+trainr.epochs=5"], "config: trainr: unknown key (valid: seed,"),
+    (["optimizer.lr=fast"], "config: optimizer.lr: expected float, got 'fast'"),
+    (["optimizer=adamw", "optimizer.betas=[0.9]"],
+     "config: optimizer.betas: expected a list of 2 (float, float), got [0.9]"),
+    (["teacher_scheduler.warmup_epochs=soon"],
+     "config: teacher_scheduler.warmup_epochs: expected float, got 'soon'"),
+    (["+loss.temprature=2"], "config: loss.temprature: unknown key for "
+                             "kdcli.losses.hinton.HintonKD (valid: temperature, ce_weight, "
+                             "kd_weight)"),
+    (["student=resnet18", "student.input_size=big"],
+     "config: student.input_size: expected int, got 'big'"),
+    (["+teacher.depth=3"],
+     "config: teacher.depth: unknown key for kdcli.models.cifar.resnet20 (valid: none)"),
+    (["student._target_=kdcli.models.cifar.resnet9000"],
+     "config: student._target_: cannot import 'kdcli.models.cifar.resnet9000'"),
+    (["dataset=cifar10", "~dataset.loader.root"],
+     "config: dataset.loader.root: required by kdcli.data.datasets.cifar10 but not set"),
+    (["dataset.image_size=${dataset.nothing}"], "config: dataset.image_size: "),
+    (["pretrain.dataset=imagenet9", "pretrain.epochs=1"],
+     "config: pretrain.dataset=imagenet9: In 'kd': Could not find 'dataset/imagenet9'"),
+])
+def test_wrong_type_or_unknown_key_names_the_path(overrides: list[str], message: str) -> None:
+    with composed(*overrides) as cfg, pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_every_problem_is_listed_and_unset_values_too() -> None:
+    with composed("trainer.student.epochs=abc", "loss.kd_weight=much",
+                  config_name="kd_eval") as cfg, pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value).splitlines() == [
+        "config: checkpoint: no value given (it is ???); set checkpoint=...",
+        "config: loss.kd_weight: expected float, got 'much'",
+        "config: trainer.student.epochs: expected int, got 'abc'",
+    ]
+
+
+# --- through the CLI: one error line, nothing trained or written -----------------------------
+
+
+def _only_hydra_files(run_dir: Path) -> set[str]:
+    return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_wrong_type_on_the_command_line_stops_before_any_work(tmp_path: Path) -> None:
+    proc = kd("train", *SMOKE, "trainer.student.epochs=abc", f"store={tmp_path / 'store'}",
+              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == "error: config: trainer.student.epochs: expected int, got 'abc'\n"
+    assert not (tmp_path / "store").exists()
+    # Only what Hydra writes before handing over: the composed config and the log.
+    assert _only_hydra_files(tmp_path / "run") == {
+        ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log"}
+    assert "dataset" not in (tmp_path / "run" / "train.log").read_text()  # not even loaded
+
+
+def test_typo_inside_a_users_yaml_is_reported_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "myconf" / "loss").mkdir(parents=True)
+    (tmp_path / "myconf" / "loss" / "soft.yaml").write_text(
+        "_target_: kdcli.losses.hinton.HintonKD\ntemprature: 2.0\nkd_weight: 0.5\n")
+    proc = kd("train", "--config-dir", str(tmp_path / "myconf"), *SMOKE, "loss=soft",
+              f"store={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}",
+              cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == ("error: config: loss.temprature: unknown key for "
+                           "kdcli.losses.hinton.HintonKD (valid: temperature, ce_weight, "
+                           "kd_weight)\n")
+    assert not (tmp_path / "store").exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
