@@ -2,13 +2,20 @@
 
 Hydra has no subcommands; each verb is a Hydra app with its own primary config
 (`kdcli/configs/kd_<verb>.yaml`), so overrides, `-m`, `--cfg job`, `--help` work unchanged.
-torch is imported only inside the verbs, so `--help` and `--cfg` answer fast.
+torch is imported only inside the verbs, so `--help`, `--cfg` and tab completion answer fast.
+
+Shell completion goes through here too: Hydra's completion strips only the first word of the
+command line, so `kd train tea<TAB>` would reach it as `train tea`. `-sc query=...` is answered
+here: the verb itself is completed from the command list, and after the verb the line is
+rewritten to `kd <rest>` and handed to that verb's Hydra app.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
+import re
 import sys
 
 COMMANDS = {
@@ -24,7 +31,9 @@ PLAIN_COMMANDS = {
     "export": ("kdcli.export", "export a run's student to ONNX/TorchScript (+ int8), check parity"),
 }
 
-USAGE = """usage: kd <command> [hydra overrides...] [-m] [--cfg job] [--help]
+USAGE = """usage: kd <command> [GROUP=OPTION ...] [KEY=VALUE ...] [-m] [--cfg job] [--help]
+       kd report PATH... | kd export RUN_DIR [--int8]
+       kd --completion bash|zsh | kd --version
 
 commands:
 {commands}
@@ -33,9 +42,35 @@ examples:
   kd train                                   # main job on the embedded CIFAR-10 subset
   kd train experiment=smoke                  # seconds on a CPU
   kd train teacher=resnet56 student=resnet20 dataset=cifar10
+  kd train dataset=imagefolder dataset.loader.root=/data/mine student=mobilenet_v3_small
   kd train -m loss.temperature=2,4,8         # sweep; teacher and cache built once
-  kd <command> --help                        # config groups and options
+  kd report multirun/                        # compare finished runs
+  kd export outputs/<date>/<time> --int8     # ONNX + TorchScript (+ int8), parity-checked
+  kd <command> --help                        # its config groups, options and flags
+  eval "$(kd --completion bash)"             # tab completion: kd train tea<TAB>
 """
+
+COMPLETION_FLAGS = ("-sc", "--shell-completion")
+# bash (zsh after bashcompinit): the verb completes with a trailing space; after it, Hydra's
+# words (`teacher=`, `teacher=resnet20`) without one, and file names where nothing matches.
+BASH_SCRIPT = r"""# kd tab completion: eval "$(kd --completion bash)", e.g. in ~/.bashrc
+_kd_completion()
+{
+    local word="${COMP_WORDS[COMP_CWORD]}"
+    local choices
+    choices=$(COMP_POINT=$COMP_POINT COMP_LINE=$COMP_LINE \
+        "${COMP_WORDS[0]}" -sc query=bash 2>/dev/null)
+    if [ "$COMP_CWORD" -le 1 ]; then
+        COMPREPLY=($(compgen -W "$choices" -- "$word"))
+    else
+        compopt -o nospace 2>/dev/null
+        COMPREPLY=($(compgen -W "$choices" -- "$word"))
+    fi
+}
+COMP_WORDBREAKS=${COMP_WORDBREAKS//=}
+complete -o default -F _kd_completion kd
+"""
+ZSH_PREFIX = "autoload -Uz bashcompinit && bashcompinit\n"
 
 log = logging.getLogger("kdcli")
 
@@ -48,9 +83,25 @@ def usage() -> str:
 
 
 def main() -> None:
+    try:
+        dispatch()
+    except BrokenPipeError:  # `kd train --help | head`: the reader left, nothing to report
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout again at exit
+        sys.exit(1)
+
+
+def dispatch() -> None:
+    if len(sys.argv) >= 3 and sys.argv[1] == "help":  # kd help train == kd train --help
+        sys.argv[1:] = [sys.argv[2], "--help"]
     if len(sys.argv) < 2 or sys.argv[1] in ("-h", "--help", "help"):
         sys.stdout.write(usage())
         sys.exit(0)
+    if sys.argv[1] == "--completion":
+        sys.argv[1:] = ["-sc", f"install={sys.argv[2] if len(sys.argv) > 2 else 'bash'}"]
+    flag = next((i for i, a in enumerate(sys.argv) if a in COMPLETION_FLAGS), None)
+    if flag is not None:  # `kd -sc ...` or `kd <verb> -sc ...`: both mean the whole of kd
+        sys.exit(shell_completion(sys.argv[flag + 1:]))
     if sys.argv[1] in ("-V", "--version"):
         from kdcli import __version__
 
@@ -66,6 +117,51 @@ def main() -> None:
         sys.exit(2)
     sys.argv[0] = f"kd {verb}"
     hydra_app(verb)()
+
+
+def shell_completion(args: list[str]) -> int:
+    """`-sc install=SHELL | uninstall=SHELL | query=SHELL` for kd as a whole."""
+    request = next((a for a in args if "=" in a), "")
+    action, _, shell = request.partition("=")
+    if action not in ("install", "uninstall", "query") or not shell:
+        sys.stderr.write("error: use kd --completion bash|zsh (or -sc install|uninstall|query="
+                         "SHELL)\n")
+        return 2
+    if action == "query":
+        return completion_query(shell)
+    if shell in ("bash", "zsh"):
+        if action == "install":
+            sys.stdout.write((ZSH_PREFIX if shell == "zsh" else "") + BASH_SCRIPT)
+        else:
+            sys.stdout.write("complete -r kd 2>/dev/null; unset -f _kd_completion\n")
+        return 0
+    # Other shells (fish): Hydra's own script, registered for `kd`; its queries come back here.
+    sys.argv = ["kd", "-sc", request]
+    hydra_app("train")()
+    return 0
+
+
+def completion_query(shell: str) -> int:
+    """Prints the completions of $COMP_LINE up to $COMP_POINT, as a shell's script asks."""
+    line = os.environ.get("COMP_LINE", "")
+    point = os.environ.get("COMP_POINT", "")
+    line = line[:int(point)] if point.isdigit() else line
+    args = line.split()[1:]  # without the program name
+    sep = "\n" if shell == "fish" else " "
+    if not args or (len(args) == 1 and not line[-1:].isspace()):  # the cursor is on the verb
+        prefix = args[0] if args else ""
+        verbs = [v for v in (*COMMANDS, *PLAIN_COMMANDS) if v.startswith(prefix)]
+        sys.stdout.write(sep.join(verbs) + "\n")
+        return 0
+    verb = args[0]
+    if verb not in COMMANDS:  # report/export take paths: the shell completes file names
+        return 0
+    rest = re.sub(r"^\s*\S+\s+\S+\s*", "", line, count=1)
+    os.environ["COMP_LINE"] = f"kd {rest}"
+    os.environ["COMP_POINT"] = str(len(os.environ["COMP_LINE"]))
+    sys.argv = [f"kd {verb}", "-sc", f"query={shell}"]
+    hydra_app(verb)()
+    return 0
 
 
 def hydra_app(verb: str):
@@ -95,18 +191,22 @@ def run_plain(verb: str, main_fn, argv: list[str]) -> int:
 def run_command(verb: str, cfg):
     """Runs a verb on a composed config; a KDError becomes a one-line message and exit 1."""
     from kdcli.errors import KDError
+    from kdcli.schema import validate
 
     module = importlib.import_module(COMMANDS[verb][0])
     try:
+        validate(cfg)  # wrong types, unknown keys, ??? values: before any work is done
         return module.main(cfg)
     except KDError as exc:
         log.error("%s", exc)
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
     except OSError as exc:
-        # Disk full, read-only output dir, permission denied: name the file, no traceback.
-        log.error("%s", exc)
-        sys.stderr.write(f"error: {exc.strerror or exc} ({exc.filename or 'no file'})\n")
+        # Disk full, file size limit, permission denied: name the file, no traceback.
+        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        sys.stderr.write(f"error: {message}\n")
+        logging.raiseExceptions = False  # the log file may be on the full disk too
+        log.error("%s", message)
         sys.exit(1)
 
 

@@ -12,7 +12,9 @@ accuracy is measured, not checked, since quantization moves logits by design.
 
 Writes ``OUT/{student.onnx, student.ts, student.int8.onnx, export.json, export.md}`` (OUT is
 ``RUN_DIR/export`` by default), adds an ``export`` block to ``RUN_DIR/report.json`` and an
-``## Export`` section to ``RUN_DIR/report.md``; every file is replaced atomically.
+``## Export`` section to ``RUN_DIR/report.md``; every file is replaced atomically. A model file
+an earlier export left in OUT and this one did not write (``student.int8.onnx`` after a re-run
+without ``--int8``) is deleted, so OUT holds only what the report describes.
 
 Trust: the student is rebuilt by instantiating the ``_target_`` in the run's own
 ``.hydra/config.yaml``, as ``kd train`` did, so export only runs whose config you would run.
@@ -583,9 +585,24 @@ def main(argv: list[str]) -> int:
         "formats": results,
         "versions": _versions(),
     }
+    for name in remove_stale(out, {FILES[k] for k in results if k in FILES}):
+        log.info("removed %s: left by an earlier export, not written by this one", out / name)
     table = write_outputs(data, run_dir, out)
     log.info("what each compression step bought (%s):\n%s", out / "export.md", "\n".join(table))
     return 0
+
+
+def remove_stale(out: Path, written: set[str]) -> list[str]:
+    """Deletes the exported-model files in `out` that this export did not write (say
+    student.int8.onnx after a re-run without --int8), so the folder holds only files that
+    export.json and the report describe. Returns the names removed."""
+    removed = []
+    for name in sorted(set(FILES.values()) - written):
+        path = out / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+            removed.append(name)
+    return removed
 
 
 def _machine_load() -> tuple[float | None, int]:

@@ -88,6 +88,19 @@ def test_rerun_replaces_the_section(run: Path, tmp_path: Path) -> None:
     assert md.count("## Export") == 1
     assert "student TorchScript" in md and "student int8 ONNX" not in md
     assert set(read_report(copy)["export"]["formats"]) == {"pytorch", "torchscript"}
+    # The first export's ONNX and int8 files are gone: nothing describes them any more.
+    assert sorted(p.name for p in (copy / "export").iterdir()) == [
+        "export.json", "export.md", "student.ts"]
+
+
+def test_stale_int8_file_is_removed(tmp_path: Path) -> None:
+    for name in ("student.onnx", "student.int8.onnx", "student.ts", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    removed = export.remove_stale(tmp_path, {"student.onnx", "student.ts"})
+    assert removed == ["student.int8.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "student.onnx",
+                                                          "student.ts"]
+    assert export.remove_stale(tmp_path, {"student.onnx", "student.ts"}) == []
 
 
 def test_not_a_run_is_one_line(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Images are decoded a single time at load (JPEG -> uint8 NCHW) and never again: every epoch,
 augmentation and the soft-label cache read the same tensor. A dataset config points at one of
-the loaders here by `_target_`; a user's own loader only has to return a `Dataset`.
+the loaders here (or `kdcli.data.imagefolder.image_folder`) by `_target_`; a user's own loader
+only has to return a `Dataset`.
 """
 
 from __future__ import annotations
@@ -62,8 +63,9 @@ class Dataset:
         if self._fingerprint is None:
             h = hashlib.blake2b(digest_size=16)
             for split in (self.train, self.test):
-                h.update(split.images.numpy().tobytes())
-                h.update(split.labels.numpy().tobytes())
+                # The buffers themselves, not copies: an image folder can be gigabytes.
+                h.update(np.ascontiguousarray(split.images.numpy()).data)
+                h.update(np.ascontiguousarray(split.labels.numpy()).data)
             h.update("\n".join(self.classes).encode())
             self._fingerprint = h.hexdigest()
         return self._fingerprint

@@ -1,0 +1,117 @@
+"""The `kd` dispatcher: usage, per-command help, and tab completion through it.
+
+Completion is driven the way the shell drives it: COMP_LINE/COMP_POINT in the environment and
+`kd -sc query=bash` in a subprocess (no torch import: about a second each).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdcli import cli
+
+
+def run_kd(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kdcli.cli", *args], capture_output=True,
+                          text=True, timeout=120, env={**os.environ, **(env or {})})
+
+
+def complete(line: str) -> list[str]:
+    proc = run_kd("-sc", "query=bash", env={"COMP_LINE": line, "COMP_POINT": str(len(line))})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+def test_usage_lists_every_command(capsys: pytest.CaptureFixture[str],
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["kd", "--help"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for verb in (*cli.COMMANDS, *cli.PLAIN_COMMANDS):
+        assert f"\n  {verb} " in out, verb
+    assert "kd --completion bash" in out
+
+
+def test_train_help_shows_groups_options_and_examples() -> None:
+    proc = run_kd("train", "--help")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("kd train: all stages")
+    assert "usage: kd train [GROUP=OPTION ...]" in out and "examples:" in out
+    assert "dataset: cifar10, cifar10_subset, imagefolder" in out
+    assert "loss: attention, ce, dist, dkd, fitnets, hinton, mse" in out
+    assert "hydra/sweeper=kd_optuna" in out and "hydra/launcher=kd_slurm" in out
+    assert "--multirun,-m" in out  # Hydra's flags
+    assert "temperature: 4.0" in out  # the composed config
+    assert run_kd("help", "train").stdout == out  # `kd help train` is the same
+
+
+def test_eval_help_has_its_own_header() -> None:
+    out = run_kd("eval", "--help").stdout
+    assert out.startswith("kd eval: evaluate a checkpoint")
+    assert "checkpoint: ???" in out
+
+
+@pytest.mark.parametrize(("line", "expected", "absent"), [
+    ("kd tr", ["train"], ["teacher"]),
+    ("kd ", ["train", "teacher", "cache", "student", "eval", "report", "export"], []),
+    ("kd e", ["eval", "export"], ["train"]),
+    ("kd train tea", ["teacher=", "teacher_optimizer."], ["student="]),
+    ("kd train teacher=resnet5", ["teacher=resnet50", "teacher=resnet56"], ["teacher=resnet8"]),
+    ("kd train -m dataset=", ["dataset=imagefolder", "dataset=cifar10"], []),
+    ("kd student loss=d", ["loss=dkd", "loss=dist"], ["loss=hinton"]),
+    ("kd eval chec", ["checkpoint="], []),
+    ("kd train hydra/sweeper=", ["hydra/sweeper=kd_optuna", "hydra/sweeper=basic"], []),
+    ("kd report ", [], ["train"]),  # paths: left to the shell's file-name completion
+])
+def test_completion_query(line: str, expected: list[str], absent: list[str]) -> None:
+    words = complete(line)
+    assert set(expected) <= set(words), words
+    assert not set(absent) & set(words), words
+
+
+def test_completion_stops_at_the_cursor() -> None:
+    line = "kd train tea student=resnet8"
+    proc = run_kd("-sc", "query=bash", env={"COMP_LINE": line, "COMP_POINT": "12"})
+    assert "teacher=" in proc.stdout.split()
+
+
+def test_hydras_install_advice_through_a_verb_gives_kds_script() -> None:
+    # `kd train --help` repeats Hydra's advice `eval "$(kd train -sc install=bash)"`.
+    assert run_kd("train", "-sc", "install=bash").stdout == run_kd("--completion",
+                                                                   "bash").stdout
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_bash_script_completes_verbs_and_overrides() -> None:
+    """Sources `kd --completion bash` in bash and calls its function as readline would."""
+    bindir = Path(sys.executable).parent
+    if not (bindir / "kd").exists():
+        pytest.skip("the kd console script is not installed beside this Python")
+    script = r'''
+eval "$(kd --completion bash)"
+for line in "kd tr" "kd train tea" "kd train teacher=resnet5"; do
+    COMP_LINE="$line"; COMP_POINT=${#line}
+    read -ra COMP_WORDS <<< "$line"; COMP_CWORD=$((${#COMP_WORDS[@]} - 1))
+    _kd_completion
+    echo "${COMPREPLY[*]}"
+done
+complete -p kd
+'''
+    env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", "--norc", "--noprofile", "-c", script], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    verbs, overrides, values, registered = proc.stdout.strip().split("\n")
+    assert verbs == "train"
+    assert "teacher=" in overrides.split()
+    assert values.split() == ["teacher=resnet50", "teacher=resnet56"]
+    assert registered.endswith(" kd") and "_kd_completion" in registered

@@ -1,0 +1,46 @@
+"""Optional Hydra plugins: the Optuna search (`kdcli[sweep]`) and the Slurm launcher
+(`kdcli[slurm]`). Skipped when the plugin is not installed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import SMOKE, kd, read_report
+
+# The smallest run that still trains every stage: one epoch each, no baseline.
+TINY = [*SMOKE, "baseline=false", "trainer.teacher.epochs=1", "trainer.student.epochs=1",
+        "dataset.train_size=128", "dataset.test_size=64"]
+
+
+def test_optuna_search_maximises_student_top1(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "multi"
+    kd("train", "-m", "hydra/sweeper=kd_optuna", "hydra.sweeper.n_trials=2", *TINY,
+       f"store={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(result["best_params"]) == {"loss.temperature", "loss.kd_weight", "optimizer.lr"}
+    top1 = {}
+    for job in ("0", "1"):
+        cfg = read_report(sweep / job)["config"]
+        assert 1.0 <= cfg["loss"]["temperature"] <= 8.0
+        assert 0.1 <= cfg["loss"]["kd_weight"] <= 1.0
+        assert 0.005 <= cfg["optimizer"]["lr"] <= 0.2
+        top1[job] = read_report(sweep / job)["student"]["top1"]
+    assert result["best_value"] == max(top1.values())  # maximised, on what kd train returns
+    # Trials differ only in student settings: one teacher and one cache serve both.
+    assert len(list((tmp_path / "store" / "teacher").glob("*/meta.json"))) == 1
+    assert len(list((tmp_path / "store" / "cache").glob("*/meta.json"))) == 1
+    assert (sweep / "summary.md").exists()
+
+
+def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    proc = kd("train", "hydra/launcher=kd_slurm", "hydra.launcher.partition=gpu",
+              "--cfg", "hydra", "-p", "hydra.launcher", cwd=tmp_path)
+    launcher = yaml.safe_load(proc.stdout.split("\n", 1)[1])  # after `# @package ...`
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 1
+    assert launcher["timeout_min"] == 240
