@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kdcli import distributed
 from kdcli.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def resolve(cfg) -> Runtime:
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device.type=cuda but no CUDA device is visible; use device=cpu")
-        index = int(cfg.index or 0)
+        # Under torchrun each rank takes the GPU of its local rank.
+        index = distributed.local_rank() if distributed.launched() else int(cfg.index or 0)
         if index >= torch.cuda.device_count():
             raise ConfigError(f"device.index={index} but only {torch.cuda.device_count()} GPU(s)")
         device = torch.device("cuda", index)
@@ -86,9 +88,31 @@ def resolve(cfg) -> Runtime:
         channels_last = precision != "fp32"
     threads = cfg.get("threads")
     if device.type == "cpu":
-        # One intra-op thread per core: more only adds contention on small CIFAR kernels.
-        torch.set_num_threads(int(threads) if threads else max(1, os.cpu_count() or 1))
+        torch.set_num_threads(int(threads) if threads else default_threads())
     return Runtime(device, precision, bool(channels_last), bool(cfg.get("compile", False)))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a
+    container limited to 2 CPUs on a 64-core host reports 64 from os.cpu_count())."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as fh:
+            quota, period = fh.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def default_threads() -> int:
+    """One intra-op thread per usable core, split between the ranks sharing this machine under
+    torchrun. More threads than cores only adds contention (small CIFAR kernels suffer most)."""
+    return max(1, usable_cores() // distributed.local_world_size())
 
 
 def _fast_precision(device: torch.device) -> str:

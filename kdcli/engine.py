@@ -1,9 +1,11 @@
 """The one training and evaluation loop.
 
-Everything that could branch inside the loop (precision, memory format, where teacher logits
-come from) is decided before it: the loop calls `runtime.autocast()`, a scaler that is a no-op
-unless fp16, and a `teacher` callable. The loop never calls `.item()` per step: running sums stay
-on the device and are read once per epoch, so a GPU is never stalled waiting for the host.
+Everything that could branch inside the loop (precision, memory format, compile, where teacher
+logits come from, data parallelism) is decided before it, in `TrainStep`: the loop calls
+`runtime.autocast()`, a scaler that is a no-op unless fp16, and a `teacher` callable. The loop
+never calls `.item()` per step: each step's loss terms stay on the device and are read once per
+epoch, so a GPU is never stalled waiting for the host. `fit` = `train_epoch` per epoch plus
+evaluation, checkpoints and metrics; the speed benchmark times `train_epoch` itself.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kdcli import checkpoint
+from kdcli import checkpoint, distributed
 from kdcli.data.loader import Batch, BatchLoader
 from kdcli.device import Runtime
-from kdcli.errors import TrainingDiverged
+from kdcli.errors import KDError, TrainingDiverged
 from kdcli.losses.base import DistillationLoss, Outputs
 from kdcli.models.features import FeatureTap
 from kdcli.progress import Progress
@@ -86,6 +88,102 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
     checkpoint.atomic_write_text(path, buf.getvalue())
 
 
+class TrainStep:
+    """One optimisation step on a batch: forward under autocast, loss, backward, optimizer and
+    scheduler step. Everything that could branch (compile, feature taps, data parallelism, loss
+    scaling) is decided here, once, so `__call__` is straight-line code.
+    """
+
+    def __init__(self, *, model: nn.Module, loss_fn: DistillationLoss,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 runtime: Runtime, teacher: TeacherFn = no_teacher,
+                 student_taps: FeatureTap | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        self.model, self.loss_fn, self.teacher = model, loss_fn, teacher
+        self.optimizer, self.scheduler, self.runtime = optimizer, scheduler, runtime
+        self.scaler = scaler if scaler is not None else runtime.grad_scaler()
+        net = distributed.wrap(model, runtime.device)  # DDP averages gradients in backward
+        net = torch.compile(net) if runtime.compile else net
+        if student_taps is None:
+            self.forward = lambda images: Outputs(net(images))
+        else:
+            self.forward = lambda images: Outputs(net(images), student_taps.pop())
+        # A loss may own parameters (a FitNets adapter): outside DDP, averaged by hand.
+        self.sync_loss_grads = distributed.gradient_averager(list(loss_fn.parameters()))
+
+    def train(self) -> None:
+        self.model.train()
+        self.loss_fn.train()
+
+    def __call__(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Returns the loss terms and the student's logits (both still on the device)."""
+        with self.runtime.autocast():
+            student = self.forward(batch.images)
+            terms = self.loss_fn(student, self.teacher(batch), batch.labels)
+        self.scaler.scale(terms["loss"]).backward()
+        self.sync_loss_grads()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return terms, student.logits
+
+
+@dataclass
+class EpochStats:
+    """One training epoch, summed over all ranks."""
+
+    terms: dict[str, float]  # mean of each loss term per sample
+    top1: float
+    images: int
+    time_s: float
+    bad_step: int  # first step whose loss was NaN/inf on any rank, -1 if none
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.time_s if self.time_s > 0 else 0.0
+
+
+def train_epoch(step: TrainStep, loader: BatchLoader, epoch: int,
+                advance: Callable[[], None] = lambda: None) -> EpochStats:
+    """One pass over `loader`, timed from the first batch drawn to the last result read.
+
+    Per step, the loss terms and the count of correct predictions are stacked into one small
+    tensor on the device; they are summed and read once, after the loop (no host sync per step).
+    """
+    t0 = time.perf_counter()
+    step.train()
+    records: list[torch.Tensor] = []
+    sizes: list[int] = []
+    names: list[str] = []
+    for batch in loader.epoch(epoch):
+        terms, logits = step(batch)
+        correct = (logits.detach().argmax(-1) == batch.labels).sum(dtype=torch.float32)
+        records.append(torch.stack([*(v.detach().float() for v in terms.values()), correct]))
+        sizes.append(len(batch.labels))
+        names = list(terms)
+        advance()
+    if not records:
+        raise KDError(f"the training split has {len(loader.labels)} samples, fewer than one "
+                      f"batch ({loader.batch_size} per rank); lower the batch size")
+    table = torch.stack(records).double()  # (steps, terms + correct)
+    n = torch.tensor(sizes, dtype=torch.float64, device=table.device)
+    never = len(records)
+    steps = torch.arange(never, device=table.device)
+    first_bad = torch.where(torch.isfinite(table[:, 0]), never, steps).min().reshape(1)
+    # This rank's sums (terms weighted by batch size, correct, images), then all ranks': one
+    # collective each, once per epoch.
+    totals = torch.cat([(table[:, :-1] * n[:, None]).sum(0), table[:, -1:].sum(0), n.sum()[None]])
+    distributed.all_reduce_(totals)
+    bad_step = int(distributed.all_reduce_(first_bad, "min"))
+    totals = totals.tolist()
+    seen = totals[-1]
+    return EpochStats(
+        terms={k: v / seen for k, v in zip(names, totals[:-2], strict=True)},
+        top1=100.0 * totals[-2] / seen, images=int(seen), time_s=time.perf_counter() - t0,
+        bad_step=bad_step if bad_step < never else -1)
+
+
 def fit(
     *,
     model: nn.Module,
@@ -114,8 +212,13 @@ def fit(
     and restored with the model. Raises TrainingDiverged on a non-finite loss, leaving the last
     good checkpoint in place, unless `nan_retries` allows going back to that checkpoint with
     the learning rate times `nan_lr_factor`.
+
+    Under torchrun every rank calls `fit` with its shard of the data (see `kdcli.distributed`);
+    rank 0 alone evaluates, logs and writes, and the metrics it records cover all ranks.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     scaler = runtime.grad_scaler()
     history: list[dict[str, float]] = []
@@ -145,7 +248,8 @@ def fit(
         if torch.cuda.is_available() and "rng_cuda" in state:
             torch.cuda.set_rng_state_all(state["rng_cuda"])
 
-    if last_path.exists():
+    resume = distributed.broadcast(last_path.exists())  # rank 0 decides for every rank
+    if resume:
         state = checkpoint.load(last_path)
         restore(state)
         start_epoch, best_top1 = state["epoch"] + 1, state["best_top1"]
@@ -154,52 +258,23 @@ def fit(
         log.info("%s: resuming from %s after epoch %d/%d", label, last_path, state["epoch"] + 1,
                  epochs)
     # Kept only when a divergence may be retried before the first checkpoint exists.
-    initial = copy.deepcopy(snapshot(-1)) if nan_retries and not last_path.exists() else None
+    initial = copy.deepcopy(snapshot(-1)) if nan_retries and not resume else None
 
-    step_model = torch.compile(model) if runtime.compile else model
-
-    def forward(images: torch.Tensor) -> Outputs:
-        return Outputs(step_model(images))
-
-    if student_taps is not None:
-        def forward(images: torch.Tensor) -> Outputs:  # noqa: F811 - chosen once, before the loop
-            return Outputs(step_model(images), student_taps.pop())
-
-    steps_per_epoch = len(train_loader)
-    images = 0
+    step = TrainStep(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
+                     runtime=runtime, teacher=teacher, student_taps=student_taps, scaler=scaler)
+    if distributed.active():
+        world = distributed.world_size()
+        log.info("%s: data parallel over %d ranks, %d images per rank and step (global batch "
+                 "%d), %d steps per epoch", label, world, train_loader.batch_size,
+                 train_loader.batch_size * world, len(train_loader))
     epoch = start_epoch
-    with Progress(label) as bar:
+    with Progress(label, enabled=main) as bar:
         while epoch < epochs:
-            t0 = time.perf_counter()
-            model.train()
-            loss_fn.train()
-            sums: dict[str, torch.Tensor] = {}
-            correct = torch.zeros((), device=runtime.device)
-            first_bad = torch.full((), -1, device=runtime.device)
-            seen = 0
-            task = bar.start_epoch(epoch, epochs, steps_per_epoch)
-            for step, batch in enumerate(train_loader.epoch(epoch)):
-                with runtime.autocast():
-                    student = forward(batch.images)
-                    terms = loss_fn(student, teacher(batch), batch.labels)
-                loss = terms["loss"]
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                # Device-side bookkeeping only; read once at the end of the epoch.
-                bad = ~torch.isfinite(loss.detach())
-                first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-                n = len(batch.labels)
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float() * n
-                correct += (student.logits.detach().argmax(-1) == batch.labels).sum()
-                seen += n
-                bar.advance(task)
-            bad_step = int(first_bad)
-            if bad_step >= 0:
-                where = f"{label}: loss became NaN/inf at epoch {epoch + 1}, step {bad_step + 1}"
+            task = bar.start_epoch(epoch, epochs, len(train_loader))
+            stats = train_epoch(step, train_loader, epoch, lambda: bar.advance(task))  # noqa: B023
+            if stats.bad_step >= 0:
+                where = (f"{label}: loss became NaN/inf at epoch {epoch + 1}, "
+                         f"step {stats.bad_step + 1}")
                 if nan_retries <= 0:
                     kept = last_path if last_path.exists() else "(none yet)"
                     raise TrainingDiverged(
@@ -213,38 +288,36 @@ def fit(
                 log.warning("%s; retrying from epoch %d with the learning rate x%g "
                             "(%d retries left)", where, epoch + 1, nan_lr_factor, nan_retries)
                 continue
-            epoch_time = time.perf_counter() - t0
-            elapsed += epoch_time
-            images += seen
+            elapsed += stats.time_s
             row: dict[str, float] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-            row.update({f"train/{k}": float(v) / seen for k, v in sums.items()})
-            row["train/top1"] = 100.0 * float(correct) / seen
-            if val_loader is not None:
+            row.update({f"train/{k}": v for k, v in stats.terms.items()})
+            row["train/top1"] = stats.top1
+            if val_loader is not None and main:
                 from kdcli.metrics import classification_metrics
 
                 logits, labels = predict(model, val_loader, runtime)
                 row["val/top1"] = classification_metrics(logits, labels)["top1"]
-            row["time_s"] = epoch_time
-            row["images_per_s"] = seen / epoch_time
+            row["time_s"] = stats.time_s
+            row["images_per_s"] = stats.images_per_s
             history.append(row)
-            if on_row is not None:
-                on_row(row)
-            top1 = row.get("val/top1", row["train/top1"])
-            if top1 > best_top1:
-                best_top1 = top1
-                checkpoint.save({"model": model.state_dict(), "epoch": epoch, "val_top1": top1,
-                                 **(checkpoint_extra or {})}, best_path)
-            checkpoint.save(snapshot(epoch), last_path)
-            _write_history(out_dir / "metrics.csv", history)
-            bar.end_epoch(task, row)
-            log.info("%s epoch %d/%d  loss %.4f  train/top1 %.2f%s  %.0f img/s", label,
-                     epoch + 1, epochs, row["train/loss"], row["train/top1"],
-                     f"  val/top1 {row['val/top1']:.2f}" if "val/top1" in row else "",
-                     row["images_per_s"])
+            if main:
+                if on_row is not None:
+                    on_row(row)
+                top1 = row.get("val/top1", row["train/top1"])
+                if top1 > best_top1:
+                    best_top1 = top1
+                    checkpoint.save({"model": model.state_dict(), "epoch": epoch,
+                                     "val_top1": top1, **(checkpoint_extra or {})}, best_path)
+                checkpoint.save(snapshot(epoch), last_path)
+                _write_history(out_dir / "metrics.csv", history)
+                bar.end_epoch(task, row)
+                log.info("%s epoch %d/%d  loss %.4f  train/top1 %.2f%s  %.0f img/s", label,
+                         epoch + 1, epochs, row["train/loss"], row["train/top1"],
+                         f"  val/top1 {row['val/top1']:.2f}" if "val/top1" in row else "",
+                         row["images_per_s"])
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
             epoch += 1
+    distributed.check_in_sync([model, loss_fn], label)
     rate = (sum(r["images_per_s"] * r["time_s"] for r in history) / elapsed) if elapsed else 0.0
     return FitResult(history, resumed_from, best_top1, elapsed, rate)
-
-

@@ -12,13 +12,13 @@ from rich.progress import Progress as _RichProgress
 class Progress:
     """One bar per epoch of a stage, showing the last epoch's metrics when it ends."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, enabled: bool = True) -> None:
         self.label = label
         console = Console(stderr=True)
         self._bar = _RichProgress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=console, disable=not sys.stderr.isatty(), transient=False,
+            console=console, disable=not (enabled and sys.stderr.isatty()), transient=False,
         )
 
     def __enter__(self) -> Progress:

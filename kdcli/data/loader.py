@@ -1,20 +1,22 @@
 """The batch loader: indexes uint8 tensors held in memory, augments and normalises per batch.
 
 No DataLoader, no workers, no per-sample Python: one gather, one augmentation call and one
-normalisation per batch. Shuffling and augmentation draw from a generator seeded by
-(seed, epoch), so an epoch's data order is a function of the epoch number and a resumed run
-sees exactly the batches the interrupted one would have.
+normalisation per batch, on the training device (the split is moved there once). The epoch's
+order and augmentation parameters are drawn up front, and copied to a GPU once or from pinned
+memory without waiting, so the loop never stalls on the host. Shuffling and augmentation draw
+from a generator seeded by (seed, epoch), so an epoch's data order is a function of the epoch
+number and a resumed run sees exactly the batches the interrupted one would have.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from kdcli.data.datasets import Split
-from kdcli.data.transforms import CropFlip, ViewTable
+from kdcli.data.transforms import Augment, ViewTable
 
 
 @dataclass
@@ -37,7 +39,7 @@ class BatchLoader:
         seed: base seed; epoch e draws from seed * 1_000_003 + e.
         drop_last: drop a final partial batch (training).
         memory_format: torch.channels_last for conv nets on AMX/tensor cores.
-        rank, world_size: shard the index list for data-parallel training.
+        rank, world_size: data-parallel shard; `batch_size` is then per rank (see `shard`).
         views: fixed augmented views to replay instead of drawing fresh augmentations: each
             epoch every sample shows one of its K views, chosen at random (or `view=` all one).
     """
@@ -51,7 +53,7 @@ class BatchLoader:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         shuffle: bool = False,
-        augment: CropFlip | None = None,
+        augment: Augment | None = None,
         seed: int = 0,
         drop_last: bool = False,
         memory_format: torch.memory_format = torch.contiguous_format,
@@ -83,36 +85,85 @@ class BatchLoader:
     def generator(self, epoch: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
 
+    def shard(self, n: int) -> torch.Tensor:
+        """Positions in an epoch's global order that this rank visits, in its visiting order.
+
+        The global order is cut into global batches of `batch_size * world_size`; rank r takes
+        the r-th equal slice of each, so at every step the ranks' batches together form the
+        batch a single process would draw. Every rank gets the same count (up to
+        `world_size - 1` samples per epoch are left out so the split divides evenly).
+        """
+        w = self.world_size
+        if w == 1:
+            return torch.arange(n)
+        n -= n % w
+        step = self.batch_size * w
+        full = n // step
+        rows = torch.arange(full * step).view(full, w, self.batch_size)[:, self.rank].reshape(-1)
+        share = (n - full * step) // w  # the last, partial global batch
+        tail = full * step + self.rank * share + torch.arange(share)
+        return torch.cat([rows, tail])
+
     def order(self, epoch: int) -> torch.Tensor:
+        """This rank's sample indices for `epoch`, in visiting order (on the CPU)."""
         n = len(self.labels)
         if self.shuffle:
-            idx = torch.randperm(n, generator=self.generator(epoch))
+            perm = torch.randperm(n, generator=self.generator(epoch))
         else:
-            idx = torch.arange(n)
-        per_rank = n // self.world_size
-        return idx[self.rank * per_rank:(self.rank + 1) * per_rank] if self.world_size > 1 else idx
+            perm = torch.arange(n)
+        return perm[self.shard(n)]
 
     def epoch(self, epoch: int = 0, view: int | None = None) -> Iterator[Batch]:
         """One pass over the split. With `views`, `view=v` shows every sample's view v."""
+        n = len(self.labels)
+        rows = self.shard(n)
         order = self.order(epoch)
+        # Augmentation is drawn for the whole epoch at once, in global order, so a sample's view
+        # is the same whatever the world size, and no batch needs a host round trip.
         gen = self.generator(epoch + 7_919)  # augmentation stream, distinct from the order stream
-        for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
-            if self.drop_last and len(index) < self.batch_size:
+        params, chosen = None, None
+        if self.views is not None:
+            every = (torch.full((n,), view, dtype=torch.long) if view is not None
+                     else torch.randint(self.views.k, (n,), generator=gen))
+            chosen = every[rows]
+            params = self.views.select(order, chosen)
+        elif self.augment is not None:
+            params = _rows(self.augment.sample(n, gen), rows)
+        index_all = self._to_device(order)
+        chosen_all = self._to_device(chosen) if chosen is not None else None
+        if params is not None and self.device.type == "cuda":
+            params = _map(params, torch.Tensor.pin_memory)  # so `apply` copies asynchronously
+        b = self.batch_size
+        for start in range(0, len(order), b):
+            if self.drop_last and start + b > len(order):
                 break
-            dev_index = index.to(self.device, non_blocking=True)
-            images = self.images[dev_index]
-            chosen = None
-            if self.views is not None:
-                chosen = (torch.full((len(index),), view, dtype=torch.long) if view is not None
-                          else torch.randint(self.views.k, (len(index),), generator=gen))
-                images = self.augment.apply(images, self.views.select(index, chosen))
-                chosen = chosen.to(self.device, non_blocking=True)
-            elif self.augment is not None:
-                images = self.augment(images, gen)
-            images = ((images.float() - self.mean) / self.std).contiguous(
-                memory_format=self.memory_format)
-            yield Batch(dev_index, images, self.labels[dev_index], chosen)
+            rows_b = slice(start, start + b)
+            index = index_all[rows_b]
+            images = self.images[index]
+            if params is not None:
+                images = self.augment.apply(images, _rows(params, rows_b))
+            yield Batch(index, self.normalise(images), self.labels[index],
+                        None if chosen_all is None else chosen_all[rows_b])
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 -> float, normalised, in the loader's memory format: one copy, then in place."""
+        x = images.to(torch.float32, memory_format=self.memory_format, copy=True)
+        return x.sub_(self.mean).div_(self.std)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
+
+
+def _map(params, fn):
+    """Applies `fn` to every tensor field of an augmentation's parameter dataclass."""
+    return type(params)(**{f.name: fn(getattr(params, f.name)) for f in fields(params)})
+
+
+def _rows(params, rows: torch.Tensor | slice):
+    """The parameters of the samples at `rows` (every field has one row per sample)."""
+    return _map(params, lambda t: t[rows])

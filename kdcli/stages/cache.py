@@ -9,13 +9,14 @@ Several teachers are combined into one set of soft labels: a weighted mean of th
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
 
-from kdcli import engine, softlabels
+from kdcli import distributed, engine, softlabels
 from kdcli.data.loader import BatchLoader
-from kdcli.data.transforms import ViewTable, build_augment
+from kdcli.data.transforms import CropFlip, ViewTable, build_augment
 from kdcli.errors import ConfigError, CorruptArtifact
 from kdcli.stages import teacher as teacher_stage
 from kdcli.stages.common import (
@@ -66,6 +67,9 @@ def num_views(ctx: Context) -> int:
         raise ConfigError(f"cache.views={k} must be >= 0")
     if k and build_augment(ctx.cfg.dataset.augment) is None:
         raise ConfigError("cache.views > 0 caches augmented views, but dataset.augment=none")
+    if k and not isinstance(build_augment(ctx.cfg.dataset.augment), CropFlip):
+        raise ConfigError(f"cache.views > 0 replays crop offsets and flips: use dataset.augment="
+                          f"crop_flip or flip, not {ctx.cfg.dataset.augment}")
     return k
 
 
@@ -102,13 +106,21 @@ def ensemble(logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
 
 
 def run(ctx: Context, teachers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Builds or reuses the cache for `teachers` (teacher stage results)."""
+    """Builds or reuses the cache for `teachers` (teacher stage results). Under torchrun rank 0
+    builds it while the other ranks wait; then every rank reads the same entry."""
     entry = entry_for(ctx, teachers)
+    status, meta = distributed.on_main(lambda: _build(ctx, teachers, entry))
+    return {"status": status, "entry": entry, "meta": meta}
+
+
+def _build(ctx: Context, teachers: list[dict[str, Any]], entry: Entry
+           ) -> tuple[str, dict[str, Any]]:
     with entry.lock():
         meta = reuse_if_valid(entry)
         if meta is not None:
             log.info("cache: reusing %s", entry.path)
-            return {"status": REUSED, "entry": entry, "meta": meta}
+            return REUSED, meta
+        t0 = time.perf_counter()
         weights = combine_weights(ctx, len(teachers))
         views = view_table(ctx)
         per_split: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
@@ -126,16 +138,19 @@ def run(ctx: Context, teachers: list[dict[str, Any]]) -> dict[str, Any]:
                 info={"entry": entry.key, "split": split, "augment": ctx.cfg.dataset.augment},
                 extras=extras)
         train_header = headers["train"]
+        # Teacher passes over every split and view, per second of the whole stage.
+        images = sum(len(x) * x.shape[1] for parts in per_split.values() for x in parts)
+        rate = images / (time.perf_counter() - t0)
         meta = entry.finish([f"{s}.kdsl" for s in SPLITS], {
             "bytes_per_sample": train_header["data_bytes"] / train_header["num_samples"],
             "num_samples": train_header["num_samples"], "storage": train_header["storage"],
             "topk": train_header["topk"], "format_version": softlabels.VERSION,
             "teachers": [t["ctx"].choice("teacher") for t in teachers], "weights": weights,
-            "views": train_header["views"] if views is not None else 0,
+            "views": train_header["views"] if views is not None else 0, "images_per_s": rate,
         })
-        log.info("cache: wrote %d train soft labels (%.0f bytes/sample) to %s",
-                 train_header["num_samples"], meta["bytes_per_sample"], entry.path)
-        return {"status": TRAINED, "entry": entry, "meta": meta}
+        log.info("cache: wrote %d train soft labels (%.0f bytes/sample) to %s; %.0f img/s",
+                 train_header["num_samples"], meta["bytes_per_sample"], entry.path, rate)
+        return TRAINED, meta
 
 
 def check(ctx: Context, teachers: list[dict[str, Any]], cache: dict[str, Any], samples: int
@@ -185,7 +200,7 @@ def open_split(cache: dict[str, Any], split: str) -> softlabels.SoftLabels:
 def require(ctx: Context, teachers: list[dict[str, Any]]) -> dict[str, Any]:
     """The stored cache for `teachers`, without building one (for `kd student`)."""
     entry = entry_for(ctx, teachers)
-    meta = reuse_if_valid(entry)
+    meta = distributed.on_main(lambda: reuse_if_valid(entry))  # may set a damaged one aside
     if meta is None:
         raise ConfigError(f"no soft-label cache for teacher={entry.path.name.rsplit('-', 1)[0]} "
                           f"in store {ctx.store.root}; run `kd cache` (or `kd train`) first")
@@ -198,5 +213,5 @@ def main(cfg) -> dict[str, Any]:
     teachers = teacher_stage.require_all(ctx)
     result = run(ctx, teachers)
     if int(ctx.cfg.cache.get("check") or 0) > 0:
-        check(ctx, teachers, result, int(ctx.cfg.cache.check))
+        distributed.on_main(lambda: check(ctx, teachers, result, int(ctx.cfg.cache.check)))
     return result

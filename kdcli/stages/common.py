@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kdcli import checkpoint, engine, tensorboard
+from kdcli import checkpoint, distributed, engine, tensorboard
 from kdcli.data.datasets import Dataset, subsample
 from kdcli.data.loader import BatchLoader
 from kdcli.data.transforms import ViewTable, build_augment
@@ -56,12 +57,19 @@ class Context:
 
     def loader(self, split: str, batch_size: int, train: bool, views: ViewTable | None = None
                ) -> BatchLoader:
+        """`batch_size` is the global batch: under torchrun a training loader yields this
+        rank's share of it (evaluation runs whole, on rank 0)."""
         ds = self.dataset
+        world = distributed.world_size() if train else 1
+        if batch_size % world:
+            raise ConfigError(f"batch size {batch_size} does not split evenly over {world} "
+                              "data-parallel ranks; choose a multiple of the world size")
         return BatchLoader(
-            getattr(ds, split), batch_size, device=self.runtime.device, mean=ds.mean, std=ds.std,
-            shuffle=train, augment=build_augment(self.cfg.dataset.augment) if train else None,
+            getattr(ds, split), batch_size // world, device=self.runtime.device, mean=ds.mean,
+            std=ds.std, shuffle=train,
+            augment=build_augment(self.cfg.dataset.augment) if train else None,
             seed=int(self.cfg.seed), drop_last=train, memory_format=self.runtime.memory_format,
-            views=views,
+            views=views, rank=distributed.rank() if train else 0, world_size=world,
         )
 
     def eval_loader(self, split: str = "test") -> BatchLoader:
@@ -123,10 +131,13 @@ def build_context(cfg: DictConfig, run_dir: Path | None = None) -> Context:
         raise ConfigError(f"missing required config value(s): {', '.join(sorted(missing))}")
     seed_everything(int(cfg.seed), bool(cfg.deterministic))
     runtime = resolve(cfg.device)
+    distributed.quiet_other_ranks()  # under torchrun rank 0 alone logs to the file
+    distributed.init(runtime.device)  # joins the process group under torchrun; else a no-op
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = distributed.shared_run_dir(Path(run_dir))
     t0 = time.perf_counter()
     dataset = load_dataset(cfg.dataset, int(cfg.seed))
     log.info("dataset %s: %d train / %d test images, %d classes (%.1fs); device %s",
@@ -260,12 +271,14 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
     or a pretraining stage) runs on the fresh model and returns what it did, for the meta.
     `views` makes the training loader replay the cached augmented views.
     """
-    with entry.lock():
-        meta = reuse_if_valid(entry)
+    # Under torchrun rank 0 holds the lock and decides (reuse, resume, train) for every rank.
+    with main_lock(entry):
+        meta = distributed.on_main(lambda: reuse_if_valid(entry))
         if meta is not None:
             log.info("%s: reusing %s (top-1 %.2f%%)", label, entry.path, meta["metrics"]["top1"])
             return {"status": REUSED, "entry": entry, "meta": meta}
-        status = RESUMED if resumable(entry.file("last.pt")) else TRAINED
+        status = distributed.on_main(
+            lambda: RESUMED if resumable(entry.file("last.pt")) else TRAINED)
         torch.manual_seed(int(ctx.cfg.seed))  # same init whatever ran before in this process
         model = build_model(ctx, role)
         init_info = initialize(model) if initialize is not None else {}
@@ -290,17 +303,32 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
             on_row=tensorboard.epoch_callback(ctx.run_dir, label, bool(OmegaConf.select(
                 ctx.cfg, "logging.tensorboard", default=False))),
         )
-        logits, labels = engine.predict(model, test_loader, ctx.runtime)
-        checkpoint.save({"logits": logits, "labels": labels}, entry.file("test_logits.pt"))
-        metrics = classification_metrics(logits, labels)
-        meta = entry.finish(
-            ["last.pt", "best.pt", "metrics.csv", "test_logits.pt"],
-            {"name": ctx.choice(role), "metrics": metrics, "train_time_s": result.train_time_s,
-             "images_per_s": result.images_per_s, "epochs": int(tcfg.epochs),
-             "init": init_info},
-        )
-        log.info("%s: test top-1 %.2f%% (%s)", label, metrics["top1"], status)
+        def finish() -> dict[str, Any]:
+            logits, labels = engine.predict(model, test_loader, ctx.runtime)
+            checkpoint.save({"logits": logits, "labels": labels}, entry.file("test_logits.pt"))
+            metrics = classification_metrics(logits, labels)
+            log.info("%s: test top-1 %.2f%% (%s)", label, metrics["top1"], status)
+            return entry.finish(
+                ["last.pt", "best.pt", "metrics.csv", "test_logits.pt"],
+                {"name": ctx.choice(role), "metrics": metrics,
+                 "train_time_s": result.train_time_s, "images_per_s": result.images_per_s,
+                 "epochs": int(tcfg.epochs), "init": init_info,
+                 "ranks": distributed.world_size()},
+            )
+
+        meta = distributed.on_main(finish)
         return {"status": status, "entry": entry, "meta": meta}
+
+
+@contextlib.contextmanager
+def main_lock(entry: Entry) -> Iterator[None]:
+    """The entry's store lock, taken by rank 0 only: the other ranks follow its decisions (they
+    must not queue on the lock while rank 0 waits for them inside a collective)."""
+    if distributed.is_main():
+        with entry.lock():
+            yield
+    else:
+        yield
 
 
 def inject_nan_for_tests(loss_fn: DistillationLoss, label: str) -> None:

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kdcli import engine
+from kdcli import distributed, engine
 from kdcli.checkpoint import atomic_write_text
 from kdcli.errors import ConfigError
 from kdcli.metrics import classification_metrics, profile_model
@@ -28,7 +28,8 @@ def main(cfg) -> dict[str, Any]:
     result = {"checkpoint": str(path), "arch": ctx.choice(cfg.arch), "split": cfg.split,
               "dataset": ctx.dataset.name, **classification_metrics(logits, labels),
               **profile_model(model.float(), ctx.dataset.image_shape)}
-    atomic_write_text(ctx.run_dir / "eval.json", json.dumps(result, indent=2))
+    if distributed.is_main():
+        atomic_write_text(ctx.run_dir / "eval.json", json.dumps(result, indent=2))
     log.info("eval %s on %s/%s: top-1 %.2f%%  top-5 %.2f%%  macro-F1 %.2f", path,
              ctx.dataset.name, cfg.split, result["top1"], result["top5"], result["macro_f1"])
     return result

@@ -14,7 +14,7 @@ import torch
 import torchvision
 
 import kdcli
-from kdcli import checkpoint
+from kdcli import checkpoint, distributed
 from kdcli.metrics import classification_metrics, confusion_matrix, profile_model
 from kdcli.report import compression, write_report
 from kdcli.stages import cache as cache_stage
@@ -38,21 +38,26 @@ def run(ctx: Context) -> dict[str, Any]:
     teachers = teacher_stage.run_all(ctx)
     cache = cache_stage.run(ctx, teachers)
     if int(ctx.cfg.cache.get("check") or 0) > 0:
-        cache_stage.check(ctx, teachers, cache, int(ctx.cfg.cache.check))
+        distributed.on_main(
+            lambda: cache_stage.check(ctx, teachers, cache, int(ctx.cfg.cache.check)))
     pretrained = pretrain_stage.run(ctx)
     student = student_stage.run(ctx, cache, teachers, pretrained)
     baseline = student_stage.run_baseline(ctx, teachers, pretrained) if ctx.cfg.baseline else None
-    teacher_stage.publish_all(teachers, ctx.run_dir)
-    for stage, result in (("student", student), ("baseline", baseline)):
-        if result is not None:
-            publish(result["entry"], ctx.run_dir, stage)
-    report = build_report(ctx, teachers, cache, pretrained, student, baseline,
-                          time.perf_counter() - t0)
-    s, b = report["student"], report["baseline"]
-    log.info("student %s: top-1 %.2f%% (baseline %s, teacher %.2f%%); report: %s",
-             s["name"], s["top1"], f"{b['top1']:.2f}%" if b else "off",
-             report["teacher"]["top1"], ctx.run_dir / "report.md")
-    return report
+
+    def finish() -> dict[str, Any]:
+        teacher_stage.publish_all(teachers, ctx.run_dir)
+        for stage, result in (("student", student), ("baseline", baseline)):
+            if result is not None:
+                publish(result["entry"], ctx.run_dir, stage)
+        report = build_report(ctx, teachers, cache, pretrained, student, baseline,
+                              time.perf_counter() - t0)
+        s, b = report["student"], report["baseline"]
+        log.info("student %s: top-1 %.2f%% (baseline %s, teacher %.2f%%); report: %s",
+                 s["name"], s["top1"], f"{b['top1']:.2f}%" if b else "off",
+                 report["teacher"]["top1"], ctx.run_dir / "report.md")
+        return report
+
+    return distributed.on_main(finish)  # rank 0 writes the report; every rank returns it
 
 
 def _test_logits(result: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdcli import checkpoint
+from kdcli import checkpoint, distributed
 from kdcli.data.loader import Batch
 from kdcli.data.transforms import ViewTable
 from kdcli.engine import no_teacher
@@ -172,5 +172,5 @@ def main(cfg) -> dict[str, Any]:
     teachers = teacher_stage.require_all(ctx)
     pretrained = pretrain_stage.run(ctx)
     result = run(ctx, cache_stage.require(ctx, teachers), teachers, pretrained)
-    publish(result["entry"], ctx.run_dir, "student")
+    distributed.on_main(lambda: publish(result["entry"], ctx.run_dir, "student"))
     return result

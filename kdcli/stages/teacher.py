@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kdcli import distributed
 from kdcli.errors import ConfigError
 from kdcli.losses.ce import CrossEntropy
 from kdcli.stages.common import (
@@ -36,6 +37,13 @@ def contexts(ctx: Context) -> list[Context]:
         return [ctx]
     if len(set(names)) != len(names):
         raise ConfigError(f"teacher={names}: each teacher may appear once")
+    from hydra.core.hydra_config import HydraConfig
+
+    keyed = [o for o in HydraConfig.get().overrides.task if o.split("=")[0].startswith("teacher.")]
+    if keyed:
+        # With several teachers a `teacher.<key>` override has no single node to land on.
+        raise ConfigError(f"{', '.join(keyed)}: cannot be combined with teacher={names}; set "
+                          "the key in each teacher's YAML (e.g. with --config-dir)")
     return [ctx.variant(recompose([f"teacher={name}"], ("teacher",)), {"teacher": name})
             for name in names]
 
@@ -57,7 +65,7 @@ def require_all(ctx: Context) -> list[dict[str, Any]]:
     results = []
     for c in contexts(ctx):
         entry = entry_for(c)
-        meta = reuse_if_valid(entry)
+        meta = distributed.on_main(lambda e=entry: reuse_if_valid(e))  # may set a damaged one aside
         if meta is None:
             raise ConfigError(f"no trained teacher={c.choice('teacher')} for this config in "
                               f"store {c.store.root}; run `kd teacher` (or `kd train`) with the "
@@ -76,5 +84,5 @@ def main(cfg) -> list[dict[str, Any]]:
     """`kd teacher`: stage 1 alone."""
     ctx = build_context(cfg)
     results = run_all(ctx)
-    publish_all(results, ctx.run_dir)
+    distributed.on_main(lambda: publish_all(results, ctx.run_dir))
     return results

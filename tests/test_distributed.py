@@ -1,0 +1,150 @@
+"""Data parallelism: batch sharding, the single-process no-ops, and a real 2-rank torchrun run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kdcli import device, distributed
+from kdcli.data.datasets import Dataset, Split
+from kdcli.data.loader import BatchLoader
+from kdcli.data.transforms import CropFlip
+from kdcli.errors import ConfigError
+from kdcli.stages.common import Context
+from kdcli.store import Store
+
+CPU = torch.device("cpu")
+IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)}
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def single_process(monkeypatch):
+    for name in TORCHRUN_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def split(n: int, size: int = 6) -> Split:
+    g = torch.Generator().manual_seed(n)
+    return Split(torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+                 torch.arange(n))
+
+
+def loaders(data: Split, per_rank: int, world: int, **kw) -> list[BatchLoader]:
+    return [BatchLoader(data, per_rank, device=CPU, shuffle=True, seed=3, augment=CropFlip(2),
+                        rank=r, world_size=world, **IDENTITY, **kw) for r in range(world)]
+
+
+@pytest.mark.parametrize("n, per_rank, world", [(53, 5, 2), (48, 4, 3), (7, 2, 2)])
+def test_rank_batches_together_are_the_single_process_batch(n, per_rank, world):
+    """Same permutation and augmentation on every rank; at each step the ranks' batches, in rank
+    order, are exactly the batch one process would draw with the global batch size."""
+    data = split(n)
+    (single,) = loaders(data, per_rank * world, 1)
+    ranks = loaders(data, per_rank, world)
+    for epoch in (0, 1):
+        per_rank_batches = [list(r.epoch(epoch)) for r in ranks]
+        steps = {len(b) for b in per_rank_batches}
+        assert len(steps) == 1  # every rank takes the same number of steps
+        for parts, whole in zip(zip(*per_rank_batches), single.epoch(epoch)):  # noqa: B905
+            assert len({len(p.index) for p in parts}) == 1  # equal shares
+            index = torch.cat([p.index for p in parts])
+            k = len(index)  # a partial last batch leaves out < world samples
+            assert torch.equal(index, whole.index[:k])
+            assert torch.equal(torch.cat([p.images for p in parts]), whole.images[:k])
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_shards_disjoint_equal_and_complete(world, drop_last):
+    for n in range(world, 40, 3):
+        ranks = loaders(split(n), 3, world, drop_last=drop_last)
+        seen = [torch.cat([b.index for b in r.epoch(2)] or [torch.empty(0, dtype=torch.long)])
+                .tolist() for r in ranks]
+        assert len({len(s) for s in seen}) == 1
+        flat = sum(seen, [])
+        assert len(flat) == len(set(flat))
+        assert all(len(list(r.epoch(0))) == len(r) for r in ranks)
+        if not drop_last:
+            assert n - len(flat) < world
+
+
+def test_helpers_are_no_ops_without_torchrun():
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
+    assert not distributed.launched() and not distributed.active()
+    distributed.init(CPU)  # nothing to join
+    assert not torch.distributed.is_initialized()
+    assert distributed.on_main(lambda: 42) == 42
+    obj = {"a": 1}
+    assert distributed.broadcast(obj) is obj
+    t = torch.ones(3)
+    assert distributed.all_reduce_(t) is t and torch.equal(t, torch.ones(3))
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap(model, CPU) is model
+    distributed.gradient_averager(list(model.parameters()))()
+    distributed.check_in_sync([model], "x")
+    distributed.barrier()
+
+
+def test_threads_split_between_local_ranks(monkeypatch):
+    monkeypatch.setattr(device, "usable_cores", lambda: 16)
+    assert device.default_threads() == 16
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert device.default_threads() == 4
+    monkeypatch.setattr(device, "usable_cores", lambda: 2)
+    assert device.default_threads() == 1
+
+
+def test_training_loader_takes_this_ranks_share_of_the_global_batch(monkeypatch, tmp_path):
+    cfg = OmegaConf.create({"seed": 0, "dataset": {"augment": "crop_flip"}})
+    runtime = device.resolve(OmegaConf.create({"type": "cpu", "precision": "fp32",
+                                               "channels_last": False, "threads": None}))
+    ds = Dataset("d", split(40), split(10), [str(i) for i in range(40)])
+    ctx = Context(cfg, runtime, ds, Store(tmp_path), tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "1")
+    train = ctx.loader("train", 8, train=True)
+    assert (train.batch_size, train.rank, train.world_size) == (2, 1, 4)
+    test = ctx.loader("test", 8, train=False)  # evaluation is whole, on rank 0
+    assert (test.batch_size, test.world_size) == (8, 1)
+    with pytest.raises(ConfigError, match="multiple of the world size"):
+        ctx.loader("train", 10, train=True)
+
+
+def test_torchrun_two_ranks(tmp_path: Path):
+    """`torchrun --nproc_per_node=2 kd train` on the CPU (gloo): the teacher and an online-teacher
+    student (FitNets, whose adapter is averaged outside DDP) train data parallel; rank 0 alone
+    writes the log, the store entries and one report."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("KD_STORE", None)
+    for name in TORCHRUN_ENV:
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "kdcli.cli", "train", "experiment=smoke", "device=cpu", "hydra.run.dir=run",
+           "store=store", "baseline=false", "loss=fitnets", "loss.student_layer=block2",
+           "loss.teacher_layer=block2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [p.parent.name for p in tmp_path.rglob("report.json")] == ["run"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["stages"] == {"teacher": "trained", "cache": "trained", "student": "trained"}
+    assert report["student"]["mode"] == "online"
+    log = (tmp_path / "run" / "train.log").read_text()
+    for stage in ("teacher tiny_cnn-wide", "student"):
+        assert (f"{stage}: data parallel over 2 ranks, 32 images per rank and step (global batch "
+                "64), 8 steps per epoch") in log
+    assert log.count("teacher tiny_cnn-wide epoch 1/2") == 1  # rank 1 writes no log
+    for stage in ("teacher", "student"):
+        (entry,) = [p for p in (tmp_path / "store" / stage).iterdir() if p.is_dir()]
+        rows = (entry / "metrics.csv").read_text().splitlines()
+        assert len(rows) == 3 and "images_per_s" in rows[0]
+        assert json.loads((entry / "meta.json").read_text())["ranks"] == 2
+    assert not list(tmp_path.rglob("*.tmp"))
