@@ -11,19 +11,19 @@ renders what is there and says "—" for the rest instead of failing at the end 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from kdcli.checkpoint import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -173,47 +173,6 @@ def to_jsonable(obj: Any) -> Any:
     return str(obj)
 
 
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes ``data`` so readers see the old file or the new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        if isinstance(exc, OSError) and exc.errno and exc.filename is None:
-            # A failed write() (disk full, file size limit) names no file: say which one.
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Makes the rename itself durable; not possible on every OS, so best effort."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 # --------------------------------------------------------------------------- plots
 
 
@@ -253,7 +212,7 @@ def _new_figure(width: float, height: float) -> Any:
 def _save_figure(fig: Any, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
 
 
 def _plot_training_curves(histories: Mapping[str, Path | str], path: Path) -> bool:
@@ -739,10 +698,10 @@ def write_report(
     run_dir.mkdir(parents=True, exist_ok=True)
     # JSON first: it is what scripts and sweeps read, so no plot failure may cost us it.
     data = to_jsonable(report)
-    _atomic_write_text(
+    atomic_write_text(
         run_dir / "report.json",
         json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
     )
     plots = _make_plots(data, run_dir, histories, confusion, class_names)
-    _atomic_write_text(run_dir / "report.md", render_markdown(data, plots))
+    atomic_write_text(run_dir / "report.md", render_markdown(data, plots))
     log.info("Wrote report to %s", run_dir / "report.md")
