@@ -65,9 +65,12 @@ def num_views(ctx: Context) -> int:
     k = int(ctx.cfg.cache.get("views") or 0)
     if k < 0:
         raise ConfigError(f"cache.views={k} must be >= 0")
-    if k and build_augment(ctx.cfg.dataset.augment) is None:
+    if not k:
+        return 0
+    augment = build_augment(ctx.cfg.dataset.augment)
+    if augment is None:
         raise ConfigError("cache.views > 0 caches augmented views, but dataset.augment=none")
-    if k and not isinstance(build_augment(ctx.cfg.dataset.augment), CropFlip):
+    if not isinstance(augment, CropFlip):
         raise ConfigError(f"cache.views > 0 replays crop offsets and flips: use dataset.augment="
                           f"crop_flip or flip, not {ctx.cfg.dataset.augment}")
     return k
