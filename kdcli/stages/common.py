@@ -96,6 +96,17 @@ def list_override(group: str) -> list[str] | None:
     return None
 
 
+def keyed_overrides(group: str) -> list[str]:
+    """Command-line overrides of keys inside `group` (`teacher.width=64`), as Hydra parses them."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = list(HydraConfig.get().overrides.task)
+    parsed = OverridesParser.create().parse_overrides(task)
+    return [line for line, o in zip(task, parsed, strict=True)
+            if o.key_or_group.startswith(group + ".")]
+
+
 def recompose(extra: list[str], replace_groups: tuple[str, ...]) -> DictConfig:
     """This run's config composed again with `extra` overrides in place of those naming
     `replace_groups` or keys inside them: how one run reaches several options of one group."""

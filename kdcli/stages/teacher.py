@@ -14,6 +14,7 @@ from kdcli.losses.ce import CrossEntropy
 from kdcli.stages.common import (
     Context,
     build_context,
+    keyed_overrides,
     list_override,
     publish,
     recompose,
@@ -37,9 +38,7 @@ def contexts(ctx: Context) -> list[Context]:
         return [ctx]
     if len(set(names)) != len(names):
         raise ConfigError(f"teacher={names}: each teacher may appear once")
-    from hydra.core.hydra_config import HydraConfig
-
-    keyed = [o for o in HydraConfig.get().overrides.task if o.split("=")[0].startswith("teacher.")]
+    keyed = keyed_overrides("teacher")
     if keyed:
         # With several teachers a `teacher.<key>` override has no single node to land on.
         raise ConfigError(f"{', '.join(keyed)}: cannot be combined with teacher={names}; set "
