@@ -169,6 +169,47 @@ class SoftLabels:
         """Dense float32 logits of every sample and view: (N, V, C)."""
         return torch.stack([self.all_logits(v) for v in range(self.views)], dim=1)
 
+    def lookup(self, device: torch.device) -> Lookup:
+        """The stored arrays as tensors on `device`, for per-batch lookups while training."""
+        return Lookup(self, torch.device(device))
+
+
+class Lookup:
+    """Per-batch teacher logits from a cache file, in its stored form until the batch is drawn.
+
+    Nothing is widened up front: the float16 logits (or top-k values, indices and logsumexp)
+    stay as stored, a batch's rows are gathered and turned into dense float32 logits then. On
+    the CPU the tensors are views of the memory-mapped file (copy-on-write, so torch may hold
+    them; the pages are the page cache's, shared by every process reading the file); on a GPU
+    the stored arrays are copied there once, at their stored width.
+    """
+
+    def __init__(self, labels: SoftLabels, device: torch.device) -> None:
+        self.num_classes = labels.num_classes
+        self.storage = labels.header["storage"]
+        names = ("logits",) if self.storage == "full" else ("values", "indices", "logsumexp")
+        data_start = labels.path.stat().st_size - labels.header["data_bytes"]
+        layout = {a["name"]: a for a in labels.header["arrays"]}
+        tensors = {}
+        for name in names:
+            a = layout[name]
+            mapped = np.memmap(labels.path, dtype=np.dtype(a["dtype"]), mode="c",
+                               offset=data_start + a["offset"], shape=tuple(a["shape"]))
+            tensors[name] = torch.from_numpy(mapped).to(device)
+        self.tensors = tensors
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def __call__(self, index: torch.Tensor, view: torch.Tensor | int = 0) -> torch.Tensor:
+        """Dense float32 logits (B, C) of samples `index`, each at its `view`."""
+        t = self.tensors
+        if self.storage == "full":
+            return t["logits"][index, view].float()
+        return densify(t["values"][index, view].float(), t["indices"][index, view].long(),
+                       t["logsumexp"][index, view], self.num_classes)
+
 
 def densify(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int
             ) -> torch.Tensor:

@@ -103,6 +103,20 @@ def test_stale_int8_file_is_removed(tmp_path: Path) -> None:
     assert export.remove_stale(tmp_path, {"student.onnx", "student.ts"}) == []
 
 
+def test_store_relative_to_the_training_cwd_is_anchored(tmp_path: Path, monkeypatch) -> None:
+    # `store` defaults to a relative path; an image folder's decoded cache lives under it.
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(
+        "store: kd-store\nstudent: {name: s}\ndataset:\n  cache_dir: ${store}/datasets\n")
+    root = tmp_path / "kd-store"
+    (run_dir / "report.json").write_text(json.dumps(
+        {"student": {}, "store": {"student": str(root / "student" / "resnet8-abc")}}))
+    monkeypatch.chdir(run_dir)  # anywhere but where training ran
+    cfg, _ = export.load_run(run_dir)
+    assert cfg.dataset.cache_dir == f"{root}/datasets"
+
+
 def test_not_a_run_is_one_line(tmp_path: Path) -> None:
     for target in (tmp_path / "missing", tmp_path):
         proc = kd("export", str(target), cwd=tmp_path, check=False)

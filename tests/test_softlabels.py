@@ -131,6 +131,45 @@ def test_file_is_memory_mapped(cache_file):
     assert arr.offset % 64 == 0
 
 
+def _mapped_files(ptr: int) -> list[str]:
+    """The files whose mappings in this process contain address `ptr` (Linux)."""
+    found = []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= ptr < hi and len(fields) >= 6:
+                found.append(fields[5])
+    return found
+
+
+@pytest.mark.parametrize("storage", ["full", "topk"])
+def test_lookup_matches_dense_logits_per_view(tmp_path, storage):
+    logits = logits_of(9, 3, 150, seed=4)  # (N, V, C)
+    softlabels.write(tmp_path / "l.kdsl", logits, storage=storage, topk=7)
+    sl = softlabels.open(tmp_path / "l.kdsl")
+    lookup = sl.lookup(torch.device("cpu"))
+    index = torch.tensor([8, 0, 3, 3])
+    view = torch.tensor([2, 0, 1, 2])
+    want = torch.stack([sl.logits(index[i:i + 1], int(view[i]))[0] for i in range(4)])
+    got = lookup(index, view)
+    assert got.dtype == torch.float32 and got.shape == (4, 150)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(lookup(index), sl.logits(index, 0), rtol=0, atol=0)
+
+
+def test_lookup_keeps_the_stored_width_and_maps_the_file_on_cpu(tmp_path):
+    path = tmp_path / "big.kdsl"
+    softlabels.write(path, logits_of(2000, 2, 10))
+    sl = softlabels.open(path)
+    lookup = sl.lookup(torch.device("cpu"))
+    held = lookup.tensors["logits"]
+    # float16 as stored: half the bytes of float32 logits, and no copy of them either.
+    assert held.dtype == torch.float16 and lookup.nbytes == 2000 * 2 * 10 * 2
+    if os.path.exists("/proc/self/maps"):
+        assert str(path) in _mapped_files(held.data_ptr())
+
+
 def test_flipped_data_byte_fails_checksum(cache_file):
     raw = bytearray(cache_file.read_bytes())
     raw[data_start(cache_file) + 3] ^= 0xFF

@@ -59,7 +59,8 @@ def build_loss(ctx: Context) -> DistillationLoss:
 
 
 class CachedTeacher:
-    """Serves teacher logits for a batch from the cache, held on the training device.
+    """Serves teacher logits for a batch from the cache, kept at its stored width (float16 or
+    top-k) on the training device and widened a batch at a time (`softlabels.Lookup`).
 
     With cached views, `views` is the table the student's loader must replay, and each
     sample's logits are those of the very view it shows.
@@ -67,14 +68,12 @@ class CachedTeacher:
 
     def __init__(self, cache: dict[str, Any], device: torch.device) -> None:
         labels = cache_stage.open_split(cache, "train")
-        self.logits = labels.all_views().to(device)  # (N, V, C)
+        self.lookup = labels.lookup(device)
         has_views = "view_offsets" in labels.arrays
         self.views = ViewTable.from_arrays(labels.arrays) if has_views else None
 
     def __call__(self, batch: Batch) -> Outputs:
-        if batch.view is None:
-            return Outputs(self.logits[batch.index, 0])
-        return Outputs(self.logits[batch.index, batch.view])
+        return Outputs(self.lookup(batch.index, 0 if batch.view is None else batch.view))
 
 
 class OnlineTeacher:
