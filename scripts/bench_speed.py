@@ -556,7 +556,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (after 1 warm-up)")
     ap.add_argument("--cache-images", type=int, default=5000, help="train images (full pack)")
     ap.add_argument("--test-images", type=int, default=1000, help="test images (full pack)")
-    ap.add_argument("--cache-batch", type=int, default=1000)
+    ap.add_argument("--cache-batch", type=int, default=256)
     ap.add_argument("--tv-workers", type=int, default=2,
                     help="DataLoader workers of the torchvision row (-1: skip the row)")
     ap.add_argument("--compile", action="store_true", help="torch.compile kd's model")
