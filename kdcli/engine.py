@@ -262,6 +262,8 @@ def fit(
 
     step = TrainStep(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                      runtime=runtime, teacher=teacher, student_taps=student_taps, scaler=scaler)
+    if runtime.compile:
+        log.info("%s: torch.compile on (the first steps wait for the compiler)", label)
     if distributed.active():
         world = distributed.world_size()
         log.info("%s: data parallel over %d ranks, %d images per rank and step (global batch "

@@ -148,3 +148,29 @@ def test_torchrun_two_ranks(tmp_path: Path):
         assert len(rows) == 3 and "images_per_s" in rows[0]
         assert json.loads((entry / "meta.json").read_text())["ranks"] == 2
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_torchrun_sweep_with_compile(tmp_path: Path):
+    """A `-m` sweep inside torchrun, with torch.compile: each job trains data parallel over both
+    ranks, the compiled step runs under DDP, and rank 0 alone writes the jobs and the summary."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("KD_STORE", None)
+    for name in TORCHRUN_ENV:
+        env.pop(name, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "kdcli.cli", "train", "-m", "experiment=smoke", "device=cpu",
+           "device.compile=true", "hydra.sweep.dir=sweep", "store=store", "baseline=false",
+           "loss.temperature=2,4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = sorted(p.parent.name for p in tmp_path.rglob("report.json"))
+    assert jobs == ["0", "1"]
+    assert (tmp_path / "sweep" / "summary.md").is_file()
+    for job in jobs:
+        log = (tmp_path / "sweep" / job / "train.log").read_text()
+        assert "student: torch.compile on" in log
+        assert log.count("student: data parallel over 2 ranks") == 1
+    students = [p for p in (tmp_path / "store" / "student").iterdir() if p.is_dir()]
+    assert len(students) == 2
+    for entry in students:
+        assert json.loads((entry / "meta.json").read_text())["ranks"] == 2
