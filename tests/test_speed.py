@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from kdcli import engine
+from kdcli import engine, softlabels
 from kdcli.data.datasets import Split
 from kdcli.data.loader import BatchLoader
 from kdcli.data.transforms import CropFlip
@@ -63,13 +63,15 @@ def test_first_non_finite_step_is_reported():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_no_host_sync_inside_the_loop_on_cuda(precision):
+def test_no_host_sync_inside_the_loop_on_cuda(precision, tmp_path):
     """From the second step to the last, the engine's loop (next batch and its augmentation,
-    forward, loss on cached teacher logits, backward, optimizer, scheduler, bookkeeping) runs
-    with CUDA's sync debug mode set to error: nothing in it waits for the GPU."""
+    forward, loss on teacher logits looked up in a real soft-label cache, backward, optimizer,
+    scheduler, bookkeeping) runs with CUDA's sync debug mode set to error: nothing in it waits
+    for the GPU."""
     device = torch.device("cuda")
-    logits = torch.randn(64, 10, device=device)
-    step, loader = setup(device, precision, teacher=lambda b: Outputs(logits[b.index]),
+    softlabels.write(tmp_path / "train.kdsl", torch.randn(64, 10))
+    lookup = softlabels.open(tmp_path / "train.kdsl").lookup(device)
+    step, loader = setup(device, precision, teacher=lambda b: Outputs(lookup(b.index)),
                          loss=HintonKD())
     engine.train_epoch(step, loader, 0)  # warm-up: cuDNN autotuning, allocator
     steps, calls = len(loader), 0
