@@ -188,15 +188,12 @@ class Lookup:
         self.num_classes = labels.num_classes
         self.storage = labels.header["storage"]
         names = ("logits",) if self.storage == "full" else ("values", "indices", "logsumexp")
-        data_start = labels.path.stat().st_size - labels.header["data_bytes"]
-        layout = {a["name"]: a for a in labels.header["arrays"]}
-        tensors = {}
+        self.tensors = {}
         for name in names:
-            a = layout[name]
-            mapped = np.memmap(labels.path, dtype=np.dtype(a["dtype"]), mode="c",
-                               offset=data_start + a["offset"], shape=tuple(a["shape"]))
-            tensors[name] = torch.from_numpy(mapped).to(device)
-        self.tensors = tensors
+            stored = labels.arrays[name]  # read-only: torch wants a writable buffer
+            mapped = np.memmap(labels.path, dtype=stored.dtype, mode="c", offset=stored.offset,
+                               shape=stored.shape)
+            self.tensors[name] = torch.from_numpy(mapped).to(device)
 
     @property
     def nbytes(self) -> int:
