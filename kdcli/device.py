@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,12 +21,19 @@ log = logging.getLogger(__name__)
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+DATA_PLACEMENTS = ("auto", "device", "host")
+# `device.data=auto` keeps a split on the GPU when it takes at most this share of its memory.
+RESIDENT_SHARE = 0.25
+
+
 @dataclass
 class Runtime:
     device: torch.device
     precision: str
     channels_last: bool
     compile: bool
+    data: str = "auto"  # where training images live: auto, device or host
+    _told: set = field(default_factory=set, repr=False, compare=False)
 
     @property
     def amp_dtype(self) -> torch.dtype:
@@ -48,6 +55,24 @@ class Runtime:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Moves a model to the device and memory format."""
         return model.to(self.device, memory_format=self.memory_format)
+
+    def data_on_device(self, nbytes: int, what: str = "the split") -> bool:
+        """Whether a loader should copy `nbytes` of images to the device once (True), or keep
+        them on the host and copy a batch at a time (False). On the CPU they are the same
+        memory; on a GPU `auto` keeps data resident up to RESIDENT_SHARE of its memory."""
+        if self.data == "host":
+            return False
+        if self.data == "device" or self.device.type != "cuda":
+            return True
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        if nbytes <= RESIDENT_SHARE * total:
+            return True
+        if what not in self._told:
+            self._told.add(what)
+            log.info("%s: %.1f GiB of images stay in host memory, batches are copied to the "
+                     "GPU as they are drawn (more than %d%% of its %.0f GiB; device.data=device "
+                     "to force)", what, nbytes / 2**30, RESIDENT_SHARE * 100, total / 2**30)
+        return False
 
     def describe(self) -> str:
         name = str(self.device)
@@ -89,7 +114,11 @@ def resolve(cfg) -> Runtime:
     threads = cfg.get("threads")
     if device.type == "cpu":
         torch.set_num_threads(int(threads) if threads else default_threads())
-    return Runtime(device, precision, bool(channels_last), bool(cfg.get("compile", False)))
+    data = cfg.get("data") or "auto"
+    if data not in DATA_PLACEMENTS:
+        raise ConfigError(f"device.data={data!r} is not valid; choose one of "
+                          f"{', '.join(DATA_PLACEMENTS)}")
+    return Runtime(device, precision, bool(channels_last), bool(cfg.get("compile", False)), data)
 
 
 def usable_cores() -> int:

@@ -104,6 +104,7 @@ class Device:
     channels_last: bool | str  # true, false or auto
     compile: bool
     threads: int | None
+    data: str  # auto, device or host
 
 
 @dataclass

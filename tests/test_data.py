@@ -111,6 +111,29 @@ def test_epoch_is_a_permutation():
         torch.testing.assert_close(b.images[:, 0, 0, 0], b.index.float())
 
 
+@pytest.mark.parametrize("views", [False, True])
+def test_host_resident_batches_equal_device_resident_ones(views):
+    # resident=False gathers each batch where the images are (host memory, a memory-mapped
+    # file) and copies it over; the batches must be exactly the resident path's.
+    from kdcli.data.transforms import ViewTable
+
+    split = Split(images(40, 8, 8), torch.arange(40) % 10)
+    augment = CropFlip(2)
+    table = ViewTable.sample(augment, 40, 3, seed=5) if views else None
+    kw = dict(device=CPU, shuffle=True, seed=3, augment=augment, drop_last=True, views=table,
+              mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2))
+    resident = BatchLoader(split, 8, **kw)
+    host = BatchLoader(split, 8, resident=False, **kw)
+    assert host.images is split.images  # not copied
+    for epoch in (0, 1):
+        pairs = list(zip(resident.epoch(epoch), host.epoch(epoch), strict=True))
+        assert len(pairs) == 5
+        for a, b in pairs:
+            assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)
+            assert torch.equal(a.images, b.images)
+            assert (a.view is None) == (not views) and (not views or torch.equal(a.view, b.view))
+
+
 def test_no_shuffle_keeps_order():
     loader = BatchLoader(constant_split(10), 4, device=CPU, **IDENTITY)
     assert torch.cat([b.index for b in loader]).tolist() == list(range(10))

@@ -112,3 +112,28 @@ def test_shipped_cpu_configs_resolve():
     bf16 = device.resolve(OmegaConf.load(str(folder / "cpu_bf16.yaml")))
     assert (fp32.device.type, fp32.precision, fp32.channels_last) == ("cpu", "fp32", False)
     assert (bf16.device.type, bf16.precision, bf16.channels_last) == ("cpu", "bf16", True)
+
+
+def test_data_placement_setting():
+    assert device.resolve(cfg()).data == "auto"
+    assert device.resolve(cfg(data="host")).data == "host"
+    with pytest.raises(ConfigError, match=r"device.data='gpu'.*auto, device, host"):
+        device.resolve(cfg(data="gpu"))
+
+
+def test_data_stays_on_the_host_when_it_would_crowd_the_gpu(monkeypatch, caplog):
+    class Props:
+        total_memory = 8 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props)
+    gpu = device.Runtime(torch.device("cuda", 0), "bf16", True, False)
+    assert gpu.data_on_device(2 * 2**30)  # a quarter of the GPU: copied once
+    with caplog.at_level("INFO", logger="kdcli.device"):
+        assert not gpu.data_on_device(3 * 2**30, "folder train")
+        assert not gpu.data_on_device(3 * 2**30, "folder train")
+    assert caplog.text.count("folder train: 3.0 GiB of images stay in host memory") == 1
+    forced = device.Runtime(torch.device("cuda", 0), "bf16", True, False, data="device")
+    assert forced.data_on_device(100 * 2**30)
+    cpu = device.Runtime(torch.device("cpu"), "fp32", False, False)
+    assert cpu.data_on_device(100 * 2**30)  # one memory: nothing to decide
+    assert not device.Runtime(torch.device("cpu"), "fp32", False, False, "host").data_on_device(1)

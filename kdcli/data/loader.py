@@ -1,7 +1,8 @@
 """The batch loader: indexes uint8 tensors held in memory, augments and normalises per batch.
 
 No DataLoader, no workers, no per-sample Python: one gather, one augmentation call and one
-normalisation per batch, on the training device (the split is moved there once). The epoch's
+normalisation per batch, on the training device (the split is moved there once, or, when it
+does not fit, each batch is gathered on the host and copied from pinned memory). The epoch's
 order and augmentation parameters are drawn up front, and copied to a GPU once or from pinned
 memory without waiting, so the loop never stalls on the host. Shuffling and augmentation draw
 from a generator seeded by (seed, epoch), so an epoch's data order is a function of the epoch
@@ -42,6 +43,10 @@ class BatchLoader:
         rank, world_size: data-parallel shard; `batch_size` is then per rank (see `shard`).
         views: fixed augmented views to replay instead of drawing fresh augmentations: each
             epoch every sample shows one of its K views, chosen at random (or `view=` all one).
+        resident: hold the split's images on `device` (copied once, the fastest). False keeps
+            them where they are (host memory, or a memory-mapped file) and gathers each batch
+            there, then copies it to the device from pinned memory without waiting: for a
+            dataset larger than the GPU's memory.
     """
 
     def __init__(
@@ -60,11 +65,13 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         views: ViewTable | None = None,
+        resident: bool = True,
     ) -> None:
         if views is not None and augment is None:
             raise ValueError("replaying cached views needs the augmentation that drew them")
         self.views = views
-        self.images = split.images.to(device)
+        self.resident = resident
+        self.images = split.images.to(device) if resident else split.images
         self.labels = split.labels.to(device)
         self.batch_size = batch_size
         self.device = device
@@ -139,7 +146,8 @@ class BatchLoader:
                 break
             rows_b = slice(start, start + b)
             index = index_all[rows_b]
-            images = self.images[index]
+            images = self.images[index] if self.resident else self._to_device(
+                self.images[order[rows_b]])
             if params is not None:
                 images = self.augment.apply(images, _rows(params, rows_b))
             yield Batch(index, self.normalise(images), self.labels[index],

@@ -91,7 +91,9 @@ def split_loader(ctx: Context, split: str, views: ViewTable | None) -> BatchLoad
     if split == "train" and views is not None:
         return BatchLoader(ds.train, bs, device=ctx.runtime.device, mean=ds.mean, std=ds.std,
                            augment=build_augment(ctx.cfg.dataset.augment), views=views,
-                           memory_format=ctx.runtime.memory_format)
+                           memory_format=ctx.runtime.memory_format,
+                           resident=ctx.runtime.data_on_device(ds.train.images.nbytes,
+                                                               f"{ds.name} train"))
     return ctx.loader(split, bs, train=False)
 
 

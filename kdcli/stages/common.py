@@ -64,12 +64,14 @@ class Context:
         if batch_size % world:
             raise ConfigError(f"batch size {batch_size} does not split evenly over {world} "
                               "data-parallel ranks; choose a multiple of the world size")
+        data = getattr(ds, split)
         return BatchLoader(
-            getattr(ds, split), batch_size // world, device=self.runtime.device, mean=ds.mean,
+            data, batch_size // world, device=self.runtime.device, mean=ds.mean,
             std=ds.std, shuffle=train,
             augment=build_augment(self.cfg.dataset.augment) if train else None,
             seed=int(self.cfg.seed), drop_last=train, memory_format=self.runtime.memory_format,
             views=views, rank=distributed.rank() if train else 0, world_size=world,
+            resident=self.runtime.data_on_device(data.images.nbytes, f"{ds.name} {split}"),
         )
 
     def eval_loader(self, split: str = "test") -> BatchLoader:
