@@ -15,9 +15,13 @@ Without torchrun (WORLD_SIZE unset or 1) every helper here is a no-op.
 from __future__ import annotations
 
 import atexit
+import datetime
+import itertools
 import logging
 import os
+import pickle
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -79,10 +83,14 @@ def init(device: torch.device) -> None:
         return
     if not dist.is_available():
         raise KDError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    # KD_DIST_TIMEOUT_S: how long a collective may wait for a slow rank before failing
+    # (torch's default, 10 min for NCCL and 30 for gloo, when unset).
+    seconds = _env_int("KD_DIST_TIMEOUT_S", 0)
+    timeout = {"timeout": datetime.timedelta(seconds=seconds)} if seconds > 0 else {}
     if device.type == "cuda":
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, **timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **timeout)
     atexit.register(shutdown)
     log.info("data parallel: rank %d of %d (%s backend, device %s)", rank(), world_size(),
              dist.get_backend(), device)
@@ -107,24 +115,37 @@ def broadcast(obj: T) -> T:
     return box[0]
 
 
+_on_main_calls = itertools.count()
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Runs `fn` on rank 0 alone and returns its result on every rank; the others wait.
 
     Use it for anything that writes (checkpoints, store entries, the cache, the report) or
     decides for all ranks (reuse or retrain). A failure on rank 0 is raised on every rank,
     so the others stop instead of waiting forever.
+
+    The others wait on the process group's key-value store, not inside a collective, so no
+    collective timeout limits how long rank 0 may take: building a large soft-label cache, or
+    queueing for a store entry another run holds, can take hours.
     """
     if not active():
         return fn()
+    store = dist.distributed_c10d._get_default_store()
+    key = f"kd/on_main/{next(_on_main_calls)}"  # every rank makes the same calls in order
     if is_main():
         try:
             result = fn()
         except BaseException as exc:
-            broadcast(("error", f"{type(exc).__name__}: {exc}"))
+            store.set(key, pickle.dumps(("error", f"{type(exc).__name__}: {exc}")))
             raise
-        broadcast(("ok", result))
+        store.set(key, pickle.dumps(("ok", result)))
         return result
-    status, payload = broadcast(None)
+    pause = 0.01
+    while not store.check([key]):
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
+    status, payload = pickle.loads(store.get(key))
     if status == "error":
         raise RankFailed(f"rank 0 failed: {payload}")
     return payload

@@ -174,3 +174,65 @@ def test_torchrun_sweep_with_compile(tmp_path: Path):
     assert len(students) == 2
     for entry in students:
         assert json.loads((entry / "meta.json").read_text())["ranks"] == 2
+
+
+def test_other_ranks_outwait_the_collective_timeout_while_rank0_queues(tmp_path: Path):
+    """Rank 0 queues for a store entry another process holds for longer than the process
+    group's collective timeout (cut to 6 s here; 30 min by default): the other rank waits on
+    the key-value store, not in a collective, so the run goes on when the lock is released."""
+    import time
+
+    from filelock import FileLock
+
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1",
+           "KD_DIST_TIMEOUT_S": "6"}
+    env.pop("KD_STORE", None)
+    for name in TORCHRUN_ENV:
+        env.pop(name, None)
+    args = ["experiment=smoke", "device=cpu", "store=store"]
+    first = subprocess.run([sys.executable, "-m", "kdcli.cli", "teacher", *args,
+                            "hydra.run.dir=first"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (entry,) = [p for p in (tmp_path / "store" / "teacher").iterdir() if p.is_dir()]
+    lock = FileLock(str(entry) + ".lock")
+    lock.acquire()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc_per_node=2", "-m", "kdcli.cli", "teacher", *args, "hydra.run.dir=second"],
+            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(20)  # both ranks started, rank 0 queued on the lock for > 2 timeouts
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+    finally:
+        lock.release()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    (log,) = (tmp_path / "second").glob("*.log")
+    assert "teacher tiny_cnn-wide: reusing" in log.read_text()
+
+
+def test_on_main_hands_rank0s_result_or_failure_through_the_store(monkeypatch):
+    import itertools
+    import pickle
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "_on_main_calls", itertools.count())
+    # Rank 0: runs fn, publishes its result, then a failure under the next key.
+    monkeypatch.setattr(distributed, "is_main", lambda: True)
+    assert distributed.on_main(lambda: {"top1": 5.0}) == {"top1": 5.0}
+    with pytest.raises(OSError):
+        distributed.on_main(lambda: (_ for _ in ()).throw(OSError("disk full")))
+    assert pickle.loads(store.get("kd/on_main/0")) == ("ok", {"top1": 5.0})
+    # Another rank replaying the same calls gets the result, then the failure as RankFailed.
+    monkeypatch.setattr(distributed, "_on_main_calls", itertools.count())
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    ran = []
+    assert distributed.on_main(lambda: ran.append(1)) == {"top1": 5.0}
+    with pytest.raises(distributed.RankFailed, match="rank 0 failed: OSError: disk full"):
+        distributed.on_main(lambda: ran.append(1))
+    assert not ran  # fn runs on rank 0 only
