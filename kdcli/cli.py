@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+from pathlib import Path
 
 COMMANDS = {
     "train": ("kdcli.stages.pipeline", "all stages: teacher -> soft-label cache -> student"),
@@ -188,6 +189,23 @@ def run_plain(verb: str, main_fn, argv: list[str]) -> int:
         return 1
 
 
+def save_run_config(cfg) -> None:
+    """The run folder's `.hydra/`: the composed config, Hydra's own and the command-line
+    overrides, as Hydra would write them (kd sets `hydra.output_subdir: null` and writes them
+    here, inside its error handling)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from kdcli.checkpoint import atomic_write_text
+
+    hydra_cfg = HydraConfig.get()
+    folder = Path(hydra_cfg.runtime.output_dir) / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", {"hydra": hydra_cfg}),
+                       ("overrides.yaml", hydra_cfg.overrides.task)):
+        atomic_write_text(folder / name, OmegaConf.to_yaml(node))
+
+
 def run_command(verb: str, cfg):
     """Runs a verb on a composed config; a KDError becomes a one-line message and exit 1."""
     from kdcli.errors import KDError
@@ -195,6 +213,7 @@ def run_command(verb: str, cfg):
 
     module = importlib.import_module(COMMANDS[verb][0])
     try:
+        save_run_config(cfg)
         validate(cfg)  # wrong types, unknown keys, ??? values: before any work is done
         return module.main(cfg)
     except KDError as exc:

@@ -297,6 +297,22 @@ def _file_size_limit(limit: int):
     return apply
 
 
+def test_disk_full_before_the_first_stage_is_one_line(tmp_path: Path) -> None:
+    # The run folder's own files come first (.hydra/config.yaml): kd writes them inside its
+    # error handling, so even they get the one-line error, not a traceback.
+    proc = _start("train", *NO_BASELINE, f"store={tmp_path / 'store'}",
+                  f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                  preexec_fn=_file_size_limit(10))
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1
+    assert err == f"error: {tmp_path / 'run' / '.hydra' / 'config.yaml'}: File too large\n"
+    assert not (tmp_path / "store").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 @pytest.mark.parametrize("override, limit, failing", [
     # Teacher and cache reused; the student's first checkpoint (~100 KB) does not fit.
     ("loss.temperature=8", 50_000, r"student/tiny_cnn-[0-9a-f]{16}/best\.pt"),
