@@ -126,7 +126,7 @@ def load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
         raise ConfigError(f"{report_path} has no student block: not a kd train run")
     # `store` defaults to a path relative to where `kd train` ran; anchor it to the store the
     # run used (entries are <root>/<stage>/<name>-<key>), so `${store}/...` paths in the config,
-    # e.g. an image folder's decoded cache, point where the run left them from any directory.
+    # e.g. a dataset's decoded-image cache, point where the run left them from any directory.
     entries = report.get("store")
     if isinstance(entries, dict) and entries:
         cfg.store = str(Path(next(iter(entries.values()))).parents[1])

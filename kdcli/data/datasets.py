@@ -1,9 +1,11 @@
 """Dataset loaders. Each returns a `Dataset`: decoded uint8 images held once in memory.
 
 Images are decoded a single time at load (JPEG -> uint8 NCHW) and never again: every epoch,
-augmentation and the soft-label cache read the same tensor. A dataset config points at one of
-the loaders here (or `kdcli.data.imagefolder.image_folder`) by `_target_`; a user's own loader
-only has to return a `Dataset`.
+augmentation and the soft-label cache read the same tensor. The full CIFAR-10 pack is decoded
+once per pack into the decoded-image cache (`kdcli.data.decoded`) and memory-mapped from there
+by later runs and by every torchrun rank. A dataset config points at one of the loaders here
+(or `kdcli.data.imagefolder.image_folder`) by `_target_`; a user's own loader only has to return
+a `Dataset`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import hashlib
 import io
 import logging
 import pickle
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -25,6 +29,8 @@ log = logging.getLogger(__name__)
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# Bump when decoding the JPEG pack changes: old decoded caches go stale.
+PACK_DECODE_VERSION = 1
 
 
 @dataclass
@@ -105,21 +111,17 @@ def cifar10_subset(name: str = "cifar10_subset", **_: object) -> Dataset:
                    [str(c) for c in arrays["classes"]])
 
 
-def cifar10(root: str, name: str = "cifar10", **_: object) -> Dataset:
+def cifar10(root: str, name: str = "cifar10", cache_dir: str | None = None, **_: object
+            ) -> Dataset:
     """Full CIFAR-10 from `root`, in either layout found there.
 
-    - the JPEG pack: `root/train.npz`, `root/test.npz` (arrays jpeg, offsets, labels, classes);
-    - torchvision's `cifar-10-batches-py` folder (as `root` or inside it).
+    - the JPEG pack: `root/train.npz`, `root/test.npz` (arrays jpeg, offsets, labels, classes),
+      decoded once into `cache_dir` (None = decode on every run; see `kdcli.data.decoded`);
+    - torchvision's `cifar-10-batches-py` folder (as `root` or inside it), raw pixels already.
     """
     base = Path(root).expanduser()
     if (base / "train.npz").exists():
-        splits = {}
-        for split in ("train", "test"):
-            _require(base / f"{split}.npz", "CIFAR-10 pack file")
-            with np.load(base / f"{split}.npz") as z:
-                arrays = dict(z)
-            splits[split] = _split_from_pack(arrays)
-        return Dataset(name, splits["train"], splits["test"], [str(c) for c in arrays["classes"]])
+        return _cifar_pack(base, name, cache_dir)
     for folder in (base, base / "cifar-10-batches-py"):
         if (folder / "data_batch_1").exists():
             return _cifar_batches(folder, name)
@@ -127,6 +129,43 @@ def cifar10(root: str, name: str = "cifar10", **_: object) -> Dataset:
         f"no CIFAR-10 data at {base}: expected train.npz/test.npz (JPEG pack) or a "
         "cifar-10-batches-py folder; set dataset.loader.root"
     )
+
+
+def _cifar_pack(base: Path, name: str, cache_dir: str | None) -> Dataset:
+    # decoded imports Split from here, so it is imported when first needed.
+    from kdcli.data import decoded
+
+    packs = {split: base / f"{split}.npz" for split in ("train", "test")}
+    for path in packs.values():
+        _require(path, "CIFAR-10 pack file")
+    cached = decoded.folder(cache_dir, "cifar10", pack_key(packs.values()))
+    hit = decoded.load(cached) if cached is not None else None
+    if hit is not None:
+        splits, meta = hit
+        return Dataset(name, splits["train"], splits["test"], [str(c) for c in meta["classes"]])
+    t0 = time.perf_counter()
+    splits = {}
+    for split, path in packs.items():
+        with np.load(path) as z:
+            arrays = dict(z)
+        splits[split] = _split_from_pack(arrays)
+    classes = [str(c) for c in arrays["classes"]]
+    log.info("cifar10: decoded %d JPEGs from %s in %.1fs", sum(map(len, splits.values())), base,
+             time.perf_counter() - t0)
+    if cached is not None:
+        decoded.write(cached, splits, {"root": str(base), "classes": classes,
+                                       "version": PACK_DECODE_VERSION})
+    return Dataset(name, splits["train"], splits["test"], classes)
+
+
+def pack_key(paths: Iterable[Path]) -> str:
+    """Hash of the decode version and each pack file's name, size and mtime: cheap (no read),
+    and a rewritten pack gets a new key."""
+    h = hashlib.sha256(f"cifar10-pack\0{PACK_DECODE_VERSION}\n".encode())
+    for path in paths:
+        st = path.stat()
+        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:24]
 
 
 def _cifar_batches(folder: Path, name: str) -> Dataset:

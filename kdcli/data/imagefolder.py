@@ -6,21 +6,18 @@ evaluation transform, so evaluation needs no transform of its own); train-time a
 (`random_resized_crop`, `crop_flip`, `flip`) then runs on whole batches of these tensors.
 Memory is `3 * image_size^2` bytes per image: 150 KB at 224 px, 1.5 GB per 10,000 images.
 
-Decoding is the slow part, so the decoded arrays are cached on disk (`cache_dir`), keyed by the
-file list (relative path, size, mtime of every image) and the decode settings: a re-run loads
-them in seconds, and an added, removed or edited image gives a new key. A cache is written to a
-temp folder and renamed into place, so a killed run never leaves half a cache behind.
+Decoding is the slow part, so the decoded arrays are cached on disk (`cache_dir`, see
+`kdcli.data.decoded`), keyed by the file list (relative path, size, mtime of every image) and
+the decode settings: a re-run maps them in seconds, and an added, removed or edited image gives
+a new key.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kdcli.data import decoded
 from kdcli.data.datasets import Dataset, Split
 from kdcli.errors import DataError
 
@@ -93,9 +91,11 @@ def image_folder(
             f"only in {test_dir}: {_few(test - train)})")
     files = {split: listed[split][1] for split in SPLITS}
 
-    key = cache_key(base, files, size, short)
-    cached = _cache_path(cache_dir, key)
-    splits = _load_cache(cached, files) if cached is not None else None
+    cached = decoded.folder(cache_dir, "imagefolder", cache_key(base, files, size, short))
+    labels = {split: np.array([label for _, label in files[split]], dtype=np.int64)
+              for split in SPLITS}
+    hit = decoded.load(cached, labels) if cached is not None else None
+    splits = hit[0] if hit is not None else None
     if splits is None:
         t0 = time.perf_counter()
         n = sum(len(f) for f in files.values())
@@ -106,8 +106,9 @@ def image_folder(
                   for split in SPLITS}
         log.info("image folder: decoded %d images in %.1fs", n, time.perf_counter() - t0)
         if cached is not None:
-            _write_cache(cached, splits, {"root": str(base), "classes": classes,
-                                          "image_size": size, "resize": short})
+            decoded.write(cached, splits, {"root": str(base), "classes": classes,
+                                           "image_size": size, "resize": short,
+                                           "version": CACHE_VERSION})
     return Dataset(name, splits["train"], splits["test"], classes,
                    tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
@@ -183,9 +184,6 @@ def decode_split(base: Path, files: list[tuple[str, int]], size: int, short: int
     return Split(torch.from_numpy(images), torch.from_numpy(labels))
 
 
-# --------------------------------------------------------------------------- decoded cache
-
-
 def cache_key(base: Path, files: dict[str, list[tuple[str, int]]], size: int, short: int
               ) -> str:
     """Hash of the decode settings and every image's path, label, size and mtime."""
@@ -197,65 +195,3 @@ def cache_key(base: Path, files: dict[str, list[tuple[str, int]]], size: int, sh
             st = os.stat(base / rel)
             h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:24]
-
-
-def _cache_path(cache_dir: str | None, key: str) -> Path | None:
-    if cache_dir is None or str(cache_dir).strip() == "":
-        return None
-    return Path(cache_dir).expanduser() / f"imagefolder-{key}"
-
-
-def _load_cache(path: Path, files: dict[str, list[tuple[str, int]]]) -> dict[str, Split] | None:
-    """The cached splits, or None when absent or unusable (then they are decoded again)."""
-    if not (path / "meta.json").is_file():
-        return None
-    try:
-        splits = {}
-        for split in SPLITS:
-            # Copy-on-write map: pages are read on first touch, nothing is written back.
-            images = np.load(path / f"{split}_images.npy", mmap_mode="c")
-            labels = np.load(path / f"{split}_labels.npy")
-            expected = np.array([label for _, label in files[split]], dtype=np.int64)
-            if images.shape[0] != len(expected) or not np.array_equal(labels, expected):
-                raise ValueError(f"{split} split does not match the file list")
-            splits[split] = Split(torch.from_numpy(images), torch.from_numpy(labels))
-    except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, not fatal
-        log.warning("image folder: decoded cache %s is unreadable (%s); decoding again", path, exc)
-        aside = path.with_name(f".{path.name}.{os.getpid()}.damaged")
-        with contextlib.suppress(OSError):
-            os.rename(path, aside)
-            shutil.rmtree(aside, ignore_errors=True)
-        return None
-    log.info("image folder: loaded decoded images from %s", path)
-    return splits
-
-
-def _write_cache(path: Path, splits: dict[str, Split], meta: dict) -> None:
-    """Writes the cache into a temp folder beside `path`, then renames it into place."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared store's cache from other users
-    except OSError as exc:
-        log.warning("image folder: cannot cache decoded images in %s (%s)", path.parent, exc)
-        return
-    try:
-        for split, data in splits.items():
-            for part, tensor in (("images", data.images), ("labels", data.labels)):
-                with open(tmp / f"{split}_{part}.npy", "wb") as fh:
-                    np.save(fh, tensor.numpy())
-                    fh.flush()
-                    os.fsync(fh.fileno())
-        counts = {split: len(data) for split, data in splits.items()}
-        (tmp / "meta.json").write_text(json.dumps({**meta, "counts": counts,
-                                                   "version": CACHE_VERSION}, indent=2) + "\n")
-        try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (path / "meta.json").is_file():  # not another run's finished copy
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another run got there first
-        log.info("image folder: cached decoded images in %s", path)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.warning("image folder: cannot cache decoded images in %s (%s)", path, exc)

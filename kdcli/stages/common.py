@@ -174,6 +174,15 @@ def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
 
 
 def load_dataset(node: DictConfig, seed: int = 0) -> Dataset:
+    """The dataset of a `dataset` node. Under torchrun rank 0 loads it first, decoding and
+    writing the decoded-image cache, and the other ranks load it after, from that cache."""
+    holder: dict[str, Dataset] = {}
+    # Not returned through on_main, which would pickle every image to the other ranks.
+    distributed.on_main(lambda: holder.update(ds=_load_dataset(node, seed)))
+    return holder["ds"] if "ds" in holder else _load_dataset(node, seed)
+
+
+def _load_dataset(node: DictConfig, seed: int) -> Dataset:
     ds = build(node.loader, f"dataset={node.get('name')}")
     if not isinstance(ds, Dataset):
         raise ConfigError(f"dataset.loader must return kdcli.data.datasets.Dataset, got {type(ds)}")
