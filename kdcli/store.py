@@ -70,9 +70,22 @@ class Entry:
                              self.path.name)
                 waited = True
         try:
+            self._remove_temp_files()
             yield
         finally:
             self._lock.release()
+
+    def _remove_temp_files(self) -> None:
+        """Deletes what a writer killed mid-write left (`atomic_write`'s `.<name>.*.tmp`):
+        every write into an entry happens under its lock, so with the lock held none is live."""
+        if not self.path.is_dir():
+            return
+        for tmp in self.path.rglob(".*.tmp"):
+            if tmp.is_file():
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                    log.info("%s %s: removed %s, left by an interrupted write", self.stage,
+                             self.path.name, tmp.relative_to(self.path))
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -198,3 +198,17 @@ def test_lock_of_killed_holder_is_released(holders):
     os.kill(holder.proc.pid, signal.SIGKILL)
     assert holder.proc.wait(timeout=10) == -signal.SIGKILL
     assert _acquire_within(holder.entry, timeout_s=5) < 1.0
+
+
+def test_taking_the_lock_removes_temp_files_of_a_killed_writer(tmp_path):
+    entry = Store(tmp_path).entry("student", "resnet8", INPUTS)
+    (entry.path / "tb").mkdir(parents=True)
+    left = [entry.path / ".last.pt.k3j2h1.tmp", entry.path / "tb" / ".events.x9.tmp"]
+    for path in left:
+        path.write_bytes(b"half a checkpoint")
+    kept = [entry.path / "last.pt", entry.path / "notes.tmp"]  # not atomic_write's pattern
+    for path in kept:
+        path.write_bytes(b"whole")
+    with entry.lock():
+        assert not any(p.exists() for p in left)
+        assert all(p.read_bytes() == b"whole" for p in kept)
