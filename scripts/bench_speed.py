@@ -50,6 +50,7 @@ from kdcli import checkpoint, engine
 from kdcli.data.datasets import Split
 from kdcli.device import _fast_precision, resolve
 from kdcli.losses.ce import CrossEntropy
+from kdcli.metrics import count_flops
 from kdcli.stages import cache as cache_stage
 from kdcli.stages import teacher as teacher_stage
 from kdcli.stages.common import Context, build, build_context, build_model, setup_feature_loss
@@ -448,7 +449,9 @@ def bench_precision(args, precision: str, base: Context, memory: bool
                                       ["kd student (cache)", "kd student (online)"]]),
                             strict=True):
             r["stage_peak_rss_mib"] = [peaks[n] for n in names]
-    extra = {"rounds": rounds.results, "runtime": runtime.describe(),
+    flops = {role: count_flops(build_model(tctx, role), tuple(ds.image_shape))
+             for role in ("teacher", "student")}
+    extra = {"rounds": rounds.results, "runtime": runtime.describe(), "flops": flops,
              "threads": torch.get_num_threads(),
              "cache_bytes_per_sample": cache["meta"]["bytes_per_sample"],
              "cache_samples": cache["meta"]["num_samples"],
@@ -533,6 +536,10 @@ def markdown(rows: list[dict], extras: dict, args, rss_base: float) -> str:
               f"{first['runtime']}, {first['threads']} threads; cache "
               f"{first['cache_bytes_per_sample']:.0f} bytes per sample; process RSS before the "
               f"first stage (torch, data) {rss_base:.0f} MiB; torch {torch.__version__}."]
+    f_t, f_s = first["flops"]["teacher"], first["flops"]["student"]
+    lines[-1] += (f" Forward FLOPs per image: teacher {f_t / 1e6:.0f} M, student "
+                  f"{f_s / 1e6:.0f} M, so cache vs online can reach about 1 + F_t / (3 F_s) = "
+                  f"{1 + f_t / (3 * f_s):.2f} (a training step ~ 3 forwards).")
     if memory:
         lines[-1] += (f" Peak RSS: each kd stage alone in a fresh process, one epoch of the "
                       f"same images from the embedded subset (python + torch + kd imported: "
