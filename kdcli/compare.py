@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
+from kdcli import distributed
 from kdcli.checkpoint import atomic_write_text
 from kdcli.errors import KDError
 from kdcli.report import _duration, format_count
@@ -364,6 +366,15 @@ class SummaryCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
+        if distributed.launched():
+            # Under torchrun every rank ran the sweep; rank 0 wrote the jobs and summarises.
+            # Another rank's Hydra may have named its own sweep folder from its clock: once its
+            # job folders are gone (distributed.shared_run_dir), only Hydra's files are left.
+            main_dir = Path(distributed.broadcast(str(sweep_dir)))
+            if not distributed.is_main():
+                if sweep_dir.resolve() != main_dir.resolve() and _only_hydra_files(sweep_dir):
+                    shutil.rmtree(sweep_dir, ignore_errors=True)
+                return
         try:
             summarize([sweep_dir], out_dir=sweep_dir)
         except NoRunsFound:
@@ -371,3 +382,9 @@ class SummaryCallback(Callback):
             log.info("No %s under %s: no sweep summary written", REPORT, sweep_dir)
         except Exception as exc:  # noqa: BLE001 - a summary must never fail a finished sweep
             log.warning("Could not write the sweep summary in %s: %s", sweep_dir, exc)
+
+
+def _only_hydra_files(folder: Path) -> bool:
+    """True when `folder` holds nothing but Hydra's bookkeeping (multirun.yaml, .hydra/, logs)."""
+    return all(p.name == "multirun.yaml" or ".hydra" in p.parts or p.suffix == ".log"
+               for p in folder.rglob("*") if p.is_file())

@@ -102,7 +102,9 @@ def resolve(cfg) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = not cfg.get("deterministic", False)
+        # Autotuned kernels, unless `deterministic=true` (seed_everything ran first and asked
+        # torch for deterministic algorithms).
+        torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
     else:
         device = torch.device("cpu")
     precision = cfg.precision if cfg.precision != "auto" else _fast_precision(device)
@@ -172,7 +174,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    # Set both ways: the jobs of one `-m` sweep share this process.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -137,3 +137,23 @@ def test_data_stays_on_the_host_when_it_would_crowd_the_gpu(monkeypatch, caplog)
     cpu = device.Runtime(torch.device("cpu"), "fp32", False, False)
     assert cpu.data_on_device(100 * 2**30)  # one memory: nothing to decide
     assert not device.Runtime(torch.device("cpu"), "fp32", False, False, "host").data_on_device(1)
+
+
+def test_deterministic_turns_cudnn_autotuning_off_and_back_on(monkeypatch):
+    # resolve() ran after seed_everything() and used to turn autotuning on regardless.
+    for name, fake in (("is_available", lambda: True), ("device_count", lambda: 1),
+                       ("set_device", lambda dev: None)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    saved = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        for deterministic in (True, False):  # one process, two sweep jobs
+            device.seed_everything(0, deterministic)
+            rt = device.resolve(cfg(type="cuda", precision="bf16", threads=None))
+            assert rt.device.type == "cuda"
+            assert torch.backends.cudnn.benchmark is (not deterministic)
+            assert torch.are_deterministic_algorithms_enabled() is deterministic
+    finally:
+        torch.backends.cudnn.benchmark = saved[0]
+        torch.use_deterministic_algorithms(saved[1])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[2:]

@@ -159,15 +159,19 @@ def test_torchrun_sweep_with_compile(tmp_path: Path):
         env.pop(name, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "kdcli.cli", "train", "-m", "experiment=smoke", "device=cpu",
-           "device.compile=true", "hydra.sweep.dir=sweep", "store=store", "baseline=false",
-           "loss.temperature=2,4"]
+           "device.compile=true", "store=store", "baseline=false", "loss.temperature=2,4",
+           "hydra.sweep.dir=multirun/rank-${oc.env:RANK}"]  # as if their clocks differed
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Each rank's Hydra names a sweep folder from its own clock; one is left, rank 0's.
+    assert [p.name for p in (tmp_path / "multirun").iterdir()] == ["rank-0"]
+    sweep = tmp_path / "multirun" / "rank-0"
     jobs = sorted(p.parent.name for p in tmp_path.rglob("report.json"))
     assert jobs == ["0", "1"]
-    assert (tmp_path / "sweep" / "summary.md").is_file()
+    assert [p.name for p in tmp_path.rglob("summary.md")] == ["summary.md"]
+    assert (sweep / "summary.md").is_file()
     for job in jobs:
-        log = (tmp_path / "sweep" / job / "train.log").read_text()
+        log = (sweep / job / "train.log").read_text()
         assert "student: torch.compile on" in log
         assert log.count("student: data parallel over 2 ranks") == 1
     students = [p for p in (tmp_path / "store" / "student").iterdir() if p.is_dir()]

@@ -170,7 +170,7 @@ def pack_key(paths: Iterable[Path]) -> str:
 
 def _cifar_batches(folder: Path, name: str) -> Dataset:
     # torchvision's python-pickle layout; like torchvision we unpickle it, so only point
-    # dataset.root at data you trust (see README, trust model).
+    # dataset.loader.root at data you trust (see README, trust model).
     def read(files: list[str]) -> Split:
         xs, ys = [], []
         for f in files:
