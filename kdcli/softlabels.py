@@ -19,6 +19,7 @@ remaining classes when the row is densified.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -149,14 +150,13 @@ class SoftLabels:
     def logits(self, index: np.ndarray | torch.Tensor | slice = slice(None), view: int = 0
                ) -> torch.Tensor:
         """Dense float32 logits (B, C) for the given rows and view."""
-        if isinstance(index, torch.Tensor):
-            index = index.cpu().numpy()
-        if self.header["storage"] == "full":
-            return torch.from_numpy(np.array(self.arrays["logits"][index, view], np.float32))
-        values = torch.from_numpy(np.array(self.arrays["values"][index, view], np.float32))
-        idx = torch.from_numpy(np.array(self.arrays["indices"][index, view], np.int64))
-        lse = torch.from_numpy(np.array(self.arrays["logsumexp"][index, view], np.float32))
-        return densify(values, idx, lse, self.num_classes)
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index).cpu()
+        return self._on_cpu(index, view)
+
+    @functools.cached_property
+    def _on_cpu(self) -> Lookup:
+        return self.lookup(torch.device("cpu"))
 
     def all_logits(self, view: int = 0) -> torch.Tensor:
         return self.logits(slice(None), view)
@@ -188,18 +188,14 @@ class Lookup:
         self.num_classes = labels.num_classes
         self.storage = labels.header["storage"]
         names = ("logits",) if self.storage == "full" else ("values", "indices", "logsumexp")
-        self.tensors = {}
-        for name in names:
-            stored = labels.arrays[name]  # read-only: torch wants a writable buffer
-            mapped = np.memmap(labels.path, dtype=stored.dtype, mode="c", offset=stored.offset,
-                               shape=stored.shape)
-            self.tensors[name] = torch.from_numpy(mapped).to(device)
+        self.tensors = {name: torch.from_numpy(labels.arrays[name]).to(device) for name in names}
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def __call__(self, index: torch.Tensor, view: torch.Tensor | int = 0) -> torch.Tensor:
+    def __call__(self, index: torch.Tensor | slice, view: torch.Tensor | int = 0
+                 ) -> torch.Tensor:
         """Dense float32 logits (B, C) of samples `index`, each at its `view`."""
         t = self.tensors
         if self.storage == "full":
@@ -244,8 +240,10 @@ def open(path: Path, verify: bool = True) -> SoftLabels:
                 digest.update(block)
         if digest.hexdigest() != header["sha256"]:
             raise CorruptArtifact(f"soft-label cache {path} fails its checksum (corrupted)")
+    # Copy-on-write maps: writable, so torch can wrap them without a copy (`Lookup`); nothing
+    # is ever written back to the file.
     arrays = {
-        a["name"]: np.memmap(path, dtype=np.dtype(a["dtype"]), mode="r",
+        a["name"]: np.memmap(path, dtype=np.dtype(a["dtype"]), mode="c",
                              offset=data_start + a["offset"], shape=tuple(a["shape"]))
         for a in header["arrays"]
     }
