@@ -28,6 +28,18 @@ def kd(*args: str, cwd: Path, env: dict | None = None, check: bool = True
     return proc
 
 
+def mapped_files(ptr: int) -> list[str]:
+    """The files whose mappings in this process contain address `ptr` (Linux)."""
+    found = []
+    with open("/proc/self/maps") as fh:
+        for line in fh:
+            fields = line.split()
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= ptr < hi and len(fields) >= 6:
+                found.append(fields[5])
+    return found
+
+
 def read_report(run_dir: Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())
 

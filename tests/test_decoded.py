@@ -18,6 +18,7 @@ from kdcli import distributed
 from kdcli.data import datasets, decoded
 from kdcli.data.datasets import cifar10
 from kdcli.stages.common import load_dataset
+from tests.conftest import mapped_files
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
@@ -61,17 +62,6 @@ def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def no_decoding(*args: object) -> None:
     raise AssertionError("decoded although the cache is valid")
 
-
-def mapped_files(ptr: int) -> list[str]:
-    """The files whose mappings in this process contain address `ptr` (Linux)."""
-    found = []
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            fields = line.split()
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            if lo <= ptr < hi and len(fields) >= 6:
-                found.append(fields[5])
-    return found
 
 
 def test_pack_is_decoded_once_then_mapped_from_the_cache(tmp_path: Path,

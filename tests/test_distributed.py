@@ -23,6 +23,18 @@ from kdcli.store import Store
 CPU = torch.device("cpu")
 IDENTITY = {"mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)}
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+# `torchrun --standalone --nproc_per_node=2 kd ...` on the CPU.
+TORCHRUN_KD = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node=2", "-m", "kdcli.cli"]
+
+
+def torchrun_env(**extra: str) -> dict[str, str]:
+    """This process's environment without a store override or torchrun's own variables."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("KD_STORE", None)
+    for name in TORCHRUN_ENV:
+        env.pop(name, None)
+    return env
 
 
 @pytest.fixture(autouse=True)
@@ -123,12 +135,8 @@ def test_torchrun_two_ranks(tmp_path: Path):
     """`torchrun --nproc_per_node=2 kd train` on the CPU (gloo): the teacher and an online-teacher
     student (FitNets, whose adapter is averaged outside DDP) train data parallel; rank 0 alone
     writes the log, the store entries and one report."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("KD_STORE", None)
-    for name in TORCHRUN_ENV:
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "kdcli.cli", "train", "experiment=smoke", "device=cpu", "hydra.run.dir=run",
+    env = torchrun_env()
+    cmd = [*TORCHRUN_KD, "train", "experiment=smoke", "device=cpu", "hydra.run.dir=run",
            "store=store", "baseline=false", "loss=fitnets", "loss.student_layer=block2",
            "loss.teacher_layer=block2"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -153,12 +161,8 @@ def test_torchrun_two_ranks(tmp_path: Path):
 def test_torchrun_sweep_with_compile(tmp_path: Path):
     """A `-m` sweep inside torchrun, with torch.compile: each job trains data parallel over both
     ranks, the compiled step runs under DDP, and rank 0 alone writes the jobs and the summary."""
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("KD_STORE", None)
-    for name in TORCHRUN_ENV:
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "kdcli.cli", "train", "-m", "experiment=smoke", "device=cpu",
+    env = torchrun_env()
+    cmd = [*TORCHRUN_KD, "train", "-m", "experiment=smoke", "device=cpu",
            "device.compile=true", "store=store", "baseline=false", "loss.temperature=2,4",
            "hydra.sweep.dir=multirun/rank-${oc.env:RANK}"]  # as if their clocks differed
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -188,11 +192,7 @@ def test_other_ranks_outwait_the_collective_timeout_while_rank0_queues(tmp_path:
 
     from filelock import FileLock
 
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1",
-           "KD_DIST_TIMEOUT_S": "6"}
-    env.pop("KD_STORE", None)
-    for name in TORCHRUN_ENV:
-        env.pop(name, None)
+    env = torchrun_env(KD_DIST_TIMEOUT_S="6")
     args = ["experiment=smoke", "device=cpu", "store=store"]
     first = subprocess.run([sys.executable, "-m", "kdcli.cli", "teacher", *args,
                             "hydra.run.dir=first"], cwd=tmp_path, env=env, capture_output=True,
@@ -203,8 +203,7 @@ def test_other_ranks_outwait_the_collective_timeout_while_rank0_queues(tmp_path:
     lock.acquire()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone",
-             "--nproc_per_node=2", "-m", "kdcli.cli", "teacher", *args, "hydra.run.dir=second"],
+            [*TORCHRUN_KD, "teacher", *args, "hydra.run.dir=second"],
             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(20)  # both ranks started, rank 0 queued on the lock for > 2 timeouts
         assert proc.poll() is None, proc.communicate()[1][-3000:]

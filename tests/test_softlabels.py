@@ -11,6 +11,7 @@ import torch
 
 from kdcli import softlabels
 from kdcli.errors import CorruptArtifact
+from tests.conftest import mapped_files
 
 PREFIX = 20  # magic (8) + version uint32 (4) + header length uint64 (8)
 
@@ -131,17 +132,6 @@ def test_file_is_memory_mapped(cache_file):
     assert arr.offset % 64 == 0
 
 
-def _mapped_files(ptr: int) -> list[str]:
-    """The files whose mappings in this process contain address `ptr` (Linux)."""
-    found = []
-    with open("/proc/self/maps") as fh:
-        for line in fh:
-            fields = line.split()
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            if lo <= ptr < hi and len(fields) >= 6:
-                found.append(fields[5])
-    return found
-
 
 @pytest.mark.parametrize("storage", ["full", "topk"])
 def test_lookup_matches_dense_logits_per_view(tmp_path, storage):
@@ -167,7 +157,7 @@ def test_lookup_keeps_the_stored_width_and_maps_the_file_on_cpu(tmp_path):
     # float16 as stored: half the bytes of float32 logits, and no copy of them either.
     assert held.dtype == torch.float16 and lookup.nbytes == 2000 * 2 * 10 * 2
     if os.path.exists("/proc/self/maps"):
-        assert str(path) in _mapped_files(held.data_ptr())
+        assert str(path) in mapped_files(held.data_ptr())
 
 
 def test_flipped_data_byte_fails_checksum(cache_file):

@@ -28,6 +28,7 @@ import torch
 
 from kdcli.data import decoded
 from kdcli.data.datasets import Dataset, Split
+from kdcli.data.decoded import SPLITS
 from kdcli.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Bump when decoding changes (resampling, crop rule): old caches go stale.
 CACHE_VERSION = 1
-SPLITS = ("train", "test")
 
 
 def image_folder(
