@@ -87,14 +87,8 @@ def view_table(ctx: Context) -> ViewTable | None:
 
 def split_loader(ctx: Context, split: str, views: ViewTable | None) -> BatchLoader:
     """Unshuffled loader over a split; for train with views, one that replays view v."""
-    ds, bs = ctx.dataset, int(ctx.cfg.cache.batch_size)
-    if split == "train" and views is not None:
-        return BatchLoader(ds.train, bs, device=ctx.runtime.device, mean=ds.mean, std=ds.std,
-                           augment=build_augment(ctx.cfg.dataset.augment), views=views,
-                           memory_format=ctx.runtime.memory_format,
-                           resident=ctx.runtime.data_on_device(ds.train.images.nbytes,
-                                                               f"{ds.name} train"))
-    return ctx.loader(split, bs, train=False)
+    return ctx.loader(split, int(ctx.cfg.cache.batch_size), train=False,
+                      views=views if split == "train" else None)
 
 
 def predict_split(model, ctx: Context, split: str, views: ViewTable | None) -> torch.Tensor:

@@ -58,7 +58,8 @@ class Context:
     def loader(self, split: str, batch_size: int, train: bool, views: ViewTable | None = None
                ) -> BatchLoader:
         """`batch_size` is the global batch: under torchrun a training loader yields this
-        rank's share of it (evaluation runs whole, on rank 0)."""
+        rank's share of it (evaluation runs whole, on rank 0). `views`: replay these cached
+        augmented views (with `train=False`, in order, for the cache stage)."""
         ds = self.dataset
         world = distributed.world_size() if train else 1
         if batch_size % world:
@@ -68,7 +69,7 @@ class Context:
         return BatchLoader(
             data, batch_size // world, device=self.runtime.device, mean=ds.mean,
             std=ds.std, shuffle=train,
-            augment=build_augment(self.cfg.dataset.augment) if train else None,
+            augment=build_augment(self.cfg.dataset.augment) if train or views is not None else None,
             seed=int(self.cfg.seed), drop_last=train, memory_format=self.runtime.memory_format,
             views=views, rank=distributed.rank() if train else 0, world_size=world,
             resident=self.runtime.data_on_device(data.images.nbytes, f"{ds.name} {split}"),
