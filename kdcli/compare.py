@@ -372,7 +372,8 @@ class SummaryCallback(Callback):
             # job folders are gone (distributed.shared_run_dir), only Hydra's files are left.
             main_dir = Path(distributed.broadcast(str(sweep_dir)))
             if not distributed.is_main():
-                if sweep_dir.resolve() != main_dir.resolve() and _only_hydra_files(sweep_dir):
+                if (sweep_dir.resolve() != main_dir.resolve()
+                        and distributed.holds_only_hydra_files(sweep_dir, ("multirun.yaml",))):
                     shutil.rmtree(sweep_dir, ignore_errors=True)
                 return
         try:
@@ -382,9 +383,3 @@ class SummaryCallback(Callback):
             log.info("No %s under %s: no sweep summary written", REPORT, sweep_dir)
         except Exception as exc:  # noqa: BLE001 - a summary must never fail a finished sweep
             log.warning("Could not write the sweep summary in %s: %s", sweep_dir, exc)
-
-
-def _only_hydra_files(folder: Path) -> bool:
-    """True when `folder` holds nothing but Hydra's bookkeeping (multirun.yaml, .hydra/, logs)."""
-    return all(p.name == "multirun.yaml" or ".hydra" in p.parts or p.suffix == ".log"
-               for p in folder.rglob("*") if p.is_file())

@@ -229,7 +229,13 @@ def shared_run_dir(run_dir: Path) -> Path:
         return run_dir
     main_dir = Path(broadcast(str(run_dir)))
     if not is_main() and run_dir.resolve() != main_dir.resolve() and run_dir.is_dir():
-        if {p.name for p in run_dir.iterdir()} <= {".hydra", *(p.name for p in
-                                                                run_dir.glob("*.log"))}:
+        if holds_only_hydra_files(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
     return main_dir
+
+
+def holds_only_hydra_files(folder: Path, also: tuple[str, ...] = ()) -> bool:
+    """True when `folder` holds nothing but what Hydra writes by itself (`.hydra/`, the log)
+    and the names in `also`: the leftovers of a rank whose work rank 0 wrote."""
+    logs = {p.name for p in folder.glob("*.log")}
+    return {p.name for p in folder.iterdir()} <= {".hydra", *also, *logs}
