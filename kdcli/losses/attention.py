@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from kdcli.losses.base import DistillationLoss, Outputs
-from kdcli.losses.fitnets import as_layer_names, feature, resize_spatial
-from kdcli.losses.hinton import kl_div_with_temperature
+from kdcli.losses.fitnets import as_layer_names, feature, resize_spatial, with_logit_terms
 
 STAGES = ("layer1", "layer2", "layer3")
 
@@ -96,11 +95,4 @@ class AttentionTransfer(DistillationLoss):
                 ) -> dict[str, torch.Tensor]:
         assert teacher is not None, "AttentionTransfer needs a live teacher's features"
         at = sum(self.at(s, t) for s, t in self._pairs(student, teacher))
-        ce = F.cross_entropy(student.logits.float(), targets)
-        out = {"ce": ce, "at": at}
-        total = self.ce_weight * ce + self.at_weight * at
-        if self.kd_weight > 0:
-            kd = kl_div_with_temperature(student.logits, teacher.logits.detach(), self.temperature)
-            total = total + self.kd_weight * kd
-            out["kd"] = kd
-        return {"loss": total, **out}
+        return with_logit_terms(self, "at", self.at_weight, at, student, teacher, targets)

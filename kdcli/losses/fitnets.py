@@ -60,6 +60,22 @@ def resize_spatial(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+def with_logit_terms(loss: DistillationLoss, name: str, weight: float, term: torch.Tensor,
+                     student: Outputs, teacher: Outputs, targets: torch.Tensor
+                     ) -> dict[str, torch.Tensor]:
+    """A feature loss's result: `weight * term + loss.ce_weight * CE(s, y)`, plus
+    `loss.kd_weight * T^2 * KL(p_t || p_s)` at `loss.temperature` when kd_weight > 0 (not computed
+    otherwise). Each term is also returned under its name for the log."""
+    ce = F.cross_entropy(student.logits.float(), targets)
+    out = {"ce": ce, name: term}
+    total = loss.ce_weight * ce + weight * term
+    if loss.kd_weight > 0:
+        kd = kl_div_with_temperature(student.logits, teacher.logits.detach(), loss.temperature)
+        total = total + loss.kd_weight * kd
+        out["kd"] = kd
+    return {"loss": total, **out}
+
+
 class FitNets(DistillationLoss):
     """MSE between a learned projection of one student layer and one teacher layer, plus CE."""
 
@@ -125,11 +141,4 @@ class FitNets(DistillationLoss):
         assert teacher is not None, "FitNets needs a live teacher's features"
         hint = self.hint(feature(student, self.student_layers[0], "student"),
                          feature(teacher, self.teacher_layers[0], "teacher"))
-        ce = F.cross_entropy(student.logits.float(), targets)
-        out = {"ce": ce, "hint": hint}
-        total = self.ce_weight * ce + self.hint_weight * hint
-        if self.kd_weight > 0:
-            kd = kl_div_with_temperature(student.logits, teacher.logits.detach(), self.temperature)
-            total = total + self.kd_weight * kd
-            out["kd"] = kd
-        return {"loss": total, **out}
+        return with_logit_terms(self, "hint", self.hint_weight, hint, student, teacher, targets)
