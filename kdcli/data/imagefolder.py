@@ -102,7 +102,9 @@ def image_folder(
         threads = int(workers) if workers else min(8, os.cpu_count() or 1)
         log.info("image folder %s: decoding %d images (%d classes) to %dpx (resize %d, centre "
                  "crop), %d thread(s)", base, n, len(classes), size, short, threads)
-        splits = {split: decode_split(base, files[split], size, short, threads)
+        splits = {split: Split(torch.from_numpy(decode_images(base, files[split], size, short,
+                                                              threads)),
+                               torch.from_numpy(labels[split]))
                   for split in SPLITS}
         log.info("image folder: decoded %d images in %.1fs", n, time.perf_counter() - t0)
         if cached is not None:
@@ -169,9 +171,10 @@ def decode(path: Path, size: int, short: int) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
 
 
-def decode_split(base: Path, files: list[tuple[str, int]], size: int, short: int,
-                 threads: int) -> Split:
-    """Decodes a split's images in parallel threads (PIL releases the GIL while decoding)."""
+def decode_images(base: Path, files: list[tuple[str, int]], size: int, short: int,
+                  threads: int) -> np.ndarray:
+    """A split's images as uint8 (N, 3, size, size), decoded in parallel threads (PIL releases
+    the GIL while decoding)."""
     images = np.empty((len(files), 3, size, size), dtype=np.uint8)
 
     def one(i: int) -> None:
@@ -180,8 +183,7 @@ def decode_split(base: Path, files: list[tuple[str, int]], size: int, short: int
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         for _ in pool.map(one, range(len(files))):
             pass
-    labels = np.array([label for _, label in files], dtype=np.int64)
-    return Split(torch.from_numpy(images), torch.from_numpy(labels))
+    return images
 
 
 def cache_key(base: Path, files: dict[str, list[tuple[str, int]]], size: int, short: int
