@@ -95,13 +95,19 @@ def resolve(cfg) -> Runtime:
         if not torch.cuda.is_available():
             raise ConfigError("device.type=cuda but no CUDA device is visible; use device=cpu")
         # Under torchrun each rank takes the GPU of its local rank.
-        index = distributed.local_rank() if distributed.launched() else int(cfg.index or 0)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"device.index={index} but only {torch.cuda.device_count()} GPU(s)")
+        count = torch.cuda.device_count()
+        if distributed.launched():
+            index = distributed.local_rank()
+            if index >= count:
+                raise ConfigError(f"torchrun rank LOCAL_RANK={index} has no GPU of its own: this "
+                                  f"process sees {count} GPU(s); start at most {count} "
+                                  "processes per machine (--nproc_per_node)")
+        else:
+            index = int(cfg.index or 0)
+            if index >= count:
+                raise ConfigError(f"device.index={index} but only {count} GPU(s) are visible")
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
         # Autotuned kernels, unless `deterministic=true` (seed_everything ran first and asked
         # torch for deterministic algorithms).
         torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
@@ -110,6 +116,18 @@ def resolve(cfg) -> Runtime:
     precision = cfg.precision if cfg.precision != "auto" else _fast_precision(device)
     if device.type == "cpu" and precision == "fp16":
         raise ConfigError("device.precision=fp16 is for CUDA; on CPU use bf16 or fp32")
+    if device.type == "cuda":
+        if precision == "bf16" and not _gpu_has_fast_bf16(device):
+            log.warning("%s has no bf16 tensor cores (compute capability %d.%d < 8.0): bf16 "
+                        "runs emulated and slow there; device=cuda_fp16 is faster",
+                        torch.cuda.get_device_name(device),
+                        *torch.cuda.get_device_capability(device))
+        # TF32 matmuls and convolutions (10-bit mantissa) under mixed precision, where they are
+        # free speed; precision=fp32 means fp32 (the safe setting a diverged run is pointed to).
+        # Set both ways: the jobs of one `-m` sweep share this process.
+        tf32 = precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     channels_last = cfg.channels_last
     if channels_last == "auto":
         channels_last = precision != "fp32"
@@ -150,8 +168,14 @@ def _fast_precision(device: torch.device) -> str:
     """bf16 where the hardware runs it fast: CUDA with bf16 support, or CPUs with bf16 matrix
     instructions (AMX or AVX512-BF16); fp32 elsewhere, where bf16 would be emulated and slow."""
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if _gpu_has_fast_bf16(device) else "fp16"
     return "bf16" if _cpu_flags() & {"amx_bf16", "avx512_bf16"} else "fp32"
+
+
+def _gpu_has_fast_bf16(device: torch.device) -> bool:
+    """bf16 tensor cores: compute capability 8.0 (Ampere) and newer. Not
+    torch.cuda.is_bf16_supported(), which also says yes where bf16 is only emulated (T4, V100)."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def _cpu_flags() -> set[str]:
@@ -178,4 +202,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if deterministic:
         torch.backends.cudnn.benchmark = False
+        if "CUBLAS_WORKSPACE_CONFIG" not in os.environ and torch.cuda.is_initialized():
+            # cuBLAS reads it once, when CUDA starts: here an earlier job of a `-m` sweep.
+            log.warning("deterministic=true after CUDA started in this process: cuBLAS keeps "
+                        "its workspace and may not be bit-reproducible; start kd with "
+                        "CUBLAS_WORKSPACE_CONFIG=:4096:8 set")
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -139,13 +139,9 @@ def test_data_stays_on_the_host_when_it_would_crowd_the_gpu(monkeypatch, caplog)
     assert not device.Runtime(torch.device("cpu"), "fp32", False, False, "host").data_on_device(1)
 
 
-def test_deterministic_turns_cudnn_autotuning_off_and_back_on(monkeypatch):
+def test_deterministic_turns_cudnn_autotuning_off_and_back_on(fake_gpu):
     # resolve() ran after seed_everything() and used to turn autotuning on regardless.
-    for name, fake in (("is_available", lambda: True), ("device_count", lambda: 1),
-                       ("set_device", lambda dev: None)):
-        monkeypatch.setattr(torch.cuda, name, fake)
-    saved = (torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled(),
-             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    saved = torch.are_deterministic_algorithms_enabled()
     try:
         for deterministic in (True, False):  # one process, two sweep jobs
             device.seed_everything(0, deterministic)
@@ -154,6 +150,80 @@ def test_deterministic_turns_cudnn_autotuning_off_and_back_on(monkeypatch):
             assert torch.backends.cudnn.benchmark is (not deterministic)
             assert torch.are_deterministic_algorithms_enabled() is deterministic
     finally:
-        torch.backends.cudnn.benchmark = saved[0]
-        torch.use_deterministic_algorithms(saved[1])
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[2:]
+        torch.use_deterministic_algorithms(saved)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """One visible CUDA device of a chosen compute capability; restores the global flags."""
+    caps = {"cap": (8, 0)}
+    for name, fake in (("is_available", lambda: True), ("device_count", lambda: 1),
+                       ("set_device", lambda dev: None),
+                       ("get_device_capability", lambda dev=None: caps["cap"]),
+                       ("get_device_name", lambda dev=None: "Fake GPU")):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32)
+    yield caps
+    (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+     torch.backends.cudnn.allow_tf32) = saved
+
+
+@pytest.mark.parametrize("cap, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"),
+                                           ((9, 0), "bf16")])
+def test_auto_precision_on_a_gpu_follows_its_bf16_tensor_cores(fake_gpu, cap, expected):
+    # torch.cuda.is_bf16_supported() says True on a T4 (sm75), where bf16 is only emulated.
+    fake_gpu["cap"] = cap
+    rt = device.resolve(cfg(type="cuda", precision="auto", threads=None))
+    assert rt.precision == expected
+
+
+def test_bf16_asked_of_a_gpu_without_bf16_tensor_cores_warns(fake_gpu, caplog):
+    fake_gpu["cap"] = (7, 5)
+    with caplog.at_level("WARNING", logger="kdcli.device"):
+        rt = device.resolve(cfg(type="cuda", precision="bf16", threads=None))
+    assert rt.precision == "bf16"
+    assert "Fake GPU has no bf16 tensor cores (compute capability 7.5" in caplog.text
+    assert "device=cuda_fp16" in caplog.text
+    caplog.clear()
+    fake_gpu["cap"] = (8, 6)
+    with caplog.at_level("WARNING", logger="kdcli.device"):
+        device.resolve(cfg(type="cuda", precision="bf16", threads=None))
+    assert caplog.text == ""
+
+
+def test_tf32_only_under_mixed_precision_and_set_both_ways(fake_gpu):
+    for precision, tf32 in (("bf16", True), ("fp32", False), ("fp16", True), ("fp32", False)):
+        device.resolve(cfg(type="cuda", precision=precision, threads=None))
+        assert torch.backends.cuda.matmul.allow_tf32 is tf32, precision
+        assert torch.backends.cudnn.allow_tf32 is tf32, precision
+
+
+def test_torchrun_rank_without_a_gpu_of_its_own_is_named(fake_gpu, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(device.distributed, "launched", lambda: True)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=1 has no GPU of its own: this process "
+                                          r"sees 1 GPU\(s\); start at most 1 processes"):
+        device.resolve(cfg(type="cuda", precision="bf16", threads=None))
+    monkeypatch.setattr(device.distributed, "launched", lambda: False)
+    with pytest.raises(ConfigError, match=r"device.index=3 but only 1 GPU\(s\) are visible"):
+        device.resolve(cfg(type="cuda", index=3, precision="bf16", threads=None))
+
+
+def test_deterministic_after_cuda_started_warns_about_cublas(monkeypatch, caplog):
+    saved = torch.are_deterministic_algorithms_enabled()
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+        with caplog.at_level("WARNING", logger="kdcli.device"):
+            device.seed_everything(0, True)  # before CUDA starts: the setting takes effect
+        assert caplog.text == ""
+        monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+        with caplog.at_level("WARNING", logger="kdcli.device"):
+            device.seed_everything(0, True)  # a later sweep job, CUDA already up
+        assert "cuBLAS keeps its workspace" in caplog.text
+        assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in caplog.text
+    finally:
+        torch.use_deterministic_algorithms(saved)
