@@ -268,3 +268,33 @@ def test_kd_train_on_an_image_folder(folder: Path, tmp_path: Path) -> None:
     assert report["dataset"]["train_size"] == 80 and report["dataset"]["test_size"] == 30
     assert 0 <= report["student"]["top1"] <= 100
     assert list((tmp_path / "store" / "datasets").glob("imagefolder-*/meta.json"))
+
+
+@pytest.mark.parametrize("augment", [RandomResizedCrop(), CropFlip(2)],
+                         ids=["RandomResizedCrop", "CropFlip"])
+def test_augmentation_computes_on_the_images_device(augment):
+    # The loader keeps an epoch's parameters in (pinned) host memory; `apply` must copy them to
+    # the batch's device and compute there. RandomResizedCrop built its boxes and affine matrix
+    # on the CPU, then copied the matrix with a blocking copy: a GPU sync every step. Images on
+    # the meta device stand in for a GPU; every op `apply` runs must give results there.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class HostOps(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.found: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.device.type == "cpu"
+                   for t in tree_leaves(out)):
+                self.found.append(str(func))
+            return out
+
+    images = torch.zeros(4, 3, 16, 16, dtype=torch.uint8, device="meta")
+    params = augment.sample(4, torch.Generator().manual_seed(0))
+    with HostOps() as host:
+        out = augment.apply(images, params)
+    assert host.found == []
+    assert (out.device.type, out.shape, out.dtype) == ("meta", images.shape, torch.uint8)

@@ -11,7 +11,7 @@ from torch import nn
 from kdcli import engine, softlabels
 from kdcli.data.datasets import Split
 from kdcli.data.loader import BatchLoader
-from kdcli.data.transforms import CropFlip
+from kdcli.data.transforms import CropFlip, RandomResizedCrop
 from kdcli.device import Runtime
 from kdcli.losses.base import Outputs
 from kdcli.losses.ce import CrossEntropy
@@ -24,15 +24,15 @@ def tiny_net() -> nn.Module:
 
 
 def setup(device: torch.device, precision: str = "fp32", teacher=engine.no_teacher, loss=None,
-          n: int = 64):
+          n: int = 64, augment=None, resident: bool = True):
     g = torch.Generator().manual_seed(0)
     split = Split(torch.randint(0, 256, (n, 3, 8, 8), generator=g, dtype=torch.uint8),
                   torch.randint(0, 10, (n,), generator=g))
     runtime = Runtime(device, precision, channels_last=precision != "fp32", compile=False)
     model = runtime.prepare(tiny_net())
     loader = BatchLoader(split, 16, device=device, mean=(0.5,) * 3, std=(0.25,) * 3,
-                         shuffle=True, augment=CropFlip(2), drop_last=True,
-                         memory_format=runtime.memory_format)
+                         shuffle=True, augment=augment or CropFlip(2), drop_last=True,
+                         memory_format=runtime.memory_format, resident=resident)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     step = engine.TrainStep(model=model, loss_fn=(loss or CrossEntropy()).to(device),
@@ -62,17 +62,21 @@ def test_first_non_finite_step_is_reported():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_no_host_sync_inside_the_loop_on_cuda(precision, tmp_path):
+@pytest.mark.parametrize("precision, augment, resident", [
+    ("fp32", CropFlip(2), True), ("bf16", CropFlip(2), True),
+    ("bf16", RandomResizedCrop(), True), ("bf16", RandomResizedCrop(), False),
+], ids=["fp32-cropflip", "bf16-cropflip", "bf16-resizedcrop", "bf16-resizedcrop-host-data"])
+def test_no_host_sync_inside_the_loop_on_cuda(precision, augment, resident, tmp_path):
     """From the second step to the last, the engine's loop (next batch and its augmentation,
     forward, loss on teacher logits looked up in a real soft-label cache, backward, optimizer,
     scheduler, bookkeeping) runs with CUDA's sync debug mode set to error: nothing in it waits
-    for the GPU."""
+    for the GPU. Also with the image folders' RandomResizedCrop, and with the images in host
+    memory (device.data=host: each batch gathered there and copied from pinned memory)."""
     device = torch.device("cuda")
     softlabels.write(tmp_path / "train.kdsl", torch.randn(64, 10))
     lookup = softlabels.open(tmp_path / "train.kdsl").lookup(device)
     step, loader = setup(device, precision, teacher=lambda b: Outputs(lookup(b.index)),
-                         loss=HintonKD())
+                         loss=HintonKD(), augment=augment, resident=resident)
     engine.train_epoch(step, loader, 0)  # warm-up: cuDNN autotuning, allocator
     steps, calls = len(loader), 0
 

@@ -111,7 +111,7 @@ class RandomResizedCrop:
         fits = (bw <= 1) & (bh <= 1)
         first = fits.int().argmax(dim=1, keepdim=True)  # first fitting candidate
         ok = fits.any(dim=1)
-        one = torch.ones(len(ok))
+        one = torch.ones(len(ok), device=ok.device)
         bw = torch.where(ok, bw.gather(1, first)[:, 0], one)
         bh = torch.where(ok, bh.gather(1, first)[:, 0], one)
         x0 = params.position[:, 0] * (1 - bw)
@@ -120,17 +120,20 @@ class RandomResizedCrop:
 
     def apply(self, images: torch.Tensor, params: ResizedCropParams) -> torch.Tensor:
         n, c, h, w = images.shape
+        dev = images.device
+        # Pinned by the loader: copied without stalling; boxes and theta are built on `dev`.
+        params = ResizedCropParams(*(t.to(dev, non_blocking=True) for t in (
+            params.area, params.log_ratio, params.position, params.flips)))
         x0, y0, bw, bh = self.boxes(params, h, w).unbind(1)
         # affine_grid maps output coords in [-1, 1] to input coords in [-1, 1] (pixel edges,
         # align_corners=False): x_in = bw * x_out + (2 * x0 + bw - 1), mirrored by a sign.
         sign = torch.where(params.flips, -1.0, 1.0)
-        theta = torch.zeros(n, 2, 3)
+        theta = torch.zeros(n, 2, 3, device=dev)
         theta[:, 0, 0] = bw * sign
         theta[:, 0, 2] = 2 * x0 + bw - 1
         theta[:, 1, 1] = bh
         theta[:, 1, 2] = 2 * y0 + bh - 1
-        dev = images.device
-        grid = F.affine_grid(theta.to(dev), [n, c, h, w], align_corners=False)
+        grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
         out = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
                             align_corners=False)
         return out.round_().clamp_(0, 255).to(torch.uint8)
