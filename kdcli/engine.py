@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import io
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,13 +59,19 @@ def predict(model: nn.Module, loader: BatchLoader, runtime: Runtime, view: int |
     was_training = model.training
     model.eval()
     logits, labels = [], []
+    host = torch.device("cpu")
     for batch in loader.epoch(0, view=view):
         with runtime.autocast():
             out = model(batch.images)
-        logits.append(out.float())
-        labels.append(batch.labels)
+        # Each batch's results go to host memory as they come (a GPU would otherwise hold a whole
+        # split's logits: 5 GB for ImageNet's training set); from a GPU into pinned memory,
+        # without waiting, read after one synchronize below.
+        logits.append(out.float().to(host, non_blocking=True))
+        labels.append(batch.labels.to(host, non_blocking=True))
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
     model.train(was_training)
-    return torch.cat(logits).cpu(), torch.cat(labels).cpu()
+    return torch.cat(logits), torch.cat(labels)
 
 
 def scale_lr(optimizer: torch.optim.Optimizer, scheduler, factor: float) -> None:
@@ -234,8 +242,10 @@ def fit(
             "train_time_s": elapsed, "rng_cpu": torch.get_rng_state(),
             **(checkpoint_extra or {}),
         }
-        if torch.cuda.is_available():
-            state["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if runtime.device.type == "cuda":
+            # This run's GPU alone: a resume may see other GPUs, or fewer. Under torchrun every
+            # rank draws the same stream (same seed, same ops), so rank 0's state serves all.
+            state["rng_cuda"] = torch.cuda.get_rng_state(runtime.device)
         return state
 
     def restore(state: dict) -> None:
@@ -245,8 +255,12 @@ def fit(
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
-        if torch.cuda.is_available() and "rng_cuda" in state:
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        rng_cuda = state.get("rng_cuda")
+        if isinstance(rng_cuda, (list, tuple)):  # older kd: one state per visible GPU
+            index = runtime.device.index or 0
+            rng_cuda = rng_cuda[index] if index < len(rng_cuda) else None
+        if runtime.device.type == "cuda" and rng_cuda is not None:
+            torch.cuda.set_rng_state(rng_cuda, runtime.device)
 
     resume = distributed.broadcast(last_path.exists())  # rank 0 decides for every rank
     if resume:
@@ -269,6 +283,37 @@ def fit(
         log.info("%s: data parallel over %d ranks, %d images per rank and step (global batch "
                  "%d), %d steps per epoch", label, world, train_loader.batch_size,
                  train_loader.batch_size * world, len(train_loader))
+
+    def finish_epoch(epoch: int, row: dict[str, float], stats: EpochStats, bar: Progress,
+                     task: Any) -> tuple[dict[str, float], float]:
+        """Rank 0: evaluate, checkpoint, log. Every rank gets the row and the best top-1;
+        under torchrun the others wait on the store (distributed.on_main), not inside a
+        collective, so evaluation and slow checkpoint writes have no time limit, and a
+        failure here stops every rank."""
+        nonlocal best_top1
+        if val_loader is not None:
+            from kdcli.metrics import classification_metrics
+
+            logits, labels = predict(model, val_loader, runtime)
+            row["val/top1"] = classification_metrics(logits, labels)["top1"]
+        row.update(time_s=stats.time_s, images_per_s=stats.images_per_s)
+        history.append(row)
+        if on_row is not None:
+            on_row(row)
+        top1 = row.get("val/top1", row["train/top1"])
+        if top1 > best_top1:
+            best_top1 = top1
+            checkpoint.save({"model": model.state_dict(), "epoch": epoch,
+                             "val_top1": top1, **(checkpoint_extra or {})}, best_path)
+        checkpoint.save(snapshot(epoch), last_path)
+        _write_history(out_dir / "metrics.csv", history)
+        bar.end_epoch(task, row)
+        log.info("%s epoch %d/%d  loss %.4f  train/top1 %.2f%s  %.0f img/s", label,
+                 epoch + 1, epochs, row["train/loss"], row["train/top1"],
+                 f"  val/top1 {row['val/top1']:.2f}" if "val/top1" in row else "",
+                 row["images_per_s"])
+        return row, best_top1
+
     epoch = start_epoch
     with Progress(label, enabled=main) as bar:
         while epoch < epochs:
@@ -294,29 +339,10 @@ def fit(
             row: dict[str, float] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
             row.update({f"train/{k}": v for k, v in stats.terms.items()})
             row["train/top1"] = stats.top1
-            if val_loader is not None and main:
-                from kdcli.metrics import classification_metrics
-
-                logits, labels = predict(model, val_loader, runtime)
-                row["val/top1"] = classification_metrics(logits, labels)["top1"]
-            row["time_s"] = stats.time_s
-            row["images_per_s"] = stats.images_per_s
-            history.append(row)
-            if main:
-                if on_row is not None:
-                    on_row(row)
-                top1 = row.get("val/top1", row["train/top1"])
-                if top1 > best_top1:
-                    best_top1 = top1
-                    checkpoint.save({"model": model.state_dict(), "epoch": epoch,
-                                     "val_top1": top1, **(checkpoint_extra or {})}, best_path)
-                checkpoint.save(snapshot(epoch), last_path)
-                _write_history(out_dir / "metrics.csv", history)
-                bar.end_epoch(task, row)
-                log.info("%s epoch %d/%d  loss %.4f  train/top1 %.2f%s  %.0f img/s", label,
-                         epoch + 1, epochs, row["train/loss"], row["train/top1"],
-                         f"  val/top1 {row['val/top1']:.2f}" if "val/top1" in row else "",
-                         row["images_per_s"])
+            done, best_top1 = distributed.on_main(
+                functools.partial(finish_epoch, epoch, row, stats, bar, task))
+            if not main:
+                history.append(done)
             if on_epoch_end is not None:
                 on_epoch_end(epoch)
             epoch += 1
