@@ -177,6 +177,7 @@ def measure_latency_ms(
     warmup: int = 5,
     iters: int = 30,
     device: str | torch.device = "cpu",
+    threads: int | None = None,
 ) -> float:
     """Median batch-1 forward latency in milliseconds, in fp32 on ``device`` (CPU by default).
 
@@ -190,25 +191,40 @@ def measure_latency_ms(
         warmup: Untimed forward passes first (allocator, caches, lazy init).
         iters: Timed forward passes; the median resists scheduler noise better than the mean.
         device: Where to time; ``"cpu"`` for the report's numbers.
+        threads: CPU threads to time with (restored afterwards); None = :func:`latency_threads`,
+            so a model times the same whether the run trained on the CPU, on a GPU or under
+            torchrun (which starts each rank with one thread).
     """
     if iters < 1:
         raise ValueError("iters must be >= 1")
     device = torch.device(device)
     clone = copy.deepcopy(_unwrap(model)).to(device=device, dtype=torch.float32).eval()
     x = torch.zeros(1, *input_shape, device=device, dtype=torch.float32)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     times_ms: list[float] = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            clone(x)
-        sync()
-        for _ in range(iters):
-            start = time.perf_counter()
-            clone(x)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or latency_threads())
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                clone(x)
             sync()
-            times_ms.append((time.perf_counter() - start) * 1000.0)
+            for _ in range(iters):
+                start = time.perf_counter()
+                clone(x)
+                sync()
+                times_ms.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        torch.set_num_threads(before)
     return float(statistics.median(times_ms))
+
+
+def latency_threads() -> int:
+    """CPU threads the report's latency is timed with: one per core this process may use."""
+    from kdcli.device import usable_cores
+
+    return usable_cores()
 
 
 def profile_model(

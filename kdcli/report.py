@@ -92,6 +92,11 @@ def _ratio(x: Any) -> str:
     return f"{float(x):.1f}×" if _is_finite(x) else _DASH
 
 
+def _threads(report: Mapping[str, Any]) -> str:
+    n = report.get("latency_threads")
+    return f" with {n} CPU thread{'' if n == 1 else 's'}" if isinstance(n, int) else ""
+
+
 def _ms(x: Any) -> str:
     return f"{float(x):.2f}" if _is_finite(x) else _DASH
 
@@ -608,8 +613,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
         "",
         (
             "Accuracy metrics in percent on the test split. Latency is the median CPU fp32 "
-            "batch-1 forward time; the from-scratch baseline shares the student's "
-            "architecture and costs."
+            f"batch-1 forward time{_threads(report)}; the from-scratch baseline shares the "
+            "student's architecture and costs."
         ),
         "",
     ]

@@ -142,3 +142,22 @@ def test_profile_model_keys():
     assert set(profile) == {"params", "flops", "size_bytes", "latency_ms"}
     assert profile["params"] == 55 and profile["flops"] == 100
     assert profile["size_bytes"] > 0 and profile["latency_ms"] > 0
+
+
+def test_latency_is_timed_with_the_asked_threads_and_restores_the_count(monkeypatch):
+    # Timed with torch's thread count as the run left it, the same model got another latency on
+    # a GPU run (threads never set) or under torchrun (one thread per rank) than on the CPU.
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    before = torch.get_num_threads()
+    measure_latency_ms(Probe(), (4,), warmup=1, iters=2, threads=1)
+    assert seen == [1, 1, 1] and torch.get_num_threads() == before
+    seen.clear()
+    monkeypatch.setattr("kdcli.device.usable_cores", lambda: 3)
+    measure_latency_ms(Probe(), (4,), warmup=0, iters=2)
+    assert seen == [3, 3] and torch.get_num_threads() == before

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kdcli.device import usable_cores
 from tests.conftest import SMOKE, kd, read_report
 
 
@@ -58,6 +59,7 @@ def test_report_has_every_promised_field(sweep: Path) -> None:
     assert report["compression"]["latency_speedup"] > 0
     assert report["cache"]["bytes_per_sample"] == 20  # 10 classes x float16
     assert set(report["versions"]) >= {"torch", "torchvision", "kd"}
+    assert report["latency_threads"] == usable_cores()
     assert report["config"]["student"]["_target_"] == "kdcli.models.small.tiny_cnn"
     md = (run / "report.md").read_text()
     assert "Teacher" in md or "teacher" in md

@@ -44,6 +44,7 @@ def sample_report() -> dict:
         "kd_version": "0.1.0",
         "versions": {"torch": "2.15.0", "torchvision": "0.30.0", "kd": "0.1.0", "python": "3.11"},
         "wall_time_s": 123.4,
+        "latency_threads": 2,
         "dataset": {
             "name": "cifar10_subset",
             "num_classes": 10,
@@ -158,6 +159,7 @@ def test_write_report_full(tmp_path):
     assert "| latency (ms) | 4.00 | 1.00 | 1.00 |" in md
     assert "| params | 0.27M | 54.0K | 5.0× |" in md  # compression table
     assert "| latency (ms) | 4.00 | 1.00 | 4.0× |" in md
+    assert "Latency is the median CPU fp32 batch-1 forward time with 2 CPU threads;" in md
     assert "| teacher | trained |" in md and "| cache | reused |" in md
     assert "| student | resumed |" in md and "| baseline | not run |" in md
     assert "| bytes per sample | 40 B |" in md and "| storage | full logits |" in md

@@ -15,7 +15,12 @@ import torchvision
 
 import kdcli
 from kdcli import checkpoint, distributed
-from kdcli.metrics import classification_metrics, confusion_matrix, profile_model
+from kdcli.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    latency_threads,
+    profile_model,
+)
 from kdcli.report import compression, write_report
 from kdcli.stages import cache as cache_stage
 from kdcli.stages import pretrain as pretrain_stage
@@ -126,6 +131,7 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict, pretrained: di
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
         "wall_time_s": wall_time_s,
         "device": ctx.runtime.describe(),
+        "latency_threads": latency_threads(),
         "dataset": {"name": ds.name, "num_classes": ds.num_classes, "train_size": len(ds.train),
                     "test_size": len(ds.test), "image_size": ds.image_shape[-1]},
         "teacher": t_block,
