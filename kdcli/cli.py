@@ -83,6 +83,11 @@ def usage() -> str:
     return USAGE.format(commands="\n".join(lines))
 
 
+# Jobs of this process's `-m` sweep that failed: (job folder, one-line error).
+FAILED_JOBS: list[tuple[str, str]] = []
+FAILED = "failed.json"  # written into a failed sweep job's folder
+
+
 def main() -> None:
     try:
         dispatch()
@@ -90,6 +95,10 @@ def main() -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout again at exit
         sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted: run the same command again to go on (each stage "
+                         "resumes from its last saved epoch in the store)\n")
+        sys.exit(130)
 
 
 def dispatch() -> None:
@@ -117,7 +126,15 @@ def dispatch() -> None:
                          f"{', '.join([*COMMANDS, *PLAIN_COMMANDS])}\n")
         sys.exit(2)
     sys.argv[0] = f"kd {verb}"
-    hydra_app(verb)()
+    try:
+        hydra_app(verb)()
+    finally:  # also when the sweeper itself gives up (Optuna: every trial failed)
+        if FAILED_JOBS:
+            sys.stderr.write(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed (the others "
+                             f"ran; each failed folder holds {FAILED}):\n")
+            sys.stderr.writelines(f"  {folder}: {message}\n" for folder, message in FAILED_JOBS)
+    if FAILED_JOBS:
+        sys.exit(1)
 
 
 def shell_completion(args: list[str]) -> int:
@@ -207,26 +224,57 @@ def save_run_config(cfg) -> None:
 
 
 def run_command(verb: str, cfg):
-    """Runs a verb on a composed config; a KDError becomes a one-line message and exit 1."""
+    """Runs a verb on a composed config; a KDError becomes a one-line message and exit 1.
+
+    In a `-m` sweep a failed job does not end the sweep (a diverging trial is a normal event in
+    a learning-rate or Optuna search): its error goes to stderr, its log and `failed.json` in
+    its folder, the remaining jobs run, and `kd` exits 1 at the end. Such a job returns None,
+    which the Optuna sweeper records as a failed trial.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from kdcli.errors import KDError
     from kdcli.schema import validate
 
     module = importlib.import_module(COMMANDS[verb][0])
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         save_run_config(cfg)
         validate(cfg)  # wrong types, unknown keys, ??? values: before any work is done
         return module.main(cfg)
     except KDError as exc:
-        log.error("%s", exc)
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(1)
+        message = str(exc)
+        log.error("%s", message)
     except OSError as exc:
         # Disk full, file size limit, permission denied: name the file, no traceback.
         message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
-        sys.stderr.write(f"error: {message}\n")
         logging.raiseExceptions = False  # the log file may be on the full disk too
         log.error("%s", message)
+    except Exception as exc:
+        if not sweep:
+            raise  # a bug: Hydra prints the traceback
+        log.exception("job failed")  # the traceback goes to the job's log
+        message = f"{type(exc).__name__}: {exc} (traceback in the job's log)"
+    sys.stderr.write(f"error: {message}\n")
+    if not sweep:
         sys.exit(1)
+    record_failure(Path(HydraConfig.get().runtime.output_dir), message)
+    return None
+
+
+def record_failure(folder: Path, message: str) -> None:
+    """Notes a failed sweep job: in FAILED_JOBS, and as `failed.json` in its folder (for `kd
+    report` and the sweep summary, which list it as failed)."""
+    import json
+
+    from kdcli.checkpoint import atomic_write_text
+
+    FAILED_JOBS.append((str(folder), message))
+    try:
+        atomic_write_text(folder / FAILED, json.dumps({"error": message}) + "\n")
+    except OSError as exc:  # e.g. the disk that failed the job: the error is on stderr already
+        log.warning("could not write %s: %s", folder / FAILED, exc)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from rich.table import Table
 
 from kdcli import distributed
 from kdcli.checkpoint import atomic_write_text
+from kdcli.cli import FAILED
 from kdcli.errors import KDError
 from kdcli.report import _duration, format_count
 
@@ -54,7 +55,7 @@ _SKIP_DIRS = {"store", "kd-store"}
 
 
 class NoRunsFound(KDError):
-    """None of the paths holds a finished run (a ``report.json``)."""
+    """None of the paths holds a finished run (a ``report.json``) or a failed sweep job."""
 
 
 # --------------------------------------------------------------------------- columns
@@ -132,6 +133,7 @@ class Row:
     path: Path
     overrides: dict[str, str]
     metrics: dict[str, float | None]
+    error: str | None = None  # a sweep job that failed: its one-line error (failed.json)
 
 
 @dataclass
@@ -139,6 +141,10 @@ class Summary:
     base: Path  # the runs' common parent
     keys: list[str]  # the override keys whose values differ between runs
     rows: list[Row]
+
+    @property
+    def failed(self) -> list[Row]:
+        return [r for r in self.rows if r.error is not None]
 
     def best(self) -> float | None:
         values = [r.metrics[BEST] for r in self.rows if r.metrics[BEST] is not None]
@@ -151,11 +157,11 @@ def _natural(name: str) -> list[Any]:
 
 
 def _runs_under(root: Path) -> list[Path]:
-    if (root / REPORT).is_file():
+    if (root / REPORT).is_file() or (root / FAILED).is_file():
         return [root]
     runs = []
     for dirpath, dirnames, filenames in os.walk(root):
-        if REPORT in filenames:
+        if REPORT in filenames or FAILED in filenames:
             runs.append(Path(dirpath))
             dirnames[:] = []  # a run's own folders hold no other runs
             continue
@@ -214,6 +220,16 @@ def _read_report(run: Path) -> dict[str, Any] | None:
     return report if isinstance(report, dict) else None
 
 
+def _read_failure(run: Path) -> str | None:
+    """The error of a failed sweep job (its failed.json), None for a finished run."""
+    if (run / REPORT).is_file() or not (run / FAILED).is_file():
+        return None
+    try:
+        return str(json.loads((run / FAILED).read_text())["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "failed (unreadable failed.json)"
+
+
 def _common_parent(runs: list[Path]) -> Path:
     if len(runs) == 1:
         return runs[0].parent
@@ -224,19 +240,23 @@ def _common_parent(runs: list[Path]) -> Path:
 def collect(paths: Sequence[Path], sort: str | None = None) -> Summary:
     """Reads every run under `paths` into a Summary; `sort` is a key of SORT_KEYS."""
     found = find_runs(paths)
-    reports = {run: r for run in found if (r := _read_report(run)) is not None}
-    if not reports:
+    errors = {run: e for run in found if (e := _read_failure(run)) is not None}
+    reports = {run: r for run in found if run not in errors
+               and (r := _read_report(run)) is not None}
+    if not reports and not errors:
         raise NoRunsFound(f"no readable {REPORT} under {', '.join(map(str, paths))}")
-    base = _common_parent(list(reports))
-    overrides = {run: read_overrides(run) for run in reports}
+    runs = [run for run in found if run in reports or run in errors]
+    base = _common_parent(runs)
+    overrides = {run: read_overrides(run) for run in runs}
     keys: list[str] = []
     for o in overrides.values():
         keys += [k for k in o if k not in keys]
     keys = [k for k in keys if len({o.get(k, MISSING) for o in overrides.values()}) > 1]
     rows = [Row(run=run.relative_to(base).as_posix(), path=run,
                 overrides={k: overrides[run].get(k, MISSING) for k in keys},
-                metrics={m.key: m.read(report) for m in METRICS})
-            for run, report in reports.items()]
+                metrics={m.key: m.read(reports.get(run, {})) for m in METRICS},
+                error=errors.get(run))
+            for run in runs]
     column = SORT_KEYS.get(sort) if sort else None
     if sort and sort not in SORT_KEYS:
         raise KDError(f"unknown sort key {sort!r}; choose one of {', '.join(SORT_KEYS)}")
@@ -254,11 +274,13 @@ def to_csv(summary: Summary) -> str:
     """One line per run; metrics as plain numbers, an empty cell where a run has none."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*summary.keys, *(m.key for m in METRICS), "run"])
+    failed = bool(summary.failed)
+    writer.writerow([*summary.keys, *(m.key for m in METRICS), "run",
+                     *(["error"] if failed else [])])
     for row in summary.rows:
         writer.writerow([*row.overrides.values(),
                          *("" if row.metrics[m.key] is None else row.metrics[m.key]
-                           for m in METRICS), row.run])
+                           for m in METRICS), row.run, *([row.error or ""] if failed else [])])
     return buf.getvalue()
 
 
@@ -269,12 +291,14 @@ def _md_cell(text: str) -> str:
 def to_markdown(summary: Summary) -> str:
     """A Markdown table of the runs, the best student top-1 in bold."""
     best = summary.best()
-    header = [*summary.keys, *(m.title for m in METRICS), "run"]
-    align = [*("---" for _ in summary.keys), *("---:" for _ in METRICS), "---"]
+    failed = bool(summary.failed)
+    header = [*summary.keys, *(m.title for m in METRICS), "run", *(["failed"] if failed else [])]
+    align = [*("---" for _ in summary.keys), *("---:" for _ in METRICS), "---",
+             *(["---"] if failed else [])]
     lines = [
         "# Run comparison",
         "",
-        f"{len(summary.rows)} run(s) under `{summary.base}`. Override columns show only the "
+        f"{_count_runs(summary)} under `{summary.base}`. Override columns show only the "
         f"settings that differ between runs ({MISSING}: not set). Accuracies in %; gain = "
         "student top-1 − baseline (from scratch) top-1; latency: batch 1 on the CPU. "
         "Best student top-1 in bold.",
@@ -290,19 +314,29 @@ def to_markdown(summary: Summary) -> str:
                 text = f"**{text}**"
             cells.append(text)
         cells.append(f"`{row.run}`")
+        if failed:
+            cells.append(row.error or "")
         lines.append("| " + " | ".join(map(_md_cell, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _count_runs(summary: Summary) -> str:
+    failed = len(summary.failed)
+    return f"{len(summary.rows)} run(s)" + (f", {failed} failed," if failed else "")
+
+
 def to_table(summary: Summary) -> Table:
     best = summary.best()
-    table = Table(title=f"{len(summary.rows)} run(s) under {summary.base}",
+    failed = bool(summary.failed)
+    table = Table(title=f"{_count_runs(summary).rstrip(',')} under {summary.base}",
                   caption="gain = student top-1 − baseline top-1 (points)")
     for key in summary.keys:
         table.add_column(key, style="cyan")
     for m in METRICS:
         table.add_column(m.title, justify="right")
     table.add_column("run", style="dim")
+    if failed:
+        table.add_column("failed", style="red")
     for row in summary.rows:
         cells = []
         for m in METRICS:
@@ -310,7 +344,8 @@ def to_table(summary: Summary) -> Table:
             if m.key == BEST and best is not None and row.metrics[m.key] == best:
                 text = f"[bold green]{text}[/]"
             cells.append(text)
-        table.add_row(*row.overrides.values(), *cells, row.run)
+        table.add_row(*row.overrides.values(), *cells, row.run,
+                      *([row.error or ""] if failed else []))
     return table
 
 

@@ -13,6 +13,9 @@ import pytest
 # Every end-to-end run uses the smoke preset on the embedded subset, on the CPU, in fp32 so
 # results do not depend on whether the machine has fast bf16.
 SMOKE = ["experiment=smoke", "device=cpu"]
+# The smallest run that still trains every stage: one epoch each, no baseline.
+TINY = [*SMOKE, "baseline=false", "trainer.teacher.epochs=1", "trainer.student.epochs=1",
+        "dataset.train_size=128", "dataset.test_size=64"]
 
 
 def kd(*args: str, cwd: Path, env: dict | None = None, check: bool = True

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from kdcli import compare
 from kdcli.cli import run_plain
 from kdcli.compare import MISSING, SummaryCallback, collect, to_markdown
-from tests.conftest import SMOKE, kd, read_report
+from tests.conftest import SMOKE, TINY, kd, read_report
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,29 @@ def test_multirun_writes_summary_automatically(sweep: Path) -> None:
     best = max(float(r["student/top1"]) for r in rows)
     assert f"**{best:.2f}**" in md
     assert md.count("| `") == 2  # one table row per run
+
+
+def test_a_failed_job_does_not_end_the_sweep_and_is_listed(tmp_path: Path, capsys) -> None:
+    # A kd error in one job used to exit the whole sweep there: later jobs never ran and no
+    # summary was written. Now every job runs, the failed one is listed, and kd exits 1.
+    sweep = tmp_path / "multi"
+    proc = kd("train", "-m", *TINY, "loss.temperature=0,4", f"store={tmp_path / 'store'}",
+              f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "error: 1 job(s) of the sweep failed" in proc.stderr
+    assert f"{sweep / '0'}: loss=hinton: ValueError: loss.temperature must be > 0" in proc.stderr
+    error = json.loads((sweep / "0" / "failed.json").read_text())["error"]
+    assert "loss.temperature must be > 0, got 0" in error
+    assert read_report(sweep / "1")["student"]["top1"] >= 0
+    rows = _rows(sweep / "summary.csv")
+    assert [(r["run"], r["loss.temperature"], r["error"]) for r in rows] == [
+        ("0", "0", error), ("1", "4", "")]
+    assert rows[0]["student/top1"] == "" and float(rows[1]["student/top1"]) >= 0
+    md = (sweep / "summary.md").read_text()
+    assert "2 run(s), 1 failed, under" in md and f"| `0` | {error} |" in md
+    # kd report reads the same folder the same way.
+    assert run_plain("report", compare.main, [str(sweep), "--out", str(tmp_path)]) == 0
+    assert _rows(tmp_path / "summary.csv") == rows
 
 
 def test_report_gives_same_rows_for_multirun_and_job_dirs(sweep: Path, tmp_path: Path) -> None:

@@ -8,11 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import SMOKE, kd, read_report
-
-# The smallest run that still trains every stage: one epoch each, no baseline.
-TINY = [*SMOKE, "baseline=false", "trainer.teacher.epochs=1", "trainer.student.epochs=1",
-        "dataset.train_size=128", "dataset.test_size=64"]
+from tests.conftest import TINY, kd, read_report
 
 
 def test_optuna_search_maximises_student_top1(tmp_path: Path) -> None:
@@ -34,6 +30,24 @@ def test_optuna_search_maximises_student_top1(tmp_path: Path) -> None:
     assert len(list((tmp_path / "store" / "teacher").glob("*/meta.json"))) == 1
     assert len(list((tmp_path / "store" / "cache").glob("*/meta.json"))) == 1
     assert (sweep / "summary.md").exists()
+
+
+def test_a_failed_trial_does_not_end_the_search(tmp_path: Path) -> None:
+    # A kd error used to exit the process from inside the job: the study stopped there. Now
+    # the trial is recorded as failed and the search goes on (sampler seed 6 draws the
+    # impossible temperature 0 for trial 0, then 4).
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "multi"
+    proc = kd("train", "-m", "hydra/sweeper=kd_optuna", "hydra.sweeper.n_trials=2",
+              "hydra.sweeper.sampler.seed=6", "loss.temperature=choice(0,4)", *TINY,
+              f"store={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+              check=False)
+    assert proc.returncode == 1
+    assert "loss.temperature must be > 0" in (sweep / "0" / "failed.json").read_text()
+    assert read_report(sweep / "1")["config"]["loss"]["temperature"] == 4
+    result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert result["best_params"]["loss.temperature"] == 4
+    assert "error: 1 job(s) of the sweep failed" in proc.stderr
 
 
 def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
