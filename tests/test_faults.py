@@ -131,15 +131,17 @@ def _assert_complete_entries_verify(store: Path) -> None:
 
 def test_two_runs_at_once_train_each_stage_once(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    runs = [tmp_path / "run-a", tmp_path / "run-b"]
-    procs = [_start("train", *SMOKE, f"store={store}", f"hydra.run.dir={run}", cwd=tmp_path)
-             for run in runs]
+    # Default run folders: started together, both runs name theirs in the same second; the
+    # folder's time carries microseconds, so each gets its own (they used to share one).
+    procs = [_start("train", *SMOKE, f"store={store}", cwd=tmp_path) for _ in range(2)]
     try:
         errors = [proc.communicate(timeout=1200)[1] for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
     assert [proc.returncode for proc in procs] == [0, 0], errors
+    runs = sorted(p.parent for p in (tmp_path / "outputs").glob("*/*/report.json"))
+    assert len(runs) == 2, runs
     reports = [read_report(run) for run in runs]
     for stage in ("teacher", "cache", "student", "baseline"):
         # One process built the entry; the other waited for its lock, then reused it.
