@@ -362,3 +362,29 @@ def test_failed_write_names_the_file_and_keeps_the_old_one(tmp_path: Path, monke
     assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(target))
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    args = ("teacher", *SMOKE, "trainer.teacher.epochs=20", "dataset.train_size=128",
+            "dataset.test_size=64", f"store={store}")
+    # A process started in the background may inherit SIGINT ignored; a terminal's is not.
+    proc = _start(*args, f"hydra.run.dir={tmp_path / 'first'}", cwd=tmp_path,
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 600
+        while not list((store / "teacher").glob("*/last.pt")):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "the teacher never saved an epoch"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted: run the same command again to go on (each stage resumes from its last "
+        "saved epoch in the store)")
+    kd(*args, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
+    assert "resuming from" in (tmp_path / "again" / "teacher.log").read_text()
