@@ -18,7 +18,8 @@ without ``--int8``) is deleted, so OUT holds only what the report describes.
 
 Trust: the student is rebuilt by instantiating the ``_target_`` in the run's own
 ``.hydra/config.yaml``, as ``kd train`` did, so export only runs whose config you would run.
-The checkpoint is read with ``weights_only=True``.
+The checkpoint is read with ``weights_only=True``. The config's models and dataset are built in
+the directory the run was started in, so its relative paths resolve as they did in training.
 """
 
 from __future__ import annotations
@@ -131,6 +132,26 @@ def load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
     if isinstance(entries, dict) and entries:
         cfg.store = str(Path(next(iter(entries.values()))).parents[1])
     return cfg, report
+
+
+def launch_dir(run_dir: Path) -> Path | None:
+    """The directory `kd train` ran in (Hydra's ``hydra.runtime.cwd``, in the run's
+    ``.hydra/hydra.yaml``): relative paths in the run config, say ``dataset.loader.root=imf``,
+    are relative to it. None when the run does not record it or the directory is gone."""
+    try:
+        cwd = OmegaConf.select(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml"),
+                               "hydra.runtime.cwd")
+    except Exception as exc:  # noqa: BLE001 - missing or unreadable: paths stay as they are
+        log.debug("%s: no hydra.runtime.cwd (%s)", run_dir / ".hydra" / "hydra.yaml",
+                  _first_line(exc))
+        return None
+    if not cwd:
+        return None
+    if not Path(cwd).is_dir():
+        log.warning("%s, where the run was started, is gone: relative paths in its config are "
+                    "read from the current directory", cwd)
+        return None
+    return Path(cwd)
 
 
 def _resolved(cfg: DictConfig, key: str) -> DictConfig:
@@ -488,10 +509,13 @@ def main(argv: list[str]) -> int:
     weights = run_dir / "checkpoints" / "student" / f"{args.checkpoint}.pt"
     if not weights.exists():
         raise CorruptArtifact(f"{weights} is missing")
-    model = build_student(cfg, num_classes, weights)
-
     seed = int(cfg.get("seed") or 0)
-    ds = load_dataset(_resolved(cfg, "dataset"), seed)
+    # What the run config builds is built where the run started, so its relative paths (the
+    # dataset's root, a decoded-image cache, ...) mean what they meant to `kd train`.
+    where = launch_dir(run_dir)
+    with contextlib.chdir(where) if where else contextlib.nullcontext():
+        model = build_student(cfg, num_classes, weights)
+        ds = load_dataset(_resolved(cfg, "dataset"), seed)
     if ds.num_classes != num_classes:
         raise ConfigError(f"the run's dataset now has {ds.num_classes} classes, the report "
                           f"says {num_classes}")

@@ -14,6 +14,7 @@ import torch
 from kdcli import export
 from kdcli.errors import ConfigError, CorruptArtifact
 from tests.conftest import SMOKE, kd, read_report
+from tests.test_imagefolder import write_image_folder
 
 # Few timed runs: the figures are not under test, only that they are there.
 FAST = ["--latency-runs", "5", "--warmup", "2"]
@@ -115,6 +116,30 @@ def test_store_relative_to_the_training_cwd_is_anchored(tmp_path: Path, monkeypa
     monkeypatch.chdir(run_dir)  # anywhere but where training ran
     cfg, _ = export.load_run(run_dir)
     assert cfg.dataset.cache_dir == f"{root}/datasets"
+
+
+def test_relative_dataset_paths_are_read_where_the_run_started(tmp_path: Path) -> None:
+    # The image folder is given relative to where `kd train` ran, and the store (with the
+    # decoded-image cache) is the default relative `kd-store`; export runs from elsewhere.
+    write_image_folder(tmp_path / "imf", train_per_class=8, val_per_class=3)
+    run_dir = tmp_path / "run"
+    kd("train", *SMOKE, "dataset=imagefolder", "dataset.loader.root=imf", "dataset.image_size=32",
+       "baseline=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    kd("export", str(run_dir), "--formats", "torchscript", *FAST, cwd=elsewhere)
+    assert read_export(run_dir)["test_size"] == 30
+    assert not list(elsewhere.iterdir())  # nothing read or decoded relative to here
+
+
+def test_launch_dir_is_where_the_run_started(tmp_path: Path) -> None:
+    run_dir, started = tmp_path / "run", tmp_path / "project"
+    (run_dir / ".hydra").mkdir(parents=True)
+    assert export.launch_dir(run_dir) is None  # no hydra.yaml: paths stay as they are
+    (run_dir / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {started}\n")
+    assert export.launch_dir(run_dir) is None  # the directory is gone
+    started.mkdir()
+    assert export.launch_dir(run_dir) == started
 
 
 def test_not_a_run_is_one_line(tmp_path: Path) -> None:
