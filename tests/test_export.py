@@ -142,6 +142,62 @@ def test_launch_dir_is_where_the_run_started(tmp_path: Path) -> None:
     assert export.launch_dir(run_dir) == started
 
 
+def test_teacher_is_timed_with_the_formats(run: Path, tmp_path: Path) -> None:
+    # report.json's teacher latency was timed when the run finished, maybe under other load;
+    # the speed-ups must compare it with nothing but figures timed alongside it.
+    copy = copy_run(run, tmp_path / "run")
+    report = read_report(copy)
+    report["teacher"]["latency_ms"] = 12345.0
+    (copy / "report.json").write_text(json.dumps(report))
+    kd("export", str(copy), "--formats", "torchscript", *FAST, cwd=tmp_path)
+    data = read_export(copy)
+    teacher = data["teacher"]
+    assert 0 < teacher["latency_ms"] < 12345.0 and teacher["report_latency_ms"] == 12345.0
+    assert teacher["weights"] == [str(copy / "checkpoints" / "teacher" / "last.pt")]
+    md = (copy / "export" / "export.md").read_text()
+    speedup = export._ratio(teacher["latency_ms"], data["formats"]["pytorch"]["latency_ms"])
+    assert next(line for line in md.splitlines()
+                if line.startswith("| student fp32 PyTorch")).endswith(f"| {speedup} |")
+    assert "the teacher (PyTorch fp32, `last.pt`) and the formats timed in turns" in md
+
+
+def test_teacher_without_weights_leaves_the_speed_ups_out(run: Path, tmp_path: Path) -> None:
+    copy = copy_run(run, tmp_path / "run")
+    shutil.rmtree(copy / "checkpoints" / "teacher")
+    report = read_report(copy)
+    key = next(k for k in report["store"] if k.startswith("teacher-"))
+    report["store"][key] = str(tmp_path / "gone" / "teacher" / "entry")
+    (copy / "report.json").write_text(json.dumps(report))
+    kd("export", str(copy), "--formats", "torchscript", *FAST, cwd=tmp_path)
+    teacher = read_export(copy)["teacher"]
+    assert teacher["latency_ms"] is None and "weights are gone" in teacher["not_timed"]
+    md = (copy / "export" / "export.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith(("| teacher", "| student"))]
+    assert len(rows) == 3 and all(row.endswith("| — |") for row in rows)
+    assert "The teacher was not timed (teacher " in md and "is not compared" in md
+
+
+def test_several_teachers_are_timed_one_after_another(tmp_path: Path) -> None:
+    # The run config holds only the teachers' merge: each comes from its store entry's inputs.
+    run_dir = tmp_path / "run"
+    kd("train", *SMOKE, "teacher=[tiny_cnn-wide,tiny_cnn]", "baseline=false",
+       f"store={tmp_path / 'store'}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    kd("export", str(run_dir), "--formats", "torchscript", *FAST, cwd=tmp_path)
+    teacher = read_export(run_dir)["teacher"]
+    assert teacher["latency_ms"] > 0
+    assert teacher["weights"] == [str(run_dir / "checkpoints" / f"teacher-{name}" / "last.pt")
+                                  for name in ("tiny_cnn-wide", "tiny_cnn")]
+    # A model config that no longer hashes to its entry's key is not instantiated.
+    meta = next((tmp_path / "store" / "teacher").glob("tiny_cnn-wide-*/meta.json"))
+    recorded = json.loads(meta.read_text())
+    recorded["inputs"]["model"]["width"] = 8
+    meta.write_text(json.dumps(recorded))
+    kd("export", str(run_dir), "--formats", "torchscript", *FAST, cwd=tmp_path)
+    teacher = read_export(run_dir)["teacher"]
+    assert teacher["latency_ms"] is None
+    assert "does not match its entry's key" in teacher["not_timed"]
+
+
 def test_not_a_run_is_one_line(tmp_path: Path) -> None:
     for target in (tmp_path / "missing", tmp_path):
         proc = kd("export", str(target), cwd=tmp_path, check=False)
