@@ -16,9 +16,16 @@ Writes ``OUT/{student.onnx, student.ts, student.int8.onnx, export.json, export.m
 an earlier export left in OUT and this one did not write (``student.int8.onnx`` after a re-run
 without ``--int8``) is deleted, so OUT holds only what the report describes.
 
+Latency: the teacher is rebuilt with its ``last.pt`` and timed in turns with the formats, so
+the speed-ups compare figures from one session; when it cannot be rebuilt (its weights gone,
+say) they are left out and the notes say why.
+
 Trust: the student is rebuilt by instantiating the ``_target_`` in the run's own
-``.hydra/config.yaml``, as ``kd train`` did, so export only runs whose config you would run.
-The checkpoint is read with ``weights_only=True``.
+``.hydra/config.yaml``, as ``kd train`` did, so export only runs whose config you would run;
+so is a single teacher. Of several teachers, each comes from the model config its store entry
+recorded, used only when it hashes to the entry key in ``report.json``. Checkpoints are read
+with ``weights_only=True``. The config's models and dataset are built in the directory the run
+was started in, so its relative paths resolve as they did in training.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from kdcli.errors import ConfigError, CorruptArtifact, DataError, KDError
 from kdcli.metrics import classification_metrics, model_size_bytes
 from kdcli.report import format_bytes, to_jsonable
 from kdcli.stages.common import _MODEL_SETTINGS, build, load_dataset, load_weights
+from kdcli.store import META, key_of
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +100,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"int8 calibration batches of {CALIBRATION_BATCH} training images "
                         "(default 8 = 512 images)")
     p.add_argument("--latency-runs", type=int, default=50,
-                   help="timed batch-1 runs per format; the median is reported (default 50)")
+                   help="timed batch-1 runs per format and for the teacher; the median is "
+                        "reported (default 50)")
     p.add_argument("--warmup", type=int, default=10, help="untimed runs first (default 10)")
     args = p.parse_args(argv)
     if args.tolerance < 0 or args.rtol < 0:
@@ -133,6 +142,26 @@ def load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
     return cfg, report
 
 
+def launch_dir(run_dir: Path) -> Path | None:
+    """The directory `kd train` ran in (Hydra's ``hydra.runtime.cwd``, in the run's
+    ``.hydra/hydra.yaml``): relative paths in the run config, say ``dataset.loader.root=imf``,
+    are relative to it. None when the run does not record it or the directory is gone."""
+    try:
+        cwd = OmegaConf.select(OmegaConf.load(run_dir / ".hydra" / "hydra.yaml"),
+                               "hydra.runtime.cwd")
+    except Exception as exc:  # noqa: BLE001 - missing or unreadable: paths stay as they are
+        log.debug("%s: no hydra.runtime.cwd (%s)", run_dir / ".hydra" / "hydra.yaml",
+                  _first_line(exc))
+        return None
+    if not cwd:
+        return None
+    if not Path(cwd).is_dir():
+        log.warning("%s, where the run was started, is gone: relative paths in its config are "
+                    "read from the current directory", cwd)
+        return None
+    return Path(cwd)
+
+
 def _resolved(cfg: DictConfig, key: str) -> DictConfig:
     """A config node resolved against the whole run config, then detached."""
     try:
@@ -143,11 +172,63 @@ def _resolved(cfg: DictConfig, key: str) -> DictConfig:
 
 def build_student(cfg: DictConfig, num_classes: int, weights: Path) -> nn.Module:
     """The run's student architecture with `weights` loaded, fp32, eval mode, on the CPU."""
-    node = _resolved(cfg, "student")
+    return _build_model(_resolved(cfg, "student"), "student", num_classes, weights)
+
+
+def build_teachers(run_dir: Path, cfg: DictConfig, report: dict[str, Any], num_classes: int
+                   ) -> tuple[list[nn.Module], list[Path]]:
+    """The run's teacher(s) with the weights the report evaluates (`last.pt`), fp32, eval mode,
+    on the CPU, and the files those weights came from.
+
+    Weights come from ``checkpoints/<stage>/`` in the run folder, else from the store entry
+    report.json names. One teacher is built from the run config, as the student is; of several,
+    the run config holds only their merge, so each is built from the model config its store
+    entry recorded, trusted only when it hashes to the entry key report.json names.
+
+    Raises:
+        KDError: what is missing or does not fit, naming the teacher.
+    """
+    names = [t.get("name") for t in report.get("teachers") or [report.get("teacher") or {}]]
+    if not all(isinstance(name, str) and name for name in names):
+        raise ConfigError("report.json does not name the teacher")
+    entries = report.get("store") if isinstance(report.get("store"), dict) else {}
+    models, files = [], []
+    for name in names:
+        stage = "teacher" if len(names) == 1 else f"teacher-{name}"
+        entry = entries.get(f"teacher-{name}")
+        entry = Path(entry) if isinstance(entry, str) else None
+        candidates = [run_dir / "checkpoints" / stage / "last.pt",
+                      *([entry / "last.pt"] if entry else [])]
+        weights = next((path for path in candidates if path.is_file()), None)
+        if weights is None:
+            raise CorruptArtifact(f"teacher {name}'s weights are gone: no "
+                                  f"{' or '.join(map(str, candidates))}")
+        node = _resolved(cfg, "teacher") if len(names) == 1 else _recorded_model(entry, name)
+        models.append(_build_model(node, f"teacher {name}", num_classes, weights))
+        files.append(weights)
+    return models, files
+
+
+def _recorded_model(entry: Path | None, name: str) -> DictConfig:
+    """The model config a store entry was keyed by, if it still hashes to the entry's key."""
+    if entry is None:
+        raise ConfigError(f"report.json names no store entry for teacher {name}")
+    try:
+        inputs = json.loads((entry / META).read_text())["inputs"]
+        node = OmegaConf.create(inputs["model"])
+    except Exception as exc:
+        raise CorruptArtifact(f"teacher {name}: cannot read its model config from "
+                              f"{entry / META} ({_first_line(exc)})") from exc
+    if not isinstance(node, DictConfig) or not entry.name.endswith(f"-{key_of(inputs)}"):
+        raise CorruptArtifact(f"teacher {name}: {entry / META} does not match its entry's key")
+    return node
+
+
+def _build_model(node: DictConfig, what: str, num_classes: int, weights: Path) -> nn.Module:
     node = OmegaConf.create({k: v for k, v in node.items() if k not in _MODEL_SETTINGS})
-    model = build(node, "student: cannot build model", num_classes=num_classes)
+    model = build(node, f"{what}: cannot build model", num_classes=num_classes)
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"student._target_ returned {type(model).__name__}, not an nn.Module")
+        raise ConfigError(f"{what}: _target_ returned {type(model).__name__}, not an nn.Module")
     return load_weights(model, weights).float().eval()
 
 
@@ -398,16 +479,22 @@ def markdown_table(data: dict[str, Any]) -> list[str]:
 
 
 def markdown_notes(data: dict[str, Any]) -> list[str]:
-    tol = data["tolerance"]
+    tol, teacher = data["tolerance"], data["teacher"]
+    if teacher.get("latency_ms") is None:
+        timed = "the formats"
+    elif len(teacher.get("weights") or []) > 1:
+        timed = "the teachers (PyTorch fp32, `last.pt`, one after another) and the formats"
+    else:
+        timed = "the teacher (PyTorch fp32, `last.pt`) and the formats"
     lines = [
         f"Student `{data['student']}` from `checkpoints/student/{data['checkpoint']}.pt`; "
         f"top-1 and agreement on the {data['test_size']} test images. Latency: median of "
         f"{data['latency']['runs']} batch-1 CPU runs after {data['latency']['warmup']} warm-up "
-        f"runs, {data['latency']['threads']} thread(s), the formats timed in turns so load from "
-        "other processes hits them alike; the teacher's figures are from "
-        "`report.json` (PyTorch fp32, measured when the run finished). File size of the "
-        "PyTorch rows is the saved `state_dict`.",
+        f"runs, {data['latency']['threads']} thread(s), {timed} timed in turns so load from "
+        "other processes hits them alike; the teacher's top-1 and file size are from "
+        "`report.json`. File size of the PyTorch rows is the saved `state_dict`.",
         "",
+        *_untimed_teacher_note(teacher),
         *_busy_note(data["latency"]),
         f"Float formats pass when every logit is within {tol['atol']:g} + {tol['rtol']:g}·|logit| "
         f"of PyTorch's and top-1 agrees on ≥ {tol['min_agreement']:g}% of images.",
@@ -420,6 +507,18 @@ def markdown_notes(data: dict[str, Any]) -> list[str]:
         lines += ["", f"int8: {q['method']}; calibrated on {q['calibration_images']} "
                       f"{q['calibration_split']} images. Its accuracy is measured, not checked."]
     return lines
+
+
+def _untimed_teacher_note(teacher: dict[str, Any]) -> list[str]:
+    if teacher.get("latency_ms") is not None:
+        return []
+    reported = teacher.get("report_latency_ms")
+    note = f"The teacher was not timed ({teacher.get('not_timed') or 'no weights'}), so its " \
+           "latency and the speed-ups are left out"
+    if isinstance(reported, (int, float)) and math.isfinite(reported):
+        note += f"; `report.json`'s {reported:.2f} ms was timed when the run finished, in " \
+                "another session, and is not compared"
+    return [note + ".", ""]
 
 
 def _busy_note(latency: dict[str, Any]) -> list[str]:
@@ -488,10 +587,19 @@ def main(argv: list[str]) -> int:
     weights = run_dir / "checkpoints" / "student" / f"{args.checkpoint}.pt"
     if not weights.exists():
         raise CorruptArtifact(f"{weights} is missing")
-    model = build_student(cfg, num_classes, weights)
-
     seed = int(cfg.get("seed") or 0)
-    ds = load_dataset(_resolved(cfg, "dataset"), seed)
+    # What the run config builds is built where the run started, so its relative paths (the
+    # dataset's root, a decoded-image cache, ...) mean what they meant to `kd train`.
+    where = launch_dir(run_dir)
+    with contextlib.chdir(where) if where else contextlib.nullcontext():
+        model = build_student(cfg, num_classes, weights)
+        try:  # timed with the formats, so the speed-ups compare figures from one session
+            teachers, teacher_files = build_teachers(run_dir, cfg, report, num_classes)
+            not_timed = None
+        except KDError as exc:
+            teachers, teacher_files, not_timed = [], [], str(exc)
+            log.warning("the teacher is not timed, so the export shows no speed-up: %s", exc)
+        ds = load_dataset(_resolved(cfg, "dataset"), seed)
     if ds.num_classes != num_classes:
         raise ConfigError(f"the run's dataset now has {ds.num_classes} classes, the report "
                           f"says {num_classes}")
@@ -566,16 +674,27 @@ def main(argv: list[str]) -> int:
                            "method": method, "calibration_images": n_calib,
                            "calibration_split": "train"}
 
-    log.info("timing %s at batch 1 (%d runs each)", ", ".join(predictors), args.latency_runs)
+    timed = dict(predictors)
+    if teachers:  # several teachers run one after another, as the ensemble would
+        members = [torch_predict(t) for t in teachers]
+        timed = {"teacher": lambda x: [fn(x) for fn in members][-1], **timed}
+    log.info("timing %s at batch 1 (%d runs each)", ", ".join(timed), args.latency_runs)
     load, cpus = _machine_load()
     if load is not None and load > cpus:
         log.warning("the machine is busy (load average %.1f on %d CPUs): latencies will be "
                     "noisy, PyTorch's multi-threaded ones most", load, cpus)
-    latency = median_latency_ms(predictors, shape, args.warmup, args.latency_runs)
+    latency = median_latency_ms(timed, shape, args.warmup, args.latency_runs)
+    teacher_ms = latency.pop("teacher", None)
     for name, ms in latency.items():
         results[name]["latency_ms"] = ms
 
-    teacher = report.get("teacher") or {}
+    reported = report.get("teacher") or {}
+    teacher = {**{k: reported.get(k) for k in ("name", "top1", "params", "size_bytes")},
+               "latency_ms": teacher_ms, "report_latency_ms": reported.get("latency_ms")}
+    if teachers:
+        teacher["weights"] = [str(path) for path in teacher_files]
+    else:
+        teacher["not_timed"] = not_timed
     data = {
         "student": report["student"].get("name", "student"),
         "checkpoint": args.checkpoint,
@@ -586,8 +705,7 @@ def main(argv: list[str]) -> int:
         "tolerance": {"atol": args.tolerance, "rtol": args.rtol, "min_agreement": MIN_AGREEMENT},
         "latency": {"batch_size": 1, "device": "cpu", "threads": threads, "warmup": args.warmup,
                     "runs": args.latency_runs, "load_average": load, "cpus": cpus},
-        "teacher": {k: teacher.get(k) for k in ("name", "top1", "params", "size_bytes",
-                                                "latency_ms")},
+        "teacher": teacher,
         "formats": results,
         "versions": _versions(),
     }

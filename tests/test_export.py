@@ -14,6 +14,7 @@ import torch
 from kdcli import export
 from kdcli.errors import ConfigError, CorruptArtifact
 from tests.conftest import SMOKE, kd, read_report
+from tests.test_imagefolder import write_image_folder
 
 # Few timed runs: the figures are not under test, only that they are there.
 FAST = ["--latency-runs", "5", "--warmup", "2"]
@@ -115,6 +116,86 @@ def test_store_relative_to_the_training_cwd_is_anchored(tmp_path: Path, monkeypa
     monkeypatch.chdir(run_dir)  # anywhere but where training ran
     cfg, _ = export.load_run(run_dir)
     assert cfg.dataset.cache_dir == f"{root}/datasets"
+
+
+def test_relative_dataset_paths_are_read_where_the_run_started(tmp_path: Path) -> None:
+    # The image folder is given relative to where `kd train` ran, and the store (with the
+    # decoded-image cache) is the default relative `kd-store`; export runs from elsewhere.
+    write_image_folder(tmp_path / "imf", train_per_class=8, val_per_class=3)
+    run_dir = tmp_path / "run"
+    kd("train", *SMOKE, "dataset=imagefolder", "dataset.loader.root=imf", "dataset.image_size=32",
+       "baseline=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    kd("export", str(run_dir), "--formats", "torchscript", *FAST, cwd=elsewhere)
+    assert read_export(run_dir)["test_size"] == 30
+    assert not list(elsewhere.iterdir())  # nothing read or decoded relative to here
+
+
+def test_launch_dir_is_where_the_run_started(tmp_path: Path) -> None:
+    run_dir, started = tmp_path / "run", tmp_path / "project"
+    (run_dir / ".hydra").mkdir(parents=True)
+    assert export.launch_dir(run_dir) is None  # no hydra.yaml: paths stay as they are
+    (run_dir / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  runtime:\n    cwd: {started}\n")
+    assert export.launch_dir(run_dir) is None  # the directory is gone
+    started.mkdir()
+    assert export.launch_dir(run_dir) == started
+
+
+def test_teacher_is_timed_with_the_formats(run: Path, tmp_path: Path) -> None:
+    # report.json's teacher latency was timed when the run finished, maybe under other load;
+    # the speed-ups must compare it with nothing but figures timed alongside it.
+    copy = copy_run(run, tmp_path / "run")
+    report = read_report(copy)
+    report["teacher"]["latency_ms"] = 12345.0
+    (copy / "report.json").write_text(json.dumps(report))
+    kd("export", str(copy), "--formats", "torchscript", *FAST, cwd=tmp_path)
+    data = read_export(copy)
+    teacher = data["teacher"]
+    assert 0 < teacher["latency_ms"] < 12345.0 and teacher["report_latency_ms"] == 12345.0
+    assert teacher["weights"] == [str(copy / "checkpoints" / "teacher" / "last.pt")]
+    md = (copy / "export" / "export.md").read_text()
+    speedup = export._ratio(teacher["latency_ms"], data["formats"]["pytorch"]["latency_ms"])
+    assert next(line for line in md.splitlines()
+                if line.startswith("| student fp32 PyTorch")).endswith(f"| {speedup} |")
+    assert "the teacher (PyTorch fp32, `last.pt`) and the formats timed in turns" in md
+
+
+def test_teacher_without_weights_leaves_the_speed_ups_out(run: Path, tmp_path: Path) -> None:
+    copy = copy_run(run, tmp_path / "run")
+    shutil.rmtree(copy / "checkpoints" / "teacher")
+    report = read_report(copy)
+    key = next(k for k in report["store"] if k.startswith("teacher-"))
+    report["store"][key] = str(tmp_path / "gone" / "teacher" / "entry")
+    (copy / "report.json").write_text(json.dumps(report))
+    kd("export", str(copy), "--formats", "torchscript", *FAST, cwd=tmp_path)
+    teacher = read_export(copy)["teacher"]
+    assert teacher["latency_ms"] is None and "weights are gone" in teacher["not_timed"]
+    md = (copy / "export" / "export.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith(("| teacher", "| student"))]
+    assert len(rows) == 3 and all(row.endswith("| — |") for row in rows)
+    assert "The teacher was not timed (teacher " in md and "is not compared" in md
+
+
+def test_several_teachers_are_timed_one_after_another(tmp_path: Path) -> None:
+    # The run config holds only the teachers' merge: each comes from its store entry's inputs.
+    run_dir = tmp_path / "run"
+    kd("train", *SMOKE, "teacher=[tiny_cnn-wide,tiny_cnn]", "baseline=false",
+       f"store={tmp_path / 'store'}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    kd("export", str(run_dir), "--formats", "torchscript", *FAST, cwd=tmp_path)
+    teacher = read_export(run_dir)["teacher"]
+    assert teacher["latency_ms"] > 0
+    assert teacher["weights"] == [str(run_dir / "checkpoints" / f"teacher-{name}" / "last.pt")
+                                  for name in ("tiny_cnn-wide", "tiny_cnn")]
+    # A model config that no longer hashes to its entry's key is not instantiated.
+    meta = next((tmp_path / "store" / "teacher").glob("tiny_cnn-wide-*/meta.json"))
+    recorded = json.loads(meta.read_text())
+    recorded["inputs"]["model"]["width"] = 8
+    meta.write_text(json.dumps(recorded))
+    kd("export", str(run_dir), "--formats", "torchscript", *FAST, cwd=tmp_path)
+    teacher = read_export(run_dir)["teacher"]
+    assert teacher["latency_ms"] is None
+    assert "does not match its entry's key" in teacher["not_timed"]
 
 
 def test_not_a_run_is_one_line(tmp_path: Path) -> None:
