@@ -162,6 +162,18 @@ def launch_dir(run_dir: Path) -> Path | None:
     return Path(cwd)
 
 
+@contextlib.contextmanager
+def working_dir(path: Path | None) -> Iterator[None]:
+    """Runs the block in `path` (None: where it is), then returns (contextlib.chdir is 3.11+)."""
+    before = os.getcwd()
+    if path is not None:
+        os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _resolved(cfg: DictConfig, key: str) -> DictConfig:
     """A config node resolved against the whole run config, then detached."""
     try:
@@ -591,7 +603,7 @@ def main(argv: list[str]) -> int:
     # What the run config builds is built where the run started, so its relative paths (the
     # dataset's root, a decoded-image cache, ...) mean what they meant to `kd train`.
     where = launch_dir(run_dir)
-    with contextlib.chdir(where) if where else contextlib.nullcontext():
+    with working_dir(where):
         model = build_student(cfg, num_classes, weights)
         try:  # timed with the formats, so the speed-ups compare figures from one session
             teachers, teacher_files = build_teachers(run_dir, cfg, report, num_classes)
