@@ -314,7 +314,8 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         opt = build(ctx.cfg[optimizer], optimizer, params=params)
         sched = build(ctx.cfg[scheduler], scheduler, optimizer=opt, epochs=int(tcfg.epochs),
                       steps_per_epoch=len(train_loader))
-        test_loader = ctx.eval_loader("test")
+        # Rank 0 alone evaluates: the other ranks keep no copy of the test split.
+        test_loader = ctx.eval_loader("test") if distributed.is_main() else None
         log.info("%s: %s %s (%d epochs) -> %s", label, "resuming" if status == RESUMED
                  else "training", ctx.choice(role), int(tcfg.epochs), entry.path)
         result = engine.fit(
