@@ -62,14 +62,14 @@ from kdcli.store import Store
 # /proc/self/clear_refs); elsewhere the process peak so far.
 
 
-def reset_peak() -> None:
+def reset_peak(device: torch.device) -> None:
     try:
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
     except OSError:
         pass
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":  # only then: a CPU benchmark on a GPU host leaves CUDA alone
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def peak_mib(field: str = "VmHWM") -> float:
@@ -101,10 +101,12 @@ class PlainTrain:
     def __init__(self, model: torch.nn.Module, split: Split, *, batch: int, device: torch.device,
                  precision: str, channels_last: bool, mean, std, lr: float = 0.05,
                  teacher_logits: torch.Tensor | None = None, temperature: float = 4.0,
-                 ce_weight: float = 1.0, kd_weight: float = 0.9) -> None:
+                 ce_weight: float = 1.0, kd_weight: float = 0.9, compile: bool = False) -> None:
         self.device, self.batch = device, batch
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.fmt).train()
+        if compile:  # like for like with kd's device.compile=true
+            self.model = torch.compile(self.model)
         self.padded = F.pad(split.images.to(device), (4, 4, 4, 4))  # padded once, up front
         self.labels = split.labels.to(device)
         self.teacher = None if teacher_logits is None else teacher_logits.to(device)
@@ -215,9 +217,11 @@ class PlainInference:
     """Raw teacher inference: the teacher over uint8 batches, normalised, logits kept."""
 
     def __init__(self, model, splits: list[Split], *, batch: int, device, precision,
-                 channels_last, mean, std) -> None:
+                 channels_last, mean, std, compile: bool = False) -> None:
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.fmt).eval()
+        if compile:
+            self.model = torch.compile(self.model)
         self.images = [s.images.to(device) for s in splits]
         self.batch, self.device = batch, device
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
@@ -248,8 +252,8 @@ class PlainInference:
 class Rounds:
     """Timed sections run round-robin; round 0 is warm-up. Keeps images, seconds and peak RSS."""
 
-    def __init__(self, rounds: int) -> None:
-        self.rounds = rounds
+    def __init__(self, rounds: int, device: torch.device) -> None:
+        self.rounds, self.device = rounds, device
         self.results: dict[str, list[dict[str, float]]] = {}
 
     def play(self, sections: dict[str, Callable[[int], tuple[int, float]]]) -> None:
@@ -258,14 +262,14 @@ class Rounds:
             shift = r % len(names)  # rotate the order so no side always runs first
             for name in names[shift:] + names[:shift]:
                 gc.collect()
-                reset_peak()
+                reset_peak(self.device)
                 before = peak_mib("VmRSS")
                 images, seconds = sections[name](r)
                 record = {"round": r, "images": images, "seconds": seconds,
                           "images_per_s": images / seconds, "peak_rss_mib": peak_mib(),
                           "rss_before_mib": before}
-                if torch.cuda.is_available():
-                    record["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+                if self.device.type == "cuda":
+                    record["peak_cuda_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
                 self.results.setdefault(name, []).append(record)
                 print(f"  round {r}{' (warm-up)' if r == 0 else ''}  {name:<22} "
                       f"{record['images_per_s']:8.1f} img/s", file=sys.stderr, flush=True)
@@ -279,8 +283,9 @@ class Rounds:
         rates = [x["images_per_s"] for x in self.results[name] if x["round"] > 0]
         return statistics.pstdev(rates) / statistics.mean(rates) if len(rates) > 1 else 0.0
 
-    def peak(self, name: str) -> float:
-        return max(x["peak_rss_mib"] for x in self.results[name] if x["round"] > 0)
+    def peak(self, name: str, field: str = "peak_rss_mib") -> float | None:
+        values = [x[field] for x in self.results[name] if x["round"] > 0 and field in x]
+        return max(values) if values else None
 
 
 def compose(args: argparse.Namespace, precision: str, extra: list[str]):
@@ -359,7 +364,8 @@ def bench_precision(args, precision: str, base: Context, memory: bool
     prefix = Split(ds.train.images[:n_train], ds.train.labels[:n_train])
     tctx = ctx.variant(cfg, {}, dataset=dataclasses.replace(ds, train=prefix))
     kw = {"batch": args.batch, "device": runtime.device, "precision": precision,
-          "channels_last": runtime.channels_last, "mean": ds.mean, "std": ds.std}
+          "channels_last": runtime.channels_last, "mean": ds.mean, "std": ds.std,
+          "compile": args.compile}
     epochs = args.rounds + 1
     print(f"[{precision}] {runtime.describe()}, {torch.get_num_threads()} threads",
           file=sys.stderr, flush=True)
@@ -372,7 +378,7 @@ def bench_precision(args, precision: str, base: Context, memory: bool
     if args.tv_workers >= 0:
         tv = TorchvisionTrain(plain_model(tctx, "teacher"), prefix, workers=args.tv_workers, **kw)
         sections["torchvision teacher"] = lambda r: tv.run(args.steps)
-    rounds = Rounds(args.rounds)
+    rounds = Rounds(args.rounds, runtime.device)
     rounds.play(sections)
 
     # The teacher just trained becomes a store entry, as the teacher stage would leave it.
@@ -427,6 +433,8 @@ def bench_precision(args, precision: str, base: Context, memory: bool
                 "reference": reference, "reference_images_per_s": ref_rate,
                 "ratio": kd_rate / ref_rate, "target": target,
                 "kd_peak_rss_mib": rounds.peak(kd_name), "ref_peak_rss_mib": rounds.peak(ref_name),
+                "kd_peak_cuda_mib": rounds.peak(kd_name, "peak_cuda_mib"),
+                "ref_peak_cuda_mib": rounds.peak(ref_name, "peak_cuda_mib"),
                 "kd_spread": rounds.spread(kd_name), "ref_spread": rounds.spread(ref_name)}
 
     rows = [row("teacher", "kd teacher", "plain teacher",
@@ -540,6 +548,11 @@ def markdown(rows: list[dict], extras: dict, args, rss_base: float) -> str:
     lines[-1] += (f" Forward FLOPs per image: teacher {f_t / 1e6:.0f} M, student "
                   f"{f_s / 1e6:.0f} M, so cache vs online can reach about 1 + F_t / (3 F_s) = "
                   f"{1 + f_t / (3 * f_s):.2f} (a training step ~ 3 forwards).")
+    gpu = [r for r in rows if r.get("kd_peak_cuda_mib") is not None]
+    if gpu:
+        lines[-1] += " Peak GPU memory allocated (MiB, kd / reference): " + "; ".join(
+            f"{r['stage']} {r['precision']} vs {r['reference']}: {r['kd_peak_cuda_mib']:.0f} / "
+            f"{r['ref_peak_cuda_mib']:.0f}" for r in gpu) + "."
     if memory:
         lines[-1] += (f" Peak RSS: each kd stage alone in a fresh process, one epoch of the "
                       f"same images from the embedded subset (python + torch + kd imported: "
@@ -557,7 +570,8 @@ def main() -> None:
     ap.add_argument("--student", default="resnet20")
     ap.add_argument("--device", default="cpu", help="device config: cpu, cuda, auto")
     ap.add_argument("--precision", nargs="+", default=None,
-                    help="each benchmarked separately (default: fp32, plus bf16 where fast)")
+                    help="each benchmarked separately (default: fp32, plus what precision "
+                         "auto picks: bf16 where fast, fp16 on GPUs without bf16)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10, help="training steps per round")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (after 1 warm-up)")
@@ -566,7 +580,8 @@ def main() -> None:
     ap.add_argument("--cache-batch", type=int, default=256)
     ap.add_argument("--tv-workers", type=int, default=2,
                     help="DataLoader workers of the torchvision row (-1: skip the row)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile kd's model")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile kd's model (device.compile=true) and the references'")
     ap.add_argument("--threads", type=int, default=None, help="default: one per usable core")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-memory", action="store_true",
@@ -583,8 +598,8 @@ def main() -> None:
         base = build_context(base_cfg, run_dir=Path(tmp) / "run")
         rss_base = peak_mib("VmRSS")
         device = base.runtime.device
-        precisions = args.precision or (["fp32"] + (["bf16"] if _fast_precision(device) ==
-                                                    "bf16" else []))
+        fast = _fast_precision(device)  # bf16, fp16 on GPUs without bf16, fp32 on other CPUs
+        precisions = args.precision or ["fp32", *([fast] if fast != "fp32" else [])]
         rows, extras = [], {}
         for i, precision in enumerate(precisions):
             # Stage memory once, for the last precision (bf16 where fast: what `auto` picks).
