@@ -12,7 +12,9 @@ Two kinds of node (configs map to code 1:1):
 Hydra already refuses a typo'd key on the command line (struct mode). This catches what it
 cannot: typos inside YAML files (a user's `--config-dir`), wrong types (`epochs=abc`), values
 left `???`, in the configs `teacher=[a,b]` and `pretrain.dataset` compose later, all before
-anything is trained or written. Numbers of settings nodes are range-checked too (`at_least`,
+anything is trained or written. A list of options for any other group (`student=[a,b]`, which
+Hydra would merge into one config), an empty teacher list and a teacher list in `kd eval` are
+refused. Numbers of settings nodes are range-checked too (`at_least`,
 `between` on the dataclass fields: a batch size of 0, `epochs=-1`). Allowed names
 (`device.precision`, `cache.storage`) and the ranges of a target's own arguments (a loss
 weight) stay with the module that reads them.
@@ -207,6 +209,9 @@ def validate(cfg: DictConfig) -> None:
     """
     problems = [f"{key}: no value given (it is ???); set {key}=..."
                 for key in sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))]
+    lists = _check_group_lists()
+    if lists:  # the rest of the config is a merge of the listed options: its problems mislead
+        raise ConfigError("\n".join(f"config: {p}" for p in lists))
     teachers = _teacher_options()
     problems += _check_settings(cfg, Run, "", skip=("teacher",) if teachers else ())
     for name in teachers:
@@ -228,6 +233,30 @@ def _missing_keys(node: Any, path: str = "") -> Iterator[str]:
     elif isinstance(node, list):
         for i, value in enumerate(node):
             yield from _missing_keys(value, f"{path}[{i}]")
+
+
+def _check_group_lists() -> list[str]:
+    """A list of options merges them into one config, the last winning: only `teacher=[a,b]`
+    means something (several teachers, each composed alone), and not in `kd eval`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    from kdcli.stages.common import group_lists
+
+    evaluating = HydraConfig.get().job.config_name == "kd_eval"
+    problems = []
+    for group, names in group_lists().items():
+        given = f"{group}=[{','.join(names)}]"
+        if group != "teacher":
+            problems.append(f"{given}: {group} takes one option (a list merges them into one "
+                            "config, the last winning); only teacher=[a,b] takes several")
+        elif evaluating:
+            problems.append(f"{given}: kd eval evaluates one model; choose one teacher option")
+        elif not names:
+            problems.append(f"{given}: no teacher given; choose one (teacher=resnet56) or "
+                            "several (teacher=[resnet56,wrn-40-2])")
+    return problems
 
 
 def _teacher_options() -> list[str]:

@@ -185,6 +185,29 @@ def test_pretrain_epochs_without_a_dataset_is_refused() -> None:
                               "pretrain.epochs=0")
 
 
+@pytest.mark.parametrize("config_name, overrides, message", [
+    # Hydra merges a list's options, the last winning: the run trained tiny_cnn-wide and
+    # reported it as tiny_cnn.
+    ("kd_train", ["student=[tiny_cnn,tiny_cnn-wide]"],
+     "student=[tiny_cnn,tiny_cnn-wide]: student takes one option (a list merges them into one "
+     "config, the last winning); only teacher=[a,b] takes several"),
+    ("kd_student", ["optimizer@teacher_optimizer=[sgd,adamw]"],
+     "optimizer@teacher_optimizer=[sgd,adamw]: optimizer@teacher_optimizer takes one option"),
+    ("kd_train", ["teacher=[]"], "teacher=[]: no teacher given; choose one (teacher=resnet56) "
+                                 "or several (teacher=[resnet56,wrn-40-2])"),
+    ("kd_eval", ["checkpoint=best.pt", "arch=teacher", "teacher=[tiny_cnn-wide,tiny_cnn]"],
+     "teacher=[tiny_cnn-wide,tiny_cnn]: kd eval evaluates one model; choose one teacher option"),
+])
+def test_a_list_of_options_only_for_teachers(config_name: str, overrides: list[str],
+                                             message: str) -> None:
+    with composed(*SMOKE, *overrides, config_name=config_name) as cfg, \
+            pytest.raises(ConfigError) as err:
+        validate(cfg)
+    # Only the list: the merged config's own problems would mislead.
+    assert str(err.value).startswith(f"config: {message}")
+    assert len(str(err.value).splitlines()) == 1
+
+
 def test_every_problem_is_listed_and_unset_values_too() -> None:
     with composed("trainer.student.epochs=abc", "loss.kd_weight=much",
                   config_name="kd_eval") as cfg, pytest.raises(ConfigError) as err:
@@ -207,6 +230,9 @@ def _only_hydra_files(run_dir: Path) -> set[str]:
     ("trainer.student.epochs=abc", "trainer.student.epochs: expected int, got 'abc'"),
     # Out of range: was a ZeroDivisionError traceback from the loader.
     ("trainer.student.batch_size=0", "trainer.student.batch_size: must be >= 1, got 0"),
+    # Was a KeyError traceback after the dataset had loaded.
+    ("teacher=[]", "teacher=[]: no teacher given; choose one (teacher=resnet56) or several "
+                   "(teacher=[resnet56,wrn-40-2])"),
 ])
 def test_wrong_value_on_the_command_line_stops_before_any_work(
         tmp_path: Path, override: str, message: str) -> None:

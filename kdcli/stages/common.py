@@ -99,6 +99,28 @@ def list_override(group: str) -> list[str] | None:
     return None
 
 
+def group_lists() -> dict[str, list[str]]:
+    """Command-line overrides that give a config group a list of options (`student=[a,b]`,
+    `optimizer@teacher_optimizer=[sgd,adamw]`), by group (with its package); {} outside Hydra.
+    A list for a key (`cache.teacher_weights=[1,2]`) is a value, not listed here."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return {}
+    loader = GlobalHydra.instance().config_loader()
+    lists = {}
+    for override in OverridesParser.create().parse_overrides(task):
+        value = override.value()
+        parent, _, leaf = override.key_or_group.rpartition("/")
+        if isinstance(value, list) and leaf in loader.list_groups(parent):
+            lists[override.get_key_element()] = [str(v) for v in value]
+    return lists
+
+
 def keyed_overrides(group: str) -> list[str]:
     """Command-line overrides of keys inside `group` (`teacher.width=64`), as Hydra parses them."""
     from hydra.core.hydra_config import HydraConfig
