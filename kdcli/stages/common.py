@@ -165,6 +165,7 @@ def build_context(cfg: DictConfig, run_dir: Path | None = None) -> Context:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"missing required config value(s): {', '.join(sorted(missing))}")
+    store = Store(cfg.store)  # first: an empty store path fails before any work
     seed_everything(int(cfg.seed), bool(cfg.deterministic))
     runtime = resolve(cfg.device)
     distributed.quiet_other_ranks()  # under torchrun rank 0 alone logs to the file
@@ -179,7 +180,7 @@ def build_context(cfg: DictConfig, run_dir: Path | None = None) -> Context:
     log.info("dataset %s: %d train / %d test images, %d classes (%.1fs); device %s",
              dataset.name, len(dataset.train), len(dataset.test), dataset.num_classes,
              time.perf_counter() - t0, runtime.describe())
-    return Context(cfg, runtime, dataset, Store(cfg.store), Path(run_dir))
+    return Context(cfg, runtime, dataset, store, Path(run_dir))
 
 
 def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
