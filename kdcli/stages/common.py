@@ -269,14 +269,40 @@ def train_inputs(ctx: Context, role: str, optimizer: str, scheduler: str, budget
     }
 
 
-def load_weights(model: nn.Module, path: Path) -> nn.Module:
+def load_weights(model: nn.Module, path: Path, hint: str = "") -> nn.Module:
+    """Loads the model weights of a kd checkpoint into `model`. A file without weights, or
+    weights of another architecture, is a ConfigError naming the first difference; `hint` (what
+    to set instead) is appended to the latter."""
     state = checkpoint.load(path)
+    if not isinstance(state.get("model"), dict):
+        held = ", ".join(sorted(str(k) for k in state if k != "format")) or "nothing"
+        raise ConfigError(f"checkpoint {path} holds no model weights (it has: {held}); give a "
+                          "model checkpoint (best.pt or last.pt)")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
+        why = state_dict_mismatch(model.state_dict(), state["model"])
         raise ConfigError(f"checkpoint {path} does not fit this architecture: "
-                          f"{str(exc).splitlines()[0]}") from exc
+                          f"{why or str(exc).splitlines()[0]}" + (f"; {hint}" if hint else "")
+                          ) from exc
     return model
+
+
+def state_dict_mismatch(own: dict[str, torch.Tensor], other: dict[str, Any]) -> str:
+    """What keeps `other` (a checkpoint's state dict) from loading into a model whose state dict
+    is `own`: its missing and unexpected keys and shape mismatches, the first of each named."""
+    def first(names: list[str], what: str) -> list[str]:
+        more = f" (+{len(names) - 1} more)" if len(names) > 1 else ""
+        return [f"{what} {names[0]}{more}"] if names else []
+
+    missing = [k for k in own if k not in other]
+    unexpected = [k for k in other if k not in own]
+    sizes = [f"{k}: checkpoint {tuple(other[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in other and hasattr(other[k], "shape")
+             and tuple(other[k].shape) != tuple(own[k].shape)]
+    return "; ".join(first(sizes, "size mismatch for")
+                     + first(missing, "missing from the checkpoint:")
+                     + first(unexpected, "not in the model:"))
 
 
 def resumable(path: Path) -> bool:
