@@ -324,9 +324,11 @@ def fit(
                          f"step {stats.bad_step + 1}")
                 if nan_retries <= 0:
                     kept = last_path if last_path.exists() else "(none yet)"
+                    # fp32 is the way out of a mixed-precision overflow, not of an fp32 run's.
+                    fp32 = "" if runtime.precision == "fp32" else " or use precision fp32"
                     raise TrainingDiverged(
                         f"{where}; the last good checkpoint is kept: {kept}; lower the learning "
-                        "rate (or set trainer.nan_retries) or use precision fp32")
+                        f"rate (or set trainer.nan_retries){fp32}")
                 nan_retries -= 1
                 state = checkpoint.load(last_path) if last_path.exists() else initial
                 restore(state)

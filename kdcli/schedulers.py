@@ -40,6 +40,8 @@ def multistep(optimizer: Optimizer, epochs: int, steps_per_epoch: int,
               warmup_epochs: float = 0.0) -> LambdaLR:
     """LR times `gamma` at each milestone, given as fractions of the run (0.5 = half-way)
     or, when > 1, as epoch numbers."""
+    if gamma <= 0:  # 0 stops learning at the first milestone, < 0 makes the LR negative
+        raise ValueError(f"gamma must be > 0, got {gamma}")
     total_epochs = max(1, epochs)
     steps = sorted(int((m if m > 1 else m * total_epochs) * steps_per_epoch) for m in milestones)
     warmup = int(warmup_epochs * steps_per_epoch)

@@ -12,8 +12,12 @@ Two kinds of node (configs map to code 1:1):
 Hydra already refuses a typo'd key on the command line (struct mode). This catches what it
 cannot: typos inside YAML files (a user's `--config-dir`), wrong types (`epochs=abc`), values
 left `???`, in the configs `teacher=[a,b]` and `pretrain.dataset` compose later, all before
-anything is trained or written. Allowed values (`device.precision`, `cache.storage`) stay with
-the module that reads them; this module checks shapes and types only.
+anything is trained or written. A list of options for any other group (`student=[a,b]`, which
+Hydra would merge into one config), an empty teacher list and a teacher list in `kd eval` are
+refused. Numbers of settings nodes are range-checked too (`at_least`,
+`between` on the dataclass fields: a batch size of 0, `epochs=-1`). Allowed names
+(`device.precision`, `cache.storage`) and the ranges of a target's own arguments (a loss
+weight) stay with the module that reads them.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import inspect
 import types
 import typing
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -68,49 +72,82 @@ class DatasetLoader(Target):
     pass
 
 
+# --------------------------------------------------------------------------- value ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: `low <= v` (`low < v` when `open_low`), `v <= high`."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+
+    def allows(self, value: float) -> bool:
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or value <= self.high
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
+
+
+def at_least(low: float) -> Any:
+    """A settings field whose value (when not null) must be >= `low`."""
+    return field(metadata={"range": Range(low)})
+
+
+def between(low: float, high: float, open_low: bool = False) -> Any:
+    """A settings field whose value must lie in [low, high] (or (low, high])."""
+    return field(metadata={"range": Range(low, high, open_low)})
+
+
 # --------------------------------------------------------------------------- settings nodes
 
 
 @dataclass
 class Budget:
-    epochs: int
-    batch_size: int
+    epochs: int = at_least(1)
+    batch_size: int = at_least(1)
 
 
 @dataclass
 class Trainer:
     teacher: Budget
     student: Budget
-    eval_batch_size: int
-    nan_retries: int
-    nan_lr_factor: float
+    eval_batch_size: int = at_least(1)
+    nan_retries: int = at_least(0)
+    # Each retry multiplies the learning rate by this: 0 would stop learning, > 1 raise it.
+    nan_lr_factor: float = between(0, 1, open_low=True)
 
 
 @dataclass
 class Cache:
     storage: str
-    topk: int
-    batch_size: int
+    topk: int = at_least(1)
+    batch_size: int = at_least(1)
     teacher_weights: list[float] | None
-    views: int
-    check: int
+    views: int = at_least(0)
+    check: int = at_least(0)  # 0 = off
 
 
 @dataclass
 class Device:
     type: str
-    index: int
+    index: int = at_least(0)
     precision: str
     channels_last: bool | str  # true, false or auto
     compile: bool
-    threads: int | None
+    threads: int | None = at_least(1)  # null = one per usable core
     data: str  # auto, device or host
 
 
 @dataclass
 class Pretrain:
     dataset: str | None
-    epochs: int
+    epochs: int = at_least(0)  # 0 = no pretraining
 
 
 @dataclass
@@ -126,8 +163,8 @@ class Dataset:
     image_size: int
     in_features: int
     augment: str
-    train_size: int | None
-    test_size: int | None
+    train_size: int | None = at_least(1)  # null = the whole split
+    test_size: int | None = at_least(1)
 
 
 # Settings nodes that may hold more keys than they declare: a dataset option may carry values
@@ -172,6 +209,9 @@ def validate(cfg: DictConfig) -> None:
     """
     problems = [f"{key}: no value given (it is ???); set {key}=..."
                 for key in sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))]
+    lists = _check_group_lists()
+    if lists:  # the rest of the config is a merge of the listed options: its problems mislead
+        raise ConfigError("\n".join(f"config: {p}" for p in lists))
     teachers = _teacher_options()
     problems += _check_settings(cfg, Run, "", skip=("teacher",) if teachers else ())
     for name in teachers:
@@ -195,6 +235,30 @@ def _missing_keys(node: Any, path: str = "") -> Iterator[str]:
             yield from _missing_keys(value, f"{path}[{i}]")
 
 
+def _check_group_lists() -> list[str]:
+    """A list of options merges them into one config, the last winning: only `teacher=[a,b]`
+    means something (several teachers, each composed alone), and not in `kd eval`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    from kdcli.stages.common import group_lists
+
+    evaluating = HydraConfig.get().job.config_name == "kd_eval"
+    problems = []
+    for group, names in group_lists().items():
+        given = f"{group}=[{','.join(names)}]"
+        if group != "teacher":
+            problems.append(f"{given}: {group} takes one option (a list merges them into one "
+                            "config, the last winning); only teacher=[a,b] takes several")
+        elif evaluating:
+            problems.append(f"{given}: kd eval evaluates one model; choose one teacher option")
+        elif not names:
+            problems.append(f"{given}: no teacher given; choose one (teacher=resnet56) or "
+                            "several (teacher=[resnet56,wrn-40-2])")
+    return problems
+
+
 def _teacher_options() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -209,12 +273,18 @@ def _check_pretrain(cfg: DictConfig) -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     node = cfg.get("pretrain")
-    if not HydraConfig.initialized() or not isinstance(node, DictConfig):
+    if not isinstance(node, DictConfig):
         return []
     try:
         name, epochs = node.get("dataset"), node.get("epochs")
     except OmegaConfBaseException:
         return []  # reported by the main pass
+    if name is None and isinstance(epochs, int) and epochs > 0:
+        # Pretraining runs only with both set: say so rather than skip it without a word.
+        return [f"pretrain.epochs: {epochs} but pretrain.dataset is null; set "
+                "pretrain.dataset=<dataset option> (e.g. cifar10) or pretrain.epochs=0"]
+    if not HydraConfig.initialized():
+        return []
     if not isinstance(name, str) or not isinstance(epochs, int) or epochs <= 0:
         return []
     sub, problem = _recompose([f"dataset={name}"], ("dataset",), f"pretrain.dataset={name}")
@@ -249,6 +319,8 @@ def _check_settings(node: Any, schema: type, path: str, skip: tuple[str, ...] = 
         return [f"{path}: expected a group of settings ({', '.join(_field_names(schema))}), "
                 f"got {_show(node)}"]
     hints = typing.get_type_hints(schema)
+    ranges = {f.name: f.metadata["range"] for f in dataclasses.fields(schema)
+              if "range" in f.metadata}
     problems = []
     for key in node:
         full = _join(path, key)
@@ -258,8 +330,21 @@ def _check_settings(node: Any, schema: type, path: str, skip: tuple[str, ...] = 
             if schema not in OPEN:
                 problems.append(f"{full}: unknown key (valid: {', '.join(_field_names(schema))})")
             continue
-        problems += _check_key(node, key, hints[key], full)
+        found = _check_key(node, key, hints[key], full)
+        if not found and key in ranges:
+            found = _check_range(node[key], ranges[key], hints[key], full)
+        problems += found
     return problems
+
+
+def _check_range(value: Any, allowed: Range, hint: Any, path: str) -> list[str]:
+    """A number of the right type against its field's range (null passes if the type allows)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return []
+    if allowed.allows(value):
+        return []
+    null = "null or " if _matches(None, hint) else ""
+    return [f"{path}: must be {null}{allowed.describe()}, got {value!r}"]
 
 
 def _field_names(schema: type) -> list[str]:

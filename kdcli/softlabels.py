@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from kdcli.checkpoint import atomic_write
-from kdcli.errors import CorruptArtifact
+from kdcli.errors import ConfigError, CorruptArtifact
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def choose_storage(num_classes: int, storage: str, topk: int) -> str:
     if storage == "auto":
         return "full" if num_classes <= 100 or topk >= num_classes else "topk"
     if storage not in ("full", "topk"):
-        raise ValueError(f"cache.storage={storage!r}; choose auto, full or topk")
+        raise ConfigError(f"cache.storage={storage!r}; choose auto, full or topk")
     return storage
 
 

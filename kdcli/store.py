@@ -27,7 +27,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from kdcli.checkpoint import atomic_write_text, sha256_file
-from kdcli.errors import CorruptArtifact
+from kdcli.errors import ConfigError, CorruptArtifact
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,10 @@ class Store:
     """Entries under one root folder."""
 
     def __init__(self, root: str | Path) -> None:
+        # Path('') is the current directory: entries would land among the user's own files.
+        if not str(root).strip():
+            raise ConfigError(f"store={str(root)!r} is empty (store='' or KD_STORE set but "
+                              "empty); unset KD_STORE or set store=PATH")
         self.root = Path(root).expanduser().resolve()
 
     def entry(self, stage: str, name: str, inputs: dict[str, Any]) -> Entry:

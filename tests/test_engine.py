@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kdcli import checkpoint, engine
+from kdcli.errors import TrainingDiverged
 from kdcli.losses.ce import CrossEntropy
 from tests.test_speed import setup
 
@@ -46,3 +47,21 @@ def test_history_rows_carry_timing_after_the_metrics(tmp_path):
     assert list(rows[0])[-2:] == ["time_s", "images_per_s"]
     assert rows[0]["images_per_s"] == pytest.approx(64 / rows[0]["time_s"])
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].endswith("time_s,images_per_s")
+
+
+class NaNLoss(CrossEntropy):
+    def forward(self, student, teacher, targets):
+        out = super().forward(student, teacher, targets)
+        return {**out, "loss": out["loss"] * float("nan")}
+
+
+@pytest.mark.parametrize("precision, advice", [("fp32", False), ("bf16", True)])
+def test_nan_advice_names_fp32_only_for_mixed_precision(tmp_path, precision, advice):
+    # An fp32 run was told to "use precision fp32".
+    step, loader = setup(torch.device("cpu"), precision=precision, loss=NaNLoss())
+    with pytest.raises(TrainingDiverged) as err:
+        engine.fit(model=step.model, train_loader=loader, val_loader=None, loss_fn=step.loss_fn,
+                   optimizer=step.optimizer, scheduler=step.scheduler, runtime=step.runtime,
+                   epochs=1, out_dir=tmp_path)
+    assert "loss became NaN/inf at epoch 1, step 1" in str(err.value)
+    assert ("or use precision fp32" in str(err.value)) is advice

@@ -176,6 +176,17 @@ def test_at_rejects_unpaired_layer_lists():
         AttentionTransfer(student_layers=["layer1", "layer2"], teacher_layers=["layer2"])
 
 
+@pytest.mark.parametrize("cls, weight", [
+    (FitNets, "hint_weight"), (FitNets, "ce_weight"), (FitNets, "kd_weight"),
+    (AttentionTransfer, "at_weight"), (AttentionTransfer, "ce_weight"),
+    (AttentionTransfer, "kd_weight"),
+])
+def test_negative_weight_raises(cls, weight):
+    with pytest.raises(ValueError, match=rf"^loss\.{weight} must be >= 0, got -0.5$"):
+        cls(**{weight: -0.5})
+    cls(**{weight: 0.0})
+
+
 def test_at_setup_rejects_non_map_features_naming_the_layer():
     loss = AttentionTransfer(student_layers=["layer3", "fc"], teacher_layers=["layer3", "fc"])
     student = outputs(LOGITS_S, layer3=torch.rand(2, 4, 2, 2), fc=torch.rand(2, 3))

@@ -263,6 +263,18 @@ def test_nonpositive_temperature_raises(cls, temperature):
         cls(temperature=temperature)
 
 
+@pytest.mark.parametrize("cls, weight", [
+    (HintonKD, "ce_weight"), (HintonKD, "kd_weight"), (LogitMSE, "ce_weight"),
+    (LogitMSE, "kd_weight"), (DKD, "ce_weight"), (DKD, "alpha"), (DKD, "beta"),
+    (DIST, "ce_weight"), (DIST, "beta"), (DIST, "gamma"),
+])
+def test_negative_weight_raises(cls, weight):
+    # kd_weight=-1 trained the student away from the teacher without a word.
+    with pytest.raises(ValueError, match=rf"^loss\.{weight} must be >= 0, got -1$"):
+        cls(**{weight: -1})
+    cls(**{weight: 0})  # 0 switches the term off
+
+
 @pytest.mark.parametrize("name, terms", [
     ("mse", {"loss", "ce", "kd"}),
     ("dkd", {"loss", "ce", "kd", "tckd", "nckd"}),

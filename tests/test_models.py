@@ -154,3 +154,22 @@ def test_torchvision_unhandled_family_warns(caplog: pytest.LogCaptureFixture) ->
     with caplog.at_level(logging.WARNING, logger="kdcli.models.vision"):
         torchvision_model("squeezenet1_1", input_size=32)
     assert "no small-input adaptation" in caplog.text
+
+
+def test_copy_matching_warns_when_nothing_of_use_is_copied(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from kdcli.models.transfer import copy_matching
+
+    # tiny_cnn-wide -> tiny_cnn: only the BatchNorm step counters and the classifier's bias
+    # match (0% of the values), which was logged at INFO only.
+    with caplog.at_level(logging.INFO, logger="kdcli.models.transfer"):
+        result = copy_matching(tiny_cnn(width=32).state_dict(), tiny_cnn(width=16), "init")
+    assert len(result["copied"]) == 4
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "(0% of values); nothing of use was copied" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="kdcli.models.transfer"):
+        copy_matching(tiny_cnn(width=16).state_dict(), tiny_cnn(width=16), "init")
+    [record] = caplog.records
+    assert record.levelno == logging.INFO and "(100% of values)" in record.getMessage()

@@ -92,6 +92,31 @@ def test_eval_reproduces_the_reported_accuracy(sweep: Path) -> None:
     assert result["top1"] == pytest.approx(read_report(sweep / "multi" / "0")["student"]["top1"])
 
 
+@pytest.mark.parametrize("saved, message", [
+    # tiny_cnn-wide's weights into the smoke student tiny_cnn: torch's message was cut to its
+    # first line, "Error(s) in loading state_dict for TinyCNN:".
+    ("wide", "does not fit this architecture: size mismatch for block1.conv.weight: checkpoint "
+             "(32, 3, 3, 3) vs model (16, 3, 3, 3) (+15 more); it was loaded as arch=student "
+             "student=tiny_cnn; set arch= and student=/teacher= to the model the checkpoint was "
+             "trained as"),
+    # A store entry's test_logits.pt is a kd checkpoint without a model: was KeyError: 'model'.
+    ("logits", "holds no model weights (it has: labels, logits); give a model checkpoint "
+               "(best.pt or last.pt)"),
+])
+def test_eval_of_a_checkpoint_that_does_not_fit_says_why(workdir: Path, saved: str,
+                                                         message: str) -> None:
+    from kdcli import checkpoint
+    from kdcli.models.small import tiny_cnn
+
+    path = workdir / f"{saved}.pt"
+    checkpoint.save({"model": tiny_cnn(width=32).state_dict()} if saved == "wide" else
+                    {"logits": torch.zeros(2, 10), "labels": torch.zeros(2)}, path)
+    proc = kd("eval", *SMOKE, f"checkpoint={path}", f"hydra.run.dir={workdir / 'eval'}",
+              cwd=workdir, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: checkpoint {path} {message}\n"
+
+
 def test_stages_run_alone_in_order(workdir: Path) -> None:
     store = f"store={workdir / 'store'}"
     proc = kd("student", *SMOKE, store, cwd=workdir, check=False)

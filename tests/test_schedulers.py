@@ -64,6 +64,13 @@ def test_multistep_fractions_and_epochs(milestones):
     assert seq[30:] == pytest.approx([0.025] * 10)
 
 
+@pytest.mark.parametrize("gamma", [0.0, -1.0])
+def test_multistep_refuses_a_gamma_that_is_not_positive(gamma):
+    # gamma=-1 trained on with a negative learning rate.
+    with pytest.raises(ValueError, match=r"^gamma must be > 0"):
+        schedulers.multistep(make_optimizer(), epochs=10, steps_per_epoch=1, gamma=gamma)
+
+
 def test_multistep_with_warmup():
     opt = make_optimizer()
     sched = schedulers.multistep(opt, epochs=4, steps_per_epoch=10, milestones=(0.5,), gamma=0.1,

@@ -137,6 +137,77 @@ def test_wrong_type_or_unknown_key_names_the_path(overrides: list[str], message:
     assert str(err.value).startswith(message), str(err.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    # A zero batch divides by zero in the loader; epochs=0 trains nothing, then misses last.pt.
+    ("trainer.student.batch_size=0", "trainer.student.batch_size: must be >= 1, got 0"),
+    ("trainer.teacher.batch_size=-4", "trainer.teacher.batch_size: must be >= 1, got -4"),
+    ("trainer.teacher.epochs=0", "trainer.teacher.epochs: must be >= 1, got 0"),
+    ("trainer.student.epochs=-3", "trainer.student.epochs: must be >= 1, got -3"),
+    ("trainer.eval_batch_size=0", "trainer.eval_batch_size: must be >= 1, got 0"),
+    ("trainer.nan_retries=-1", "trainer.nan_retries: must be >= 0, got -1"),
+    ("trainer.nan_lr_factor=0", "trainer.nan_lr_factor: must be in (0, 1], got 0"),
+    ("trainer.nan_lr_factor=1.5", "trainer.nan_lr_factor: must be in (0, 1], got 1.5"),
+    ("cache.batch_size=0", "cache.batch_size: must be >= 1, got 0"),
+    ("cache.topk=0", "cache.topk: must be >= 1, got 0"),
+    ("cache.views=-1", "cache.views: must be >= 0, got -1"),
+    ("cache.check=-1", "cache.check: must be >= 0, got -1"),
+    # 0 used to mean "auto" without a word; null is auto.
+    ("device.threads=0", "device.threads: must be null or >= 1, got 0"),
+    ("device.threads=-2", "device.threads: must be null or >= 1, got -2"),
+    ("device.index=-1", "device.index: must be >= 0, got -1"),
+    # A negative size sliced `[:-5]`: all but five images.
+    ("dataset.train_size=-5", "dataset.train_size: must be null or >= 1, got -5"),
+    ("dataset.test_size=0", "dataset.test_size: must be null or >= 1, got 0"),
+    ("pretrain.epochs=-1", "pretrain.epochs: must be >= 0, got -1"),
+])
+def test_out_of_range_value_names_the_path(override: str, message: str) -> None:
+    with composed(*SMOKE, override) as cfg, pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value) == f"config: {message}"
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.nan_lr_factor=1", "trainer.nan_retries=0", "cache.check=0", "cache.topk=1"],
+    ["device.threads=null", "device.threads=1", "dataset.train_size=null", "pretrain.epochs=0"],
+    ["pretrain.dataset=cifar10_subset", "pretrain.epochs=0"],  # 0 = off, e.g. in a sweep
+])
+def test_values_at_the_edge_of_their_range_validate(overrides: list[str]) -> None:
+    with composed(*SMOKE, *overrides) as cfg:
+        validate(cfg)
+
+
+def test_pretrain_epochs_without_a_dataset_is_refused() -> None:
+    # Pretraining needs both: epochs alone was skipped without a word.
+    with composed(*SMOKE, "pretrain.epochs=2") as cfg, pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value) == ("config: pretrain.epochs: 2 but pretrain.dataset is null; set "
+                              "pretrain.dataset=<dataset option> (e.g. cifar10) or "
+                              "pretrain.epochs=0")
+
+
+@pytest.mark.parametrize("config_name, overrides, message", [
+    # Hydra merges a list's options, the last winning: the run trained tiny_cnn-wide and
+    # reported it as tiny_cnn.
+    ("kd_train", ["student=[tiny_cnn,tiny_cnn-wide]"],
+     "student=[tiny_cnn,tiny_cnn-wide]: student takes one option (a list merges them into one "
+     "config, the last winning); only teacher=[a,b] takes several"),
+    ("kd_student", ["optimizer@teacher_optimizer=[sgd,adamw]"],
+     "optimizer@teacher_optimizer=[sgd,adamw]: optimizer@teacher_optimizer takes one option"),
+    ("kd_train", ["teacher=[]"], "teacher=[]: no teacher given; choose one (teacher=resnet56) "
+                                 "or several (teacher=[resnet56,wrn-40-2])"),
+    ("kd_eval", ["checkpoint=best.pt", "arch=teacher", "teacher=[tiny_cnn-wide,tiny_cnn]"],
+     "teacher=[tiny_cnn-wide,tiny_cnn]: kd eval evaluates one model; choose one teacher option"),
+])
+def test_a_list_of_options_only_for_teachers(config_name: str, overrides: list[str],
+                                             message: str) -> None:
+    with composed(*SMOKE, *overrides, config_name=config_name) as cfg, \
+            pytest.raises(ConfigError) as err:
+        validate(cfg)
+    # Only the list: the merged config's own problems would mislead.
+    assert str(err.value).startswith(f"config: {message}")
+    assert len(str(err.value).splitlines()) == 1
+
+
 def test_every_problem_is_listed_and_unset_values_too() -> None:
     with composed("trainer.student.epochs=abc", "loss.kd_weight=much",
                   config_name="kd_eval") as cfg, pytest.raises(ConfigError) as err:
@@ -155,11 +226,20 @@ def _only_hydra_files(run_dir: Path) -> set[str]:
     return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file()}
 
 
-def test_wrong_type_on_the_command_line_stops_before_any_work(tmp_path: Path) -> None:
-    proc = kd("train", *SMOKE, "trainer.student.epochs=abc", f"store={tmp_path / 'store'}",
+@pytest.mark.parametrize("override, message", [
+    ("trainer.student.epochs=abc", "trainer.student.epochs: expected int, got 'abc'"),
+    # Out of range: was a ZeroDivisionError traceback from the loader.
+    ("trainer.student.batch_size=0", "trainer.student.batch_size: must be >= 1, got 0"),
+    # Was a KeyError traceback after the dataset had loaded.
+    ("teacher=[]", "teacher=[]: no teacher given; choose one (teacher=resnet56) or several "
+                   "(teacher=[resnet56,wrn-40-2])"),
+])
+def test_wrong_value_on_the_command_line_stops_before_any_work(
+        tmp_path: Path, override: str, message: str) -> None:
+    proc = kd("train", *SMOKE, override, f"store={tmp_path / 'store'}",
               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
     assert proc.returncode == 1
-    assert proc.stderr == "error: config: trainer.student.epochs: expected int, got 'abc'\n"
+    assert proc.stderr == f"error: config: {message}\n"
     assert not (tmp_path / "store").exists()
     # Only what Hydra writes before handing over: the composed config and the log.
     assert _only_hydra_files(tmp_path / "run") == {

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kdcli import softlabels
-from kdcli.errors import CorruptArtifact
+from kdcli.errors import ConfigError, CorruptArtifact
 from tests.conftest import mapped_files
 
 PREFIX = 20  # magic (8) + version uint32 (4) + header length uint64 (8)
@@ -85,7 +85,8 @@ def test_auto_storage_threshold():
     assert softlabels.choose_storage(101, "auto", 20) == "topk"
     assert softlabels.choose_storage(1000, "auto", 1000) == "full"
     assert softlabels.choose_storage(10, "topk", 5) == "topk"
-    with pytest.raises(ValueError, match="storage"):
+    # A config mistake: one line from the CLI, not a traceback.
+    with pytest.raises(ConfigError, match="storage"):
         softlabels.choose_storage(10, "sparse", 5)
 
 

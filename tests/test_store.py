@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from kdcli.errors import CorruptArtifact
+from kdcli.errors import ConfigError, CorruptArtifact
 from kdcli.store import Entry, Store, key_of
+from tests.conftest import SMOKE
 
 INPUTS = {"model": "resnet20", "epochs": 3, "optimizer": {"lr": 0.1, "momentum": 0.9}}
 
@@ -70,6 +71,32 @@ def test_same_inputs_same_entry(tmp_path):
     a = store.entry("teacher", "resnet20", INPUTS)
     b = store.entry("teacher", "resnet20", dict(reversed(list(INPUTS.items()))))
     assert a.path == b.path
+
+
+@pytest.mark.parametrize("root", ["", "  "])
+def test_empty_store_path_is_refused(root):
+    # Path('') is the cwd: entries landed among the user's files.
+    with pytest.raises(ConfigError, match="is empty .*unset KD_STORE or set store=PATH"):
+        Store(root)
+
+
+@pytest.mark.parametrize("how", ["store=''", "KD_STORE="])
+def test_empty_store_on_the_command_line_writes_nothing(tmp_path, how):
+    # `${oc.env:KD_STORE,kd-store}` gives '' when the variable is set but empty.
+    env = {k: v for k, v in os.environ.items() if k != "KD_STORE"}
+    env["HYDRA_FULL_ERROR"] = "0"
+    args = [*SMOKE, f"hydra.run.dir={tmp_path / 'run'}"]
+    if how == "KD_STORE=":
+        env["KD_STORE"] = ""
+    else:
+        args.append(how)
+    proc = subprocess.run([sys.executable, "-m", "kdcli.cli", "teacher", *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert proc.stderr == ("error: store='' is empty (store='' or KD_STORE set but empty); "
+                           "unset KD_STORE or set store=PATH\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def _filled_entry(tmp_path):

@@ -44,3 +44,11 @@ class DistillationLoss(nn.Module):
     def forward(self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+
+def check_weights(**weights: float) -> None:
+    """Raises ValueError naming a negative term weight: the optimiser would maximise that term
+    (a negative kd_weight trains the student away from the teacher). 0 switches a term off."""
+    for name, value in weights.items():
+        if value < 0:
+            raise ValueError(f"loss.{name} must be >= 0, got {value}")

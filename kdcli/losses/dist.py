@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses.base import DistillationLoss, Outputs
+from kdcli.losses.base import DistillationLoss, Outputs, check_weights
 
 # The official code's guard against a zero-variance row: rho = cov / (std_a * std_b + eps).
 _EPS = 1e-8
@@ -50,6 +50,7 @@ class DIST(DistillationLoss):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        check_weights(ce_weight=ce_weight, beta=beta, gamma=gamma)
         self.ce_weight = ce_weight
         self.beta = beta
         self.gamma = gamma

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcli.losses.base import DistillationLoss, Outputs
+from kdcli.losses.base import DistillationLoss, Outputs, check_weights
 from kdcli.losses.hinton import kl_div_with_temperature
 
 
@@ -85,6 +85,7 @@ class FitNets(DistillationLoss):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        check_weights(hint_weight=hint_weight, ce_weight=ce_weight, kd_weight=kd_weight)
         self.student_layers = (str(student_layer),)
         self.teacher_layers = (str(teacher_layer),)
         self.hint_weight = hint_weight

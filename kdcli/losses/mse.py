@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses.base import DistillationLoss, Outputs
+from kdcli.losses.base import DistillationLoss, Outputs, check_weights
 
 
 class LogitMSE(DistillationLoss):
@@ -24,6 +24,7 @@ class LogitMSE(DistillationLoss):
 
     def __init__(self, ce_weight: float = 1.0, kd_weight: float = 1.0) -> None:
         super().__init__()
+        check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
 

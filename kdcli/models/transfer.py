@@ -30,7 +30,14 @@ def copy_matching(source: dict[str, torch.Tensor], target: nn.Module, label: str
         target.load_state_dict({**own, **{n: source[n] for n in copied}})
     n_params = sum(own[n].numel() for n in copied if own[n].is_floating_point())
     total = sum(t.numel() for t in own.values() if t.is_floating_point())
-    log.info("%s: copied %d/%d tensors (%.0f%% of values)%s", label, len(copied), len(own),
-             100 * n_params / max(total, 1), "; not copied: " + ", ".join(skipped[:12]) +
-             (f" (+{len(skipped) - 12} more)" if len(skipped) > 12 else "") if skipped else "")
+    share = 100 * n_params / max(total, 1)
+    # Under 0.5% (shown as 0%: e.g. only BatchNorm step counters matched) the model in effect
+    # starts from scratch, which the user asked not to: a warning, not a line among the info.
+    useless = share < 0.5
+    log.log(logging.WARNING if useless else logging.INFO, "%s: copied %d/%d tensors (%.0f%% of "
+            "values)%s%s", label, len(copied), len(own), share,
+            "; nothing of use was copied: the model starts as if from scratch (names or shapes "
+            "differ)" if useless else "",
+            "; not copied: " + ", ".join(skipped[:12]) +
+            (f" (+{len(skipped) - 12} more)" if len(skipped) > 12 else "") if skipped else "")
     return {"copied": copied, "skipped": skipped}

@@ -99,6 +99,28 @@ def list_override(group: str) -> list[str] | None:
     return None
 
 
+def group_lists() -> dict[str, list[str]]:
+    """Command-line overrides that give a config group a list of options (`student=[a,b]`,
+    `optimizer@teacher_optimizer=[sgd,adamw]`), by group (with its package); {} outside Hydra.
+    A list for a key (`cache.teacher_weights=[1,2]`) is a value, not listed here."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return {}
+    loader = GlobalHydra.instance().config_loader()
+    lists = {}
+    for override in OverridesParser.create().parse_overrides(task):
+        value = override.value()
+        parent, _, leaf = override.key_or_group.rpartition("/")
+        if isinstance(value, list) and leaf in loader.list_groups(parent):
+            lists[override.get_key_element()] = [str(v) for v in value]
+    return lists
+
+
 def keyed_overrides(group: str) -> list[str]:
     """Command-line overrides of keys inside `group` (`teacher.width=64`), as Hydra parses them."""
     from hydra.core.hydra_config import HydraConfig
@@ -143,6 +165,7 @@ def build_context(cfg: DictConfig, run_dir: Path | None = None) -> Context:
     missing = OmegaConf.missing_keys(cfg)
     if missing:
         raise ConfigError(f"missing required config value(s): {', '.join(sorted(missing))}")
+    store = Store(cfg.store)  # first: an empty store path fails before any work
     seed_everything(int(cfg.seed), bool(cfg.deterministic))
     runtime = resolve(cfg.device)
     distributed.quiet_other_ranks()  # under torchrun rank 0 alone logs to the file
@@ -157,7 +180,7 @@ def build_context(cfg: DictConfig, run_dir: Path | None = None) -> Context:
     log.info("dataset %s: %d train / %d test images, %d classes (%.1fs); device %s",
              dataset.name, len(dataset.train), len(dataset.test), dataset.num_classes,
              time.perf_counter() - t0, runtime.describe())
-    return Context(cfg, runtime, dataset, Store(cfg.store), Path(run_dir))
+    return Context(cfg, runtime, dataset, store, Path(run_dir))
 
 
 def build(node: DictConfig, what: str, **kwargs: Any) -> Any:
@@ -246,14 +269,40 @@ def train_inputs(ctx: Context, role: str, optimizer: str, scheduler: str, budget
     }
 
 
-def load_weights(model: nn.Module, path: Path) -> nn.Module:
+def load_weights(model: nn.Module, path: Path, hint: str = "") -> nn.Module:
+    """Loads the model weights of a kd checkpoint into `model`. A file without weights, or
+    weights of another architecture, is a ConfigError naming the first difference; `hint` (what
+    to set instead) is appended to the latter."""
     state = checkpoint.load(path)
+    if not isinstance(state.get("model"), dict):
+        held = ", ".join(sorted(str(k) for k in state if k != "format")) or "nothing"
+        raise ConfigError(f"checkpoint {path} holds no model weights (it has: {held}); give a "
+                          "model checkpoint (best.pt or last.pt)")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
+        why = state_dict_mismatch(model.state_dict(), state["model"])
         raise ConfigError(f"checkpoint {path} does not fit this architecture: "
-                          f"{str(exc).splitlines()[0]}") from exc
+                          f"{why or str(exc).splitlines()[0]}" + (f"; {hint}" if hint else "")
+                          ) from exc
     return model
+
+
+def state_dict_mismatch(own: dict[str, torch.Tensor], other: dict[str, Any]) -> str:
+    """What keeps `other` (a checkpoint's state dict) from loading into a model whose state dict
+    is `own`: its missing and unexpected keys and shape mismatches, the first of each named."""
+    def first(names: list[str], what: str) -> list[str]:
+        more = f" (+{len(names) - 1} more)" if len(names) > 1 else ""
+        return [f"{what} {names[0]}{more}"] if names else []
+
+    missing = [k for k in own if k not in other]
+    unexpected = [k for k in other if k not in own]
+    sizes = [f"{k}: checkpoint {tuple(other[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in other and hasattr(other[k], "shape")
+             and tuple(other[k].shape) != tuple(own[k].shape)]
+    return "; ".join(first(sizes, "size mismatch for")
+                     + first(missing, "missing from the checkpoint:")
+                     + first(unexpected, "not in the model:"))
 
 
 def resumable(path: Path) -> bool:

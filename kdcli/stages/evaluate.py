@@ -23,7 +23,9 @@ def main(cfg) -> dict[str, Any]:
         raise ConfigError(f"split={cfg.split!r}; choose test or train")
     ctx = build_context(cfg)
     path = Path(str(cfg.checkpoint)).expanduser()
-    model = load_weights(build_model(ctx, cfg.arch), path)
+    hint = (f"it was loaded as arch={cfg.arch} {cfg.arch}={ctx.choice(cfg.arch)}; set arch= and "
+            "student=/teacher= to the model the checkpoint was trained as")
+    model = load_weights(build_model(ctx, cfg.arch), path, hint)
     logits, labels = engine.predict(model, ctx.eval_loader(cfg.split), ctx.runtime)
     result = {"checkpoint": str(path), "arch": ctx.choice(cfg.arch), "split": cfg.split,
               "dataset": ctx.dataset.name, **classification_metrics(logits, labels),
