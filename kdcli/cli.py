@@ -204,6 +204,14 @@ def run_plain(verb: str, main_fn, argv: list[str]) -> int:
     except KDError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
+    except OSError as exc:  # `--out` names a file, a full disk, a folder it may not write
+        sys.stderr.write(f"error: {os_error_line(exc)}\n")
+        return 1
+
+
+def os_error_line(exc: OSError) -> str:
+    """Disk full, file size limit, permission denied: the file and the reason, no traceback."""
+    return f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
 
 
 def save_run_config(cfg) -> None:
@@ -247,8 +255,7 @@ def run_command(verb: str, cfg):
         message = str(exc)
         log.error("%s", message)
     except OSError as exc:
-        # Disk full, file size limit, permission denied: name the file, no traceback.
-        message = f"{exc.filename}: {exc.strerror}" if exc.filename else str(exc)
+        message = os_error_line(exc)
         logging.raiseExceptions = False  # the log file may be on the full disk too
         log.error("%s", message)
     except Exception as exc:

@@ -108,6 +108,15 @@ def test_report_nonexistent_path_fails_in_one_line(tmp_path: Path, capsys) -> No
     assert "/nonexistent/kd-runs" in _one_line_error(capsys.readouterr().err)
 
 
+def test_report_out_that_is_a_file_fails_in_one_line(sweep: Path, tmp_path: Path,
+                                                     capsys) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    assert run_plain("report", compare.main, [str(sweep), "--out", str(afile)]) == 1
+    assert str(afile) in _one_line_error(capsys.readouterr().err)  # was a traceback
+    assert afile.read_text() == "mine\n"
+
+
 def test_report_folder_without_runs_fails(tmp_path: Path, capsys) -> None:
     empty = tmp_path / "empty"
     # A report.json inside a store or hidden folder is not a run.
