@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 STAGE_VERSION = 1
 
 TRAINED, REUSED, RESUMED = "trained", "reused", "resumed"
+# A stage the run skipped because nothing reads its output (the cache, for a loss reading no
+# cached teacher logits).
+NOT_NEEDED = "not needed"
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """Stage 3: train the student from the soft-label cache plus hard labels.
 
-Two modes, chosen by the loss:
+Three modes, chosen by the loss:
 - cache (any loss that reads only logits): no teacher is built or held in memory; teacher
   logits for each batch are looked up in the cache by sample index.
 - online (a loss that reads feature maps, e.g. FitNets, attention transfer): the stored
   teacher is loaded, frozen, and run on every batch with hooks on the named layers.
+- none (`loss=ce`): hard labels only, no teacher at all.
+Only the cache mode reads (and so needs) the soft-label cache.
 
 The student starts from scratch, from the teacher's weights where names and shapes match
 (`student.init=from_teacher`), or from the pretraining stage (`pretrain.dataset`). The
@@ -121,9 +123,10 @@ def initializer(ctx: Context, teachers: list[dict[str, Any]], pretrained: dict[s
     return initialize, {"init": label, "init_weights": source.key}
 
 
-def run(ctx: Context, cache: dict[str, Any], teachers: list[dict[str, Any]],
+def run(ctx: Context, cache: dict[str, Any] | None, teachers: list[dict[str, Any]],
         pretrained: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Distils the student, from `cache` or, for feature losses, from the live teacher."""
+    """Distils the student, from `cache` or, for feature losses, from the live teacher.
+    `cache` is read in cache mode only (None will do for the other modes)."""
     loss = build_loss(ctx)
     mode = mode_of(loss)
     budget = ctx.cfg.trainer.student
@@ -139,6 +142,8 @@ def run(ctx: Context, cache: dict[str, Any], teachers: list[dict[str, Any]],
         log.info("student: online teacher (loss=%s reads teacher features %s)",
                  ctx.choice("loss"), ", ".join(loss.teacher_layers))
     elif mode == "cache":
+        if cache is None:
+            raise ValueError(f"loss={ctx.choice('loss')} reads the soft-label cache; pass it")
         inputs["cache"] = cache["entry"].key
         source = CachedTeacher(cache, ctx.runtime.device)
         log.info("student: teacher logits from the soft-label cache (no teacher in memory)%s",
@@ -166,10 +171,14 @@ def run_baseline(ctx: Context, teachers: list[dict[str, Any]],
 
 
 def main(cfg) -> dict[str, Any]:
-    """`kd student`: stage 3 alone (needs the stage-1 teacher and stage-2 cache in the store)."""
+    """`kd student`: stage 3 alone (needs the stage-1 teacher in the store, and the stage-2
+    cache when the loss reads teacher logits from it)."""
     ctx = build_context(cfg)
+    mode = mode_of(build_loss(ctx))
     teachers = teacher_stage.require_all(ctx)
+    # Looked up before pretraining trains anything: a missing cache is known at once.
+    cache = cache_stage.require(ctx, teachers) if mode == "cache" else None
     pretrained = pretrain_stage.run(ctx)
-    result = run(ctx, cache_stage.require(ctx, teachers), teachers, pretrained)
+    result = run(ctx, cache, teachers, pretrained)
     distributed.on_main(lambda: publish(result["entry"], ctx.run_dir, "student"))
     return result
