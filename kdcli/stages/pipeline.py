@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 def run(ctx: Context) -> dict[str, Any]:
     t0 = time.perf_counter()
-    mode = student_stage.mode_of(student_stage.build_loss(ctx))
+    mode = student_stage.preflight(ctx)  # config-only checks, before anything trains
     teachers = teacher_stage.run_all(ctx)
     cache = None
     if mode == "cache":
