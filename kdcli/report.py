@@ -4,7 +4,9 @@ The report dict has the blocks ``kd_version``, ``versions``, ``wall_time_s``, ``
 ``teacher`` and ``student`` (metrics in percent plus ``profile_model`` costs and
 ``train_time_s``), ``baseline`` (the student architecture trained without KD),
 ``compression`` (see :func:`compression`), ``distillation_gain``, ``cache`` (soft-label cache
-footprint), ``stages`` (stage -> trained/reused/resumed) and ``config`` (resolved, plain dict).
+footprint; ``None`` when the loss reads no cached logits), ``stages`` (stage ->
+trained/reused/resumed, or "not needed" for a cache nothing reads) and ``config`` (resolved,
+plain dict).
 Any block of the report dict may be missing or ``None`` when its stage did not run; the writer
 renders what is there and says "—" for the rest instead of failing at the end of a long run.
 """
@@ -426,7 +428,9 @@ def _teachers_table(report: Mapping[str, Any]) -> list[str]:
     return ["## Teachers", "",
             *_table(["teacher", "top-1 (%)", "top-5 (%)", "params", "latency (ms)"], rows), "",
             "The soft labels are the weighted mean of the teachers' logits; the ensemble's "
-            "costs are the sum of its members'.", ""]
+            "costs are the sum of its members'." if _block(report, "cache") else
+            "The ensemble's logits are the weighted mean of the teachers' (no soft-label cache "
+            "was needed); its costs are the sum of its members'.", ""]
 
 
 def _results_table(report: Mapping[str, Any]) -> list[str]:
@@ -500,6 +504,13 @@ def _compression_table(report: Mapping[str, Any]) -> list[str]:
 def _cache_lines(report: Mapping[str, Any]) -> list[str]:
     cache = _block(report, "cache")
     if not cache:
+        # Only a loss that reads teacher logits from the cache has one built (student mode).
+        mode = _block(report, "student").get("mode")
+        if mode == "online":
+            return ["Not needed: the loss reads teacher features, so the stored teacher ran "
+                    "online beside the student."]
+        if mode == "none":
+            return ["Not needed: the loss reads hard labels only, no teacher outputs."]
         return ["No soft-label cache was recorded for this run."]
     per_sample, count = cache.get("bytes_per_sample"), cache.get("num_samples")
     storage = cache.get("storage") or _DASH

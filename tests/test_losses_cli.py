@@ -51,6 +51,9 @@ def test_feature_loss_runs_the_teacher_online(shared: Path, name: str) -> None:
        f"store={shared / 'store'}", f"hydra.run.dir={run_dir}", cwd=shared)
     report = read_report(run_dir)
     assert report["student"]["mode"] == "online"
+    # The live teacher gives the logits too: no soft-label cache is built for this run.
+    assert report["stages"]["cache"] == "not needed" and report["cache"] is None
+    assert "cache" not in report["store"]
     assert math.isfinite(report["student"]["top1"])
     assert "online teacher" in (run_dir / "train.log").read_text()
     # The learned adapter (FitNets) is part of the resumable state.
@@ -64,3 +67,28 @@ def test_wrong_layer_name_lists_the_valid_ones(shared: Path) -> None:
               f"hydra.run.dir={shared / 'bad'}", cwd=shared, check=False)
     assert proc.returncode == 1
     assert "has no layer 'layer9'" in proc.stderr and "block2" in proc.stderr
+
+
+def test_losses_reading_no_cached_logits_need_no_cache(tmp_path: Path) -> None:
+    """A feature loss (live teacher) and `loss=ce` (no teacher) neither read nor build the
+    soft-label cache: `kd student` runs after `kd teacher` alone, `kd train` writes none."""
+    store = f"store={tmp_path / 'store'}"
+    kd("teacher", *SMOKE, store, f"hydra.run.dir={tmp_path / 'teacher'}", cwd=tmp_path)
+    kd("student", *SMOKE, store, "loss=fitnets", *FEATURE["fitnets"],
+       f"hydra.run.dir={tmp_path / 'fitnets'}", cwd=tmp_path)
+    assert (tmp_path / "fitnets" / "checkpoints" / "student" / "best.pt").exists()
+    run_dir = tmp_path / "ce"
+    kd("train", *SMOKE, store, "loss=ce", "baseline=false", f"hydra.run.dir={run_dir}",
+       cwd=tmp_path)
+    assert not (tmp_path / "store" / "cache").exists()
+    report = read_report(run_dir)
+    assert report["student"]["mode"] == "none"
+    assert report["stages"] == {"teacher": "reused", "cache": "not needed", "student": "trained"}
+    assert report["cache"] is None
+    assert "Not needed: the loss reads hard labels only" in (run_dir / "report.md").read_text()
+    # `kd report` and `kd export` read such a run like any other.
+    kd("report", str(run_dir), cwd=tmp_path)
+    assert f"{report['student']['top1']:.2f}" in (run_dir / "summary.md").read_text()
+    kd("export", str(run_dir), "--formats", "torchscript", "--latency-runs", "3", "--warmup",
+       "1", cwd=tmp_path)
+    assert (run_dir / "export" / "student.ts").stat().st_size > 0

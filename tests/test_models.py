@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from kdcli.models import cifar
 from kdcli.models.mlp import mlp
 from kdcli.models.small import tiny_cnn
 from kdcli.models.vision import torchvision_model
+from kdcli.stages.common import model_skeleton
 
 CONFIGS = Path(kdcli.configs.__file__).parent
 STUDENT_YAMLS = sorted((CONFIGS / "student").glob("*.yaml"))
@@ -173,3 +175,22 @@ def test_copy_matching_warns_when_nothing_of_use_is_copied(
         copy_matching(tiny_cnn(width=16).state_dict(), tiny_cnn(width=16), "init")
     [record] = caplog.records
     assert record.levelno == logging.INFO and "(100% of values)" in record.getMessage()
+
+
+def computing_model(num_classes: int = 10) -> nn.Module:
+    """A builder that reads a tensor's value, which the meta device cannot give."""
+    model = nn.Linear(4, num_classes)
+    assert model.weight.abs().sum().item() > 0
+    return model
+
+
+@pytest.mark.parametrize("target, device", [
+    ("kdcli.models.small.tiny_cnn", "meta"),
+    ("tests.test_models.computing_model", "cpu"),
+])
+def test_model_skeleton_builds_on_meta_or_falls_back(target: str, device: str) -> None:
+    cfg = OmegaConf.create({"student": {"_target_": target, "init": "scratch"}})
+    ctx = SimpleNamespace(cfg=cfg, dataset=SimpleNamespace(num_classes=7), choice=lambda r: "x")
+    model = model_skeleton(ctx, "student")
+    assert next(model.parameters()).device.type == device
+    assert list(model.parameters())[-1].shape == (7,)  # the classifier's bias

@@ -125,6 +125,11 @@ def test_stages_run_alone_in_order(workdir: Path) -> None:
     kd("teacher", *SMOKE, store, cwd=workdir)
     proc = kd("student", *SMOKE, store, cwd=workdir, check=False)
     assert proc.returncode == 1 and "run `kd cache`" in proc.stderr
+    # The missing cache is found before the pretraining stage trains anything.
+    proc = kd("student", *SMOKE, store, "pretrain.dataset=cifar10_subset", "pretrain.epochs=1",
+              cwd=workdir, check=False)
+    assert proc.returncode == 1 and "run `kd cache`" in proc.stderr
+    assert not (workdir / "store" / "pretrain").exists()
     kd("cache", *SMOKE, store, cwd=workdir)
     kd("student", *SMOKE, store, f"hydra.run.dir={workdir / 'run'}", cwd=workdir)
     assert torch.load(workdir / "run" / "checkpoints" / "student" / "best.pt",
@@ -200,6 +205,38 @@ def test_bad_input_is_reported_and_damages_nothing(finished: Path, tmp_path: Pat
     assert "Traceback" not in proc.stderr
     after = _tree_digest(finished)
     assert {k: v for k, v in after.items() if k in before} == before
+
+
+STAGES = ("teacher", "cache", "pretrain", "student", "baseline")
+
+
+@pytest.mark.parametrize("verb, override, expected", [
+    ("train", "dataset.augment=none cache.views=2", "dataset.augment=none"),
+    ("train", "pretrain.dataset=cifar10_subset pretrain.epochs=1 student.init=from_teacher",
+     "choose one"),
+    ("train", "loss.temperature=0", "temperature must be > 0"),
+    ("train", "loss=attention loss.student_layers=[block1,block2] loss.teacher_layers=[block1]",
+     "pair up one to one"),
+    ("train", "loss=fitnets loss.student_layer=block2 loss.teacher_layer=layer9",
+     "teacher=tiny_cnn-wide has no layer 'layer9'"),
+    ("train", "loss=fitnets loss.student_layer=nope loss.teacher_layer=block2",
+     "student=tiny_cnn has no layer 'nope'"),
+    ("train", "teacher=[tiny_cnn,tiny_cnn-wide] loss=fitnets loss.student_layer=block2 "
+     "loss.teacher_layer=block2", "exactly one teacher (got 2)"),
+    ("train", "cache.teacher_weights=[1,2]", "cache.teacher_weights"),
+    ("train", "cache.storage=half", "cache.storage='half'"),
+    ("student", "loss.temperature=0", "temperature must be > 0"),
+    ("cache", "dataset.augment=none cache.views=2", "dataset.augment=none"),
+])
+def test_config_only_checks_run_before_any_stage(tmp_path: Path, verb: str, override: str,
+                                                 expected: str) -> None:
+    """A setting that is wrong on its face fails before the teacher (or anything) trains: with
+    a real teacher that is hours saved. The store has no stage entry, not even a lock."""
+    proc = kd(verb, *SMOKE, *override.split(), f"store={tmp_path / 'store'}",
+              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and expected in proc.stderr
+    assert "no trained teacher" not in proc.stderr
+    assert [s for s in STAGES if (tmp_path / "store" / s).exists()] == []
 
 
 def test_student_with_wrong_class_count_is_refused(finished: Path) -> None:

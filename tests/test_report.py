@@ -198,6 +198,21 @@ def test_report_without_baseline_or_cache(tmp_path):
     assert "plots/training_curves.png" not in md and "confusion_matrix" not in md
 
 
+@pytest.mark.parametrize("mode, says", [
+    ("online", "Not needed: the loss reads teacher features"),
+    ("none", "Not needed: the loss reads hard labels only"),
+])
+def test_report_of_a_run_that_needed_no_cache(tmp_path, mode, says):
+    rep = sample_report()
+    rep["student"]["mode"] = mode
+    rep["cache"] = None
+    rep["stages"]["cache"] = "not needed"
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| cache | not needed |" in md
+    assert says in md and "No soft-label cache was recorded" not in md
+
+
 def test_report_with_almost_nothing(tmp_path):
     write_report({"teacher": {"name": "resnet20", "top1": 50.0}, "student": None}, tmp_path)
     md = (tmp_path / "report.md").read_text()

@@ -47,6 +47,15 @@ def combine_weights(ctx: Context, n: int) -> list[float]:
     return [w / sum(weights) for w in weights]
 
 
+def check_settings(ctx: Context, num_teachers: int) -> None:
+    """The cache settings, checked from the config alone: run before any stage trains, so a bad
+    setting does not wait for the teacher's training to be reported."""
+    combine_weights(ctx, num_teachers)
+    num_views(ctx)
+    softlabels.choose_storage(ctx.dataset.num_classes, str(ctx.cfg.cache.storage),
+                              int(ctx.cfg.cache.topk))
+
+
 def entry_for(ctx: Context, teachers: list[dict[str, Any]]) -> Entry:
     inputs = {
         "format": softlabels.VERSION,
@@ -209,6 +218,7 @@ def require(ctx: Context, teachers: list[dict[str, Any]]) -> dict[str, Any]:
 def main(cfg) -> dict[str, Any]:
     """`kd cache`: stage 2 alone (needs the stage-1 teacher(s) in the store)."""
     ctx = build_context(cfg)
+    check_settings(ctx, len(teacher_stage.contexts(ctx)))
     teachers = teacher_stage.require_all(ctx)
     result = run(ctx, teachers)
     if int(ctx.cfg.cache.get("check") or 0) > 0:

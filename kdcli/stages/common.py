@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 STAGE_VERSION = 1
 
 TRAINED, REUSED, RESUMED = "trained", "reused", "resumed"
+# A stage the run skipped because nothing reads its output (the cache, for a loss reading no
+# cached teacher logits).
+NOT_NEEDED = "not needed"
 
 
 @dataclass
@@ -228,16 +232,35 @@ def container(node: Any) -> Any:
 _MODEL_SETTINGS = ("init",)
 
 
-def build_model(ctx: Context, role: str) -> nn.Module:
-    """Builds the `teacher` or `student` model for the dataset and checks its output size."""
+def _build_module(ctx: Context, role: str) -> nn.Module:
+    """The `teacher` or `student` model as its builder returns it, for the dataset's classes."""
     node = ctx.cfg[role]
     if any(k in node for k in _MODEL_SETTINGS):
         # Resolve first: a detached copy could no longer reach ${dataset.image_size}.
         plain = OmegaConf.to_container(node, resolve=True)
         node = OmegaConf.create({k: v for k, v in plain.items() if k not in _MODEL_SETTINGS})
+    return build(node, f"{role}={ctx.choice(role)}: cannot build model",
+                 num_classes=ctx.dataset.num_classes)
+
+
+def model_skeleton(ctx: Context, role: str) -> nn.Module:
+    """The `teacher` or `student` model built on the meta device (modules and shapes, no memory,
+    no compute): what a check made before any stage trains needs, e.g. layer names."""
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            # A `weights=` file loaded into meta tensors is a no-op torch warns about.
+            warnings.simplefilter("ignore", UserWarning)
+            return _build_module(ctx, role)
+    except ConfigError:
+        # A builder that computes with its tensors (`.item()`, numpy) cannot run on meta: build
+        # it for real (a config error there is reported as such).
+        return _build_module(ctx, role)
+
+
+def build_model(ctx: Context, role: str) -> nn.Module:
+    """Builds the `teacher` or `student` model for the dataset and checks its output size."""
     ds = ctx.dataset
-    model = build(node, f"{role}={ctx.choice(role)}: cannot build model",
-                  num_classes=ds.num_classes)
+    model = _build_module(ctx, role)
     with torch.no_grad():
         probe = torch.zeros(2, *ds.image_shape)
         was_training = model.training

@@ -1,5 +1,8 @@
 """`kd train`: teacher(s) -> soft-label cache -> [pretraining] -> student (+ baseline) -> report.
 
+The cache is built only for a loss that reads teacher logits from it (student mode "cache"): a
+feature loss runs the teacher online and `loss=ce` reads no teacher, so neither builds one.
+
 Returns the distilled student's test top-1, the value a Hydra sweeper optimises.
 """
 
@@ -27,6 +30,7 @@ from kdcli.stages import pretrain as pretrain_stage
 from kdcli.stages import student as student_stage
 from kdcli.stages import teacher as teacher_stage
 from kdcli.stages.common import (
+    NOT_NEEDED,
     Context,
     build_context,
     build_model,
@@ -40,11 +44,14 @@ log = logging.getLogger(__name__)
 
 def run(ctx: Context) -> dict[str, Any]:
     t0 = time.perf_counter()
+    mode = student_stage.preflight(ctx)  # config-only checks, before anything trains
     teachers = teacher_stage.run_all(ctx)
-    cache = cache_stage.run(ctx, teachers)
-    if int(ctx.cfg.cache.get("check") or 0) > 0:
-        distributed.on_main(
-            lambda: cache_stage.check(ctx, teachers, cache, int(ctx.cfg.cache.check)))
+    cache = None
+    if mode == "cache":
+        cache = cache_stage.run(ctx, teachers)
+        if int(ctx.cfg.cache.get("check") or 0) > 0:
+            distributed.on_main(
+                lambda: cache_stage.check(ctx, teachers, cache, int(ctx.cfg.cache.check)))
     pretrained = pretrain_stage.run(ctx)
     student = student_stage.run(ctx, cache, teachers, pretrained)
     baseline = student_stage.run_baseline(ctx, teachers, pretrained) if ctx.cfg.baseline else None
@@ -91,15 +98,19 @@ def _ensemble_block(blocks: list[dict[str, Any]], logits: torch.Tensor, labels: 
     return block
 
 
-def build_report(ctx: Context, teachers: list[dict], cache: dict, pretrained: dict | None,
-                 student: dict, baseline: dict | None, wall_time_s: float) -> dict[str, Any]:
+def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
+                 pretrained: dict | None, student: dict, baseline: dict | None,
+                 wall_time_s: float) -> dict[str, Any]:
+    """`cache` is None when the student's loss reads no cached logits (stage "not needed")."""
     teacher_blocks = [_model_block(t["ctx"], "teacher", t) for t in teachers]
     member_logits = [_test_logits(t)[0] for t in teachers]
     labels = _test_logits(teachers[0])[1]
     if len(teachers) == 1:
         t_logits, t_block = member_logits[0], teacher_blocks[0]
     else:
-        t_logits = cache_stage.ensemble(member_logits, cache["meta"]["weights"])
+        weights = (cache["meta"]["weights"] if cache is not None
+                   else cache_stage.combine_weights(ctx, len(teachers)))
+        t_logits = cache_stage.ensemble(member_logits, weights)
         t_block = _ensemble_block(teacher_blocks, t_logits, labels)
     init = student["meta"].get("init") or {}
     s_block = {**_model_block(ctx, "student", student, t_logits), "mode": student["mode"],
@@ -117,7 +128,7 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict, pretrained: di
         stages = {"teacher": teachers[0]["status"]}
     else:
         stages = {f"teacher-{t['ctx'].choice('teacher')}": t["status"] for t in teachers}
-    stages["cache"] = cache["status"]
+    stages["cache"] = cache["status"] if cache is not None else NOT_NEEDED
     if pretrained is not None:
         stages["pretrain"] = pretrained["status"]
     stages["student"] = student["status"]
@@ -142,7 +153,7 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict, pretrained: di
         "distillation_gain": {"top1": s_block["top1"] - b_block["top1"]} if b_block else None,
         "cache": {k: cache["meta"].get(k) for k in ("bytes_per_sample", "num_samples",
                                                     "format_version", "storage", "topk",
-                                                    "views")},
+                                                    "views")} if cache is not None else None,
         "stages": stages,
         "store": {k: str(v["entry"].path) for k, v in entries.items() if v is not None},
         "config": container(ctx.cfg),

@@ -1,10 +1,12 @@
 """Stage 3: train the student from the soft-label cache plus hard labels.
 
-Two modes, chosen by the loss:
+Three modes, chosen by the loss:
 - cache (any loss that reads only logits): no teacher is built or held in memory; teacher
   logits for each batch are looked up in the cache by sample index.
 - online (a loss that reads feature maps, e.g. FitNets, attention transfer): the stored
   teacher is loaded, frozen, and run on every batch with hooks on the named layers.
+- none (`loss=ce`): hard labels only, no teacher at all.
+Only the cache mode reads (and so needs) the soft-label cache.
 
 The student starts from scratch, from the teacher's weights where names and shapes match
 (`student.init=from_teacher`), or from the pretraining stage (`pretrain.dataset`). The
@@ -40,6 +42,7 @@ from kdcli.stages.common import (
     build_model,
     container,
     load_weights,
+    model_skeleton,
     publish,
     train_entry,
     train_inputs,
@@ -97,15 +100,46 @@ def mode_of(loss: DistillationLoss) -> str:
     return "online" if loss.needs_features else "cache"
 
 
-def initializer(ctx: Context, teachers: list[dict[str, Any]], pretrained: dict[str, Any] | None
-                ) -> tuple[Callable[[nn.Module], dict[str, Any]] | None, dict[str, Any]]:
-    """How the student starts: the init function and the store-key inputs describing it."""
+def init_mode(ctx: Context, pretraining: bool) -> str:
+    """`student.init`, checked; `pretraining`: a pretraining stage sets the start as well."""
     mode = str(ctx.cfg.student.get("init", "scratch"))
     if mode not in INIT_MODES:
         raise ConfigError(f"student.init={mode!r}; choose one of {', '.join(INIT_MODES)}")
-    if pretrained is not None and mode == "from_teacher":
+    if pretraining and mode == "from_teacher":
         raise ConfigError("student.init=from_teacher and pretrain.dataset both set the "
                           "student's starting weights; choose one")
+    return mode
+
+
+def check_teachers(ctx: Context, mode: str, num_teachers: int) -> None:
+    """A live teacher's features come from one model: online mode takes exactly one teacher."""
+    if mode == "online" and num_teachers != 1:
+        raise ConfigError(f"loss={ctx.choice('loss')} reads teacher features, which needs "
+                          f"exactly one teacher (got {num_teachers})")
+
+
+def preflight(ctx: Context) -> str:
+    """The student stage's checks that need only the config, run before any stage trains or
+    writes to the store: a bad loss setting, init conflict, cache setting or layer name is
+    reported at once, not after hours of teacher training. Returns the student's mode."""
+    loss = build_loss(ctx)
+    mode = mode_of(loss)
+    teachers = teacher_stage.contexts(ctx)
+    init_mode(ctx, pretrain_stage.enabled(ctx))
+    cache_stage.check_settings(ctx, len(teachers))
+    check_teachers(ctx, mode, len(teachers))
+    if mode == "online":
+        for role, c, layers in (("student", ctx, loss.student_layers),
+                                ("teacher", teachers[0], loss.teacher_layers)):
+            FeatureTap(model_skeleton(c, role), list(layers),
+                       role=f"{role}={c.choice(role)}").remove()
+    return mode
+
+
+def initializer(ctx: Context, teachers: list[dict[str, Any]], pretrained: dict[str, Any] | None
+                ) -> tuple[Callable[[nn.Module], dict[str, Any]] | None, dict[str, Any]]:
+    """How the student starts: the init function and the store-key inputs describing it."""
+    mode = init_mode(ctx, pretrained is not None)
     if pretrained is not None:
         source, label = pretrained["entry"], "student init from pretraining"
     elif mode == "from_teacher":
@@ -121,24 +155,25 @@ def initializer(ctx: Context, teachers: list[dict[str, Any]], pretrained: dict[s
     return initialize, {"init": label, "init_weights": source.key}
 
 
-def run(ctx: Context, cache: dict[str, Any], teachers: list[dict[str, Any]],
+def run(ctx: Context, cache: dict[str, Any] | None, teachers: list[dict[str, Any]],
         pretrained: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Distils the student, from `cache` or, for feature losses, from the live teacher."""
+    """Distils the student, from `cache` or, for feature losses, from the live teacher.
+    `cache` is read in cache mode only (None will do for the other modes)."""
     loss = build_loss(ctx)
     mode = mode_of(loss)
     budget = ctx.cfg.trainer.student
     initialize, init_inputs = initializer(ctx, teachers, pretrained)
     inputs = {**train_inputs(ctx, "student", "optimizer", "scheduler", budget), **init_inputs}
     inputs["loss"] = container(ctx.cfg.loss)
+    check_teachers(ctx, mode, len(teachers))
     if mode == "online":
-        if len(teachers) != 1:
-            raise ConfigError(f"loss={ctx.choice('loss')} reads teacher features, which needs "
-                              f"exactly one teacher (got {len(teachers)})")
         inputs["teacher_weights"] = teachers[0]["meta"]["files"]["last.pt"]
         source: Any = OnlineTeacher(teachers[0], list(loss.teacher_layers))
         log.info("student: online teacher (loss=%s reads teacher features %s)",
                  ctx.choice("loss"), ", ".join(loss.teacher_layers))
     elif mode == "cache":
+        if cache is None:
+            raise ValueError(f"loss={ctx.choice('loss')} reads the soft-label cache; pass it")
         inputs["cache"] = cache["entry"].key
         source = CachedTeacher(cache, ctx.runtime.device)
         log.info("student: teacher logits from the soft-label cache (no teacher in memory)%s",
@@ -166,10 +201,14 @@ def run_baseline(ctx: Context, teachers: list[dict[str, Any]],
 
 
 def main(cfg) -> dict[str, Any]:
-    """`kd student`: stage 3 alone (needs the stage-1 teacher and stage-2 cache in the store)."""
+    """`kd student`: stage 3 alone (needs the stage-1 teacher in the store, and the stage-2
+    cache when the loss reads teacher logits from it)."""
     ctx = build_context(cfg)
+    mode = preflight(ctx)
     teachers = teacher_stage.require_all(ctx)
+    # Looked up before pretraining trains anything: a missing cache is known at once.
+    cache = cache_stage.require(ctx, teachers) if mode == "cache" else None
     pretrained = pretrain_stage.run(ctx)
-    result = run(ctx, cache_stage.require(ctx, teachers), teachers, pretrained)
+    result = run(ctx, cache, teachers, pretrained)
     distributed.on_main(lambda: publish(result["entry"], ctx.run_dir, "student"))
     return result
