@@ -106,6 +106,15 @@ def _start(*args: str, cwd: Path, preexec_fn=None) -> subprocess.Popen:
                             preexec_fn=preexec_fn)
 
 
+def _wait_for(proc: subprocess.Popen, folder: Path, pattern: str, never: str) -> None:
+    """Waits (10 min at most) until `folder` holds a match of `pattern`, while `proc` runs."""
+    deadline = time.monotonic() + 600
+    while not list(folder.glob(pattern)):
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, never
+        time.sleep(0.01)
+
+
 def _digests(*roots: Path) -> dict[str, str]:
     return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
             for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
@@ -166,11 +175,7 @@ def test_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path: Path) -> No
     store = tmp_path / "store"
     proc = _start("teacher", *SMOKE, f"store={store}", cwd=tmp_path)
     try:
-        deadline = time.monotonic() + 600
-        while not list((store / "teacher").glob("*.lock")):
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the teacher stage never took its lock"
-            time.sleep(0.01)
+        _wait_for(proc, store / "teacher", "*.lock", "the teacher stage never took its lock")
     finally:
         proc.send_signal(signal.SIGKILL)  # it holds the teacher's lock: it is training
         proc.communicate()
@@ -372,11 +377,7 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path: Path) -> None:
     proc = _start(*args, f"hydra.run.dir={tmp_path / 'first'}", cwd=tmp_path,
                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        deadline = time.monotonic() + 600
-        while not list((store / "teacher").glob("*/last.pt")):
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "the teacher never saved an epoch"
-            time.sleep(0.01)
+        _wait_for(proc, store / "teacher", "*/last.pt", "the teacher never saved an epoch")
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=120)
     finally:
