@@ -123,6 +123,18 @@ def test_torchvision_missing_weights_file_names_path() -> None:
         torchvision_model("mobilenet_v3_small", weights="/no/such/file")
 
 
+def test_torchvision_weights_that_are_not_a_state_dict_are_named(tmp_path: Path) -> None:
+    junk, listed = tmp_path / "junk.pt", tmp_path / "list.pt"
+    junk.write_text("not a torch file\n")
+    torch.save([1, 2], listed)
+    # torch's own text for the first suggests weights_only=False, against kd's trust model.
+    with pytest.raises(ValueError, match=r"junk.pt is not a state dict kd can read safely") as e:
+        torchvision_model("mobilenet_v3_small", weights=str(junk))
+    assert "weights_only" not in str(e.value) and e.value.__cause__ is None
+    with pytest.raises(ValueError, match=r"list.pt holds a list, not a state dict"):
+        torchvision_model("mobilenet_v3_small", weights=str(listed))
+
+
 def test_torchvision_loads_local_state_dict(tmp_path: Path) -> None:
     source = torchvision_model("mobilenet_v3_small", num_classes=7, input_size=32)
     path = tmp_path / "student.pt"

@@ -239,6 +239,16 @@ def test_config_only_checks_run_before_any_stage(tmp_path: Path, verb: str, over
     assert [s for s in STAGES if (tmp_path / "store" / s).exists()] == []
 
 
+def test_unreadable_student_weights_fail_before_any_stage(tmp_path: Path) -> None:
+    (tmp_path / "junk.pt").write_text("not a torch file\n")
+    proc = kd("train", *SMOKE, "student=mobilenet_v3_small", "student.weights=junk.pt",
+              f"store={tmp_path / 'store'}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+              check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "junk.pt is not a state dict kd can read safely" in proc.stderr
+    assert [s for s in STAGES if (tmp_path / "store" / s).exists()] == []
+
+
 def test_student_with_wrong_class_count_is_refused(finished: Path) -> None:
     (finished / "mymodels.py").write_text(
         "from torch import nn\n"

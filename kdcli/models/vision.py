@@ -69,7 +69,17 @@ def _load_state_dict(weights: str) -> dict[str, torch.Tensor]:
             "torch.save(model.state_dict(), path), or to null for random init."
         )
     # weights_only refuses pickled code, so a downloaded file cannot run anything on load.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or pickled code weights_only refuses
+        # torch's own text advises weights_only=False, which would let the file run code.
+        raise ValueError(f"weights file {path} is not a state dict kd can read safely "
+                         f"({type(exc).__name__}); save one with "
+                         "torch.save(model.state_dict(), path)") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"weights file {path} holds a {type(state).__name__}, not a state dict; "
+                         "save one with torch.save(model.state_dict(), path)")
+    return state
 
 
 def _adapt_to_small_inputs(model: nn.Module, name: str, input_size: int) -> None:

@@ -128,11 +128,15 @@ def preflight(ctx: Context) -> str:
     init_mode(ctx, pretrain_stage.enabled(ctx))
     cache_stage.check_settings(ctx, len(teachers))
     check_teachers(ctx, mode, len(teachers))
+    # Every model is built once on the meta device, so a builder that fails (an unreadable
+    # `weights=` file, a bad argument) fails now; feature-loss layer names are checked on them.
+    student = model_skeleton(ctx, "student")
+    teacher_models = [model_skeleton(t, "teacher") for t in teachers]
     if mode == "online":
-        for role, c, layers in (("student", ctx, loss.student_layers),
-                                ("teacher", teachers[0], loss.teacher_layers)):
-            FeatureTap(model_skeleton(c, role), list(layers),
-                       role=f"{role}={c.choice(role)}").remove()
+        for role, model, c, layers in (
+                ("student", student, ctx, loss.student_layers),
+                ("teacher", teacher_models[0], teachers[0], loss.teacher_layers)):
+            FeatureTap(model, list(layers), role=f"{role}={c.choice(role)}").remove()
     return mode
 
 
