@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses.base import DistillationLoss, Outputs, check_weights
+from kdcli.losses.base import DistillationLoss, Outputs, check_temperature, check_weights
 from kdcli.losses.fitnets import as_layer_names, feature, resize_spatial, with_logit_terms
 
 STAGES = ("layer1", "layer2", "layer3")
@@ -61,8 +61,7 @@ class AttentionTransfer(DistillationLoss):
                              f"layers {list(self.teacher_layers)}")
         if not self.student_layers:
             raise ValueError("AttentionTransfer needs at least one pair of layers")
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         if p <= 0:
             raise ValueError(f"loss.p must be > 0, got {p}")
         check_weights(at_weight=at_weight, ce_weight=ce_weight, kd_weight=kd_weight)

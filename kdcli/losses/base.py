@@ -46,6 +46,12 @@ class DistillationLoss(nn.Module):
         raise NotImplementedError
 
 
+def check_temperature(temperature: float) -> None:
+    """Raises ValueError for a temperature that is not > 0 (it divides the logits)."""
+    if temperature <= 0:
+        raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+
+
 def check_weights(**weights: float) -> None:
     """Raises ValueError naming a negative term weight: the optimiser would maximise that term
     (a negative kd_weight trains the student away from the teacher). 0 switches a term off."""

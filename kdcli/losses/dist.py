@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses.base import DistillationLoss, Outputs, check_weights
+from kdcli.losses.base import DistillationLoss, Outputs, check_temperature, check_weights
 
 # The official code's guard against a zero-variance row: rho = cov / (std_a * std_b + eps).
 _EPS = 1e-8
@@ -48,8 +48,7 @@ class DIST(DistillationLoss):
     def __init__(self, ce_weight: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
                  temperature: float = 1.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         check_weights(ce_weight=ce_weight, beta=beta, gamma=gamma)
         self.ce_weight = ce_weight
         self.beta = beta

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses.base import DistillationLoss, Outputs, check_weights
+from kdcli.losses.base import DistillationLoss, Outputs, check_temperature, check_weights
 
 # Subtracted from the target logit (after dividing by T) to drop it from the non-target softmax;
 # the official code's constant. exp(-1000) is 0 in float32, so the class is removed exactly.
@@ -59,8 +59,7 @@ class DKD(DistillationLoss):
     def __init__(self, ce_weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0,
                  temperature: float = 4.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         check_weights(ce_weight=ce_weight, alpha=alpha, beta=beta)
         self.ce_weight = ce_weight
         self.alpha = alpha

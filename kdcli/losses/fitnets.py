@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdcli.losses.base import DistillationLoss, Outputs, check_weights
+from kdcli.losses.base import DistillationLoss, Outputs, check_temperature, check_weights
 from kdcli.losses.hinton import kl_div_with_temperature
 
 
@@ -83,8 +83,7 @@ class FitNets(DistillationLoss):
                  hint_weight: float = 100.0, ce_weight: float = 1.0, kd_weight: float = 0.0,
                  temperature: float = 4.0) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         check_weights(hint_weight=hint_weight, ce_weight=ce_weight, kd_weight=kd_weight)
         self.student_layers = (str(student_layer),)
         self.teacher_layers = (str(teacher_layer),)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kdcli.losses.base import DistillationLoss, Outputs, check_weights
+from kdcli.losses.base import DistillationLoss, Outputs, check_temperature, check_weights
 
 
 def kl_div_with_temperature(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -30,8 +30,7 @@ class HintonKD(DistillationLoss):
     def __init__(self, temperature: float = 4.0, ce_weight: float = 1.0, kd_weight: float = 1.0
                  ) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"loss.temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
         self.temperature = temperature
         self.ce_weight = ce_weight
