@@ -41,6 +41,22 @@ def no_teacher(batch: Batch) -> None:
     return None
 
 
+def compiled(module: nn.Module) -> nn.Module:
+    """`torch.compile(module)`, with compiled code that checks the module's forward hooks.
+
+    By default dynamo does not guard on hooks when it reuses compiled code, and the CIFAR
+    ResNets (teacher and student) share one class: a model compiled earlier in the process
+    without hooks (the teacher stage's, the baseline's) lent its code to a student with feature
+    taps, whose taps then stayed empty. The guard is switched on before the first compile here,
+    and code compiled before that (without it) is dropped.
+    """
+    config = torch._dynamo.config
+    if getattr(config, "skip_nnmodule_hook_guards", False):
+        config.skip_nnmodule_hook_guards = False
+        torch._dynamo.reset()
+    return torch.compile(module)
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, float]]
@@ -111,7 +127,7 @@ class TrainStep:
         self.optimizer, self.scheduler, self.runtime = optimizer, scheduler, runtime
         self.scaler = scaler if scaler is not None else runtime.grad_scaler()
         net = distributed.wrap(model, runtime.device)  # DDP averages gradients in backward
-        net = torch.compile(net) if runtime.compile else net
+        net = compiled(net) if runtime.compile else net
         if student_taps is None:
             self.forward = lambda images: Outputs(net(images))
         else:

@@ -274,6 +274,37 @@ class Rounds:
                 print(f"  round {r}{' (warm-up)' if r == 0 else ''}  {name:<22} "
                       f"{record['images_per_s']:8.1f} img/s", file=sys.stderr, flush=True)
 
+    def profile(self, sections: dict[str, Callable[[int], tuple[int, float]]], path: Path,
+                r: int) -> None:
+        """One more round of each section (as round `r`) under cProfile (where host time goes,
+        waits on the device included) and torch.profiler (operators' host and device time);
+        the top entries of both are appended to `path`."""
+        import cProfile
+        import io
+        import pstats
+
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        activities = [ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        for name, section in sections.items():
+            sync(self.device)
+            prof = cProfile.Profile()
+            with torch_profile(activities=activities) as tprof:
+                prof.enable()
+                images, seconds = section(r)
+                prof.disable()
+                sync(self.device)
+            stats = io.StringIO()
+            pstats.Stats(prof, stream=stats).sort_stats("cumulative").print_stats(30)
+            sort = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            with path.open("a") as fh:
+                fh.write(f"\n==== {name}: {images / seconds:.1f} img/s under the profilers\n")
+                fh.write(stats.getvalue())
+                fh.write(tprof.key_averages().table(sort_by=sort, row_limit=25))
+
     def rate(self, name: str) -> float:
         """Images per second over the timed rounds (total images / total time)."""
         timed = [x for x in self.results[name] if x["round"] > 0]
@@ -366,7 +397,7 @@ def bench_precision(args, precision: str, base: Context, memory: bool
     kw = {"batch": args.batch, "device": runtime.device, "precision": precision,
           "channels_last": runtime.channels_last, "mean": ds.mean, "std": ds.std,
           "compile": args.compile}
-    epochs = args.rounds + 1
+    epochs = args.rounds + 1 + args.profile  # --profile: one more round of each section
     print(f"[{precision}] {runtime.describe()}, {torch.get_num_threads()} threads",
           file=sys.stderr, flush=True)
 
@@ -405,7 +436,10 @@ def bench_precision(args, precision: str, base: Context, memory: bool
     infer_model = plain_model(ctx, "teacher")
     infer_model.load_state_dict(teacher_state)
     infer = PlainInference(infer_model, [ds.train, ds.test], **{**kw, "batch": args.cache_batch})
-    rounds.play({"kd cache": kd_cache, "raw teacher inference": lambda r: infer.run()})
+    cache_sections = {"kd cache": kd_cache, "raw teacher inference": lambda r: infer.run()}
+    rounds.play(cache_sections)
+    if args.profile:
+        rounds.profile(cache_sections, args.out / f"profile-{precision}.txt", epochs - 1)
     cache = built["cache"]
 
     # (c) student from the cache, (d) student with the live teacher (kd's online mode)
@@ -420,12 +454,16 @@ def bench_precision(args, precision: str, base: Context, memory: bool
                                kd_weight=float(loss_cfg.kd_weight), **kw)
     octx = tctx.variant(compose(args, precision, online_overrides(tctx)), {})
     online_loss = build_loss(octx)
-    live = OnlineTeacher(teachers[0], list(online_loss.teacher_layers))
+    live = OnlineTeacher(teachers[0], list(online_loss.teacher_layers),
+                         compile=octx.runtime.compile)
     _, kd_online = kd_trainer(octx, "student", online_loss, "optimizer", "scheduler", epochs,
                               teacher=live, features=True)
-    rounds.play({"kd student (cache)": kd_student,
-                 "plain student": lambda r: plain_student.run(args.steps),
-                 "kd student (online)": kd_online})
+    student_sections = {"kd student (cache)": kd_student,
+                        "plain student": lambda r: plain_student.run(args.steps),
+                        "kd student (online)": kd_online}
+    rounds.play(student_sections)
+    if args.profile:
+        rounds.profile(student_sections, args.out / f"profile-{precision}.txt", epochs - 1)
 
     def row(stage, kd_name, ref_name, reference, target):
         kd_rate, ref_rate = rounds.rate(kd_name), rounds.rate(ref_name)
@@ -586,6 +624,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-memory", action="store_true",
                     help="skip the per-stage peak RSS runs (fresh processes)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed rounds, one more round of the cache and student "
+                         "sections under cProfile and torch.profiler: <out>/profile-*.txt")
     ap.add_argument("--out", type=Path, default=Path("bench/speed"))
     args = ap.parse_args()
     args.data = args.data.expanduser().resolve()

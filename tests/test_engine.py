@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from kdcli import checkpoint, engine
 from kdcli.errors import TrainingDiverged
@@ -65,3 +66,33 @@ def test_nan_advice_names_fp32_only_for_mixed_precision(tmp_path, precision, adv
                    epochs=1, out_dir=tmp_path)
     assert "loss became NaN/inf at epoch 1, step 1" in str(err.value)
     assert ("or use precision fp32" in str(err.value)) is advice
+
+
+def test_compiled_model_keeps_its_feature_taps_after_a_hookless_compile_of_its_class(
+        monkeypatch):
+    # Dynamo's default reuses code compiled for a model of the same class without checking
+    # hooks: the teacher stage's (or baseline's) compiled ResNet lent its code to the FitNets
+    # student, whose taps stayed empty (seen on an H100 with device.compile=true).
+    import functools
+
+    from kdcli.models.features import FeatureTap
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+
+    x = torch.randn(2, 3, 8, 8)
+    plain = engine.compiled(model())
+    plain(x)
+    tapped_model = model()
+    taps = FeatureTap(tapped_model, ["1"])
+    tapped = engine.compiled(tapped_model)
+    for _ in range(2):  # interleaved with the hookless one, as the benchmark runs them
+        tapped(x)
+        assert list(taps.pop()) == ["1"]
+        plain(x)
+        assert taps.pop() == {}
+    torch._dynamo.reset()

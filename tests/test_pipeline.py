@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kdcli.device import usable_cores
-from tests.conftest import SMOKE, kd, read_report
+from tests.conftest import SMOKE, TINY, kd, read_report
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -44,6 +44,18 @@ def test_sweep_trains_teacher_cache_and_baseline_once(sweep: Path) -> None:
     assert second["config"]["loss"]["temperature"] == 8
     assert len(list((sweep / "store" / "teacher").glob("*/meta.json"))) == 1
     assert len(list((sweep / "store" / "student").glob("*/meta.json"))) == 2
+
+
+def test_compiled_sweep_runs_a_feature_loss_after_a_logit_loss(tmp_path: Path) -> None:
+    # With device.compile=true, the FitNets job used to reuse the code dynamo compiled for the
+    # hinton job's student (same class and shapes, no hooks): its feature taps stayed empty and
+    # the job failed with "no student feature 'layer2'". Found on an H100 by bench_speed.
+    sweep = tmp_path / "multi"
+    kd("train", "-m", "loss=hinton,fitnets", *TINY, "teacher=resnet8", "student=resnet8",
+       "device.compile=true", f"store={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}",
+       cwd=tmp_path)
+    assert read_report(sweep / "0")["student"]["mode"] == "cache"
+    assert read_report(sweep / "1")["student"]["mode"] == "online"
 
 
 def test_report_has_every_promised_field(sweep: Path) -> None:

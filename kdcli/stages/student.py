@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdcli import checkpoint, distributed
+from kdcli import checkpoint, distributed, engine
 from kdcli.data.loader import Batch
 from kdcli.data.transforms import ViewTable
 from kdcli.engine import no_teacher
@@ -82,15 +82,17 @@ class CachedTeacher:
 class OnlineTeacher:
     """The stored teacher, frozen, run on each batch; returns logits and tapped features."""
 
-    def __init__(self, teacher: dict[str, Any], layers: list[str]) -> None:
+    def __init__(self, teacher: dict[str, Any], layers: list[str], compile: bool = False) -> None:
         tctx = teacher["ctx"]
         model = load_weights(build_model(tctx, "teacher"), teacher["entry"].file("last.pt"))
         self.model = model.eval().requires_grad_(False)
         self.taps = FeatureTap(self.model, layers, role=f"teacher={tctx.choice('teacher')}")
+        # It runs on every step, like the student: compiled with it (device.compile=true).
+        self.forward = engine.compiled(self.model) if compile else self.model
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Outputs:
-        return Outputs(self.model(batch.images), self.taps.pop())
+        return Outputs(self.forward(batch.images), self.taps.pop())
 
 
 def mode_of(loss: DistillationLoss) -> str:
@@ -172,7 +174,8 @@ def run(ctx: Context, cache: dict[str, Any] | None, teachers: list[dict[str, Any
     check_teachers(ctx, mode, len(teachers))
     if mode == "online":
         inputs["teacher_weights"] = teachers[0]["meta"]["files"]["last.pt"]
-        source: Any = OnlineTeacher(teachers[0], list(loss.teacher_layers))
+        source: Any = OnlineTeacher(teachers[0], list(loss.teacher_layers),
+                                         compile=ctx.runtime.compile)
         log.info("student: online teacher (loss=%s reads teacher features %s)",
                  ctx.choice("loss"), ", ".join(loss.teacher_layers))
     elif mode == "cache":
