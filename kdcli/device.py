@@ -22,8 +22,11 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 DATA_PLACEMENTS = ("auto", "device", "host")
-# `device.data=auto` keeps a split on the GPU when it takes at most this share of its memory.
+# `device.data=auto` keeps a split (or a soft-label cache) on the GPU when it takes at most
+# this share of its memory and leaves at least KEEP_FREE of it free for the models: a
+# quarter each, at most half of the GPU for data, whatever is placed first.
 RESIDENT_SHARE = 0.25
+KEEP_FREE = 0.5
 
 
 @dataclass
@@ -65,13 +68,17 @@ class Runtime:
         if self.data == "device" or self.device.type != "cuda":
             return True
         total = torch.cuda.get_device_properties(self.device).total_memory
-        if nbytes <= RESIDENT_SHARE * total:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # What torch's allocator holds without using is free for this purpose.
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        if nbytes <= min(RESIDENT_SHARE * total, free - KEEP_FREE * total):
             return True
         if what not in self._told:
             self._told.add(what)
-            log.info("%s: %.1f GiB of images stay in host memory, batches are copied to the "
-                     "GPU as they are drawn (more than %d%% of its %.0f GiB; device.data=device "
-                     "to force)", what, nbytes / 2**30, RESIDENT_SHARE * 100, total / 2**30)
+            log.info("%s: %.1f GiB stay in host memory, batches are copied to the GPU as they "
+                     "are drawn (on the GPU it would take more than %d%% of its %.0f GiB, or "
+                     "leave less than %d%% free; device.data=device to force)", what,
+                     nbytes / 2**30, RESIDENT_SHARE * 100, total / 2**30, KEEP_FREE * 100)
         return False
 
     def describe(self) -> str:

@@ -169,9 +169,14 @@ class SoftLabels:
         """Dense float32 logits of every sample and view: (N, V, C)."""
         return torch.stack([self.all_logits(v) for v in range(self.views)], dim=1)
 
-    def lookup(self, device: torch.device) -> Lookup:
-        """The stored arrays as tensors on `device`, for per-batch lookups while training."""
-        return Lookup(self, torch.device(device))
+    def lookup(self, device: torch.device, resident: bool = True) -> Lookup:
+        """The stored arrays as tensors for per-batch lookups while training: copied to `device`
+        once (`resident`), or left in the memory-mapped file with each batch's rows copied."""
+        return Lookup(self, torch.device(device), resident)
+
+    @property
+    def data_nbytes(self) -> int:
+        return self.header["data_bytes"]
 
 
 class Lookup:
@@ -180,15 +185,21 @@ class Lookup:
     Nothing is widened up front: the float16 logits (or top-k values, indices and logsumexp)
     stay as stored, a batch's rows are gathered and turned into dense float32 logits then. On
     the CPU the tensors are views of the memory-mapped file (copy-on-write, so torch may hold
-    them; the pages are the page cache's, shared by every process reading the file); on a GPU
-    the stored arrays are copied there once, at their stored width.
+    them; the pages are the page cache's, shared by every process reading the file). On a GPU
+    the stored arrays are copied there once, at their stored width (`resident`), or, for a
+    cache too big to sit beside the model, stay in the file: each batch's rows are gathered
+    on the host (the caller passes host indices then) and copied from pinned memory without
+    waiting.
     """
 
-    def __init__(self, labels: SoftLabels, device: torch.device) -> None:
+    def __init__(self, labels: SoftLabels, device: torch.device, resident: bool = True) -> None:
         self.num_classes = labels.num_classes
         self.storage = labels.header["storage"]
+        self.device = device
+        self.resident = resident
         names = ("logits",) if self.storage == "full" else ("values", "indices", "logsumexp")
-        self.tensors = {name: torch.from_numpy(labels.arrays[name]).to(device) for name in names}
+        arrays = {name: torch.from_numpy(labels.arrays[name]) for name in names}
+        self.tensors = {n: t.to(device) for n, t in arrays.items()} if self.resident else arrays
 
     @property
     def nbytes(self) -> int:
@@ -196,12 +207,20 @@ class Lookup:
 
     def __call__(self, index: torch.Tensor | slice, view: torch.Tensor | int = 0
                  ) -> torch.Tensor:
-        """Dense float32 logits (B, C) of samples `index`, each at its `view`."""
-        t = self.tensors
+        """Dense float32 logits (B, C) of samples `index`, each at its `view` (on the host
+        when the lookup is not resident), on the lookup's device."""
+        rows = {name: self._rows(t[index, view]) for name, t in self.tensors.items()}
         if self.storage == "full":
-            return t["logits"][index, view].float()
-        return densify(t["values"][index, view].float(), t["indices"][index, view].long(),
-                       t["logsumexp"][index, view], self.num_classes)
+            return rows["logits"].float()
+        return densify(rows["values"].float(), rows["indices"].long(), rows["logsumexp"],
+                       self.num_classes)
+
+    def _rows(self, t: torch.Tensor) -> torch.Tensor:
+        if self.resident:
+            return t
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
 
 def densify(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int

@@ -443,7 +443,7 @@ def bench_precision(args, precision: str, base: Context, memory: bool
     cache = built["cache"]
 
     # (c) student from the cache, (d) student with the live teacher (kd's online mode)
-    cached = CachedTeacher(cache, runtime.device)
+    cached = CachedTeacher(cache, runtime)
     _, kd_student = kd_trainer(tctx, "student", build_loss(tctx), "optimizer", "scheduler",
                                epochs, teacher=cached)
     logits = cache_stage.open_split(cache, "train").all_logits()[:n_train]

@@ -125,13 +125,24 @@ def test_data_stays_on_the_host_when_it_would_crowd_the_gpu(monkeypatch, caplog)
     class Props:
         total_memory = 8 * 2**30
 
+    gib = 2**30
+    memory = {"free": 8 * gib, "reserved": 0, "allocated": 0}
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (memory["free"], 8 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: memory["reserved"])
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: memory["allocated"])
     gpu = device.Runtime(torch.device("cuda", 0), "bf16", True, False)
-    assert gpu.data_on_device(2 * 2**30)  # a quarter of the GPU: copied once
+    assert gpu.data_on_device(2 * gib)  # a quarter of the GPU: copied once
     with caplog.at_level("INFO", logger="kdcli.device"):
-        assert not gpu.data_on_device(3 * 2**30, "folder train")
-        assert not gpu.data_on_device(3 * 2**30, "folder train")
-    assert caplog.text.count("folder train: 3.0 GiB of images stay in host memory") == 1
+        assert not gpu.data_on_device(3 * gib, "folder train")
+        assert not gpu.data_on_device(3 * gib, "folder train")
+    assert caplog.text.count("folder train: 3.0 GiB stay in host memory") == 1
+    # What is already placed counts: with 5 GiB free, 2 GiB more would leave under half free,
+    # unless torch's allocator holds some of the used memory without using it.
+    memory["free"] = 5 * gib
+    assert gpu.data_on_device(gib) and not gpu.data_on_device(2 * gib, "soft-label cache")
+    memory.update(reserved=2 * gib, allocated=gib)
+    assert gpu.data_on_device(2 * gib)
     forced = device.Runtime(torch.device("cuda", 0), "bf16", True, False, data="device")
     assert forced.data_on_device(100 * 2**30)
     cpu = device.Runtime(torch.device("cpu"), "fp32", False, False)

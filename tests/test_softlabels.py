@@ -134,12 +134,14 @@ def test_file_is_memory_mapped(cache_file):
 
 
 
+@pytest.mark.parametrize("resident", [True, False], ids=["resident", "in-file"])
 @pytest.mark.parametrize("storage", ["full", "topk"])
-def test_lookup_matches_dense_logits_per_view(tmp_path, storage):
+def test_lookup_matches_dense_logits_per_view(tmp_path, storage, resident):
     logits = logits_of(9, 3, 150, seed=4)  # (N, V, C)
     softlabels.write(tmp_path / "l.kdsl", logits, storage=storage, topk=7)
     sl = softlabels.open(tmp_path / "l.kdsl")
-    lookup = sl.lookup(torch.device("cpu"))
+    lookup = sl.lookup(torch.device("cpu"), resident)
+    assert lookup.resident is resident
     index = torch.tensor([8, 0, 3, 3])
     view = torch.tensor([2, 0, 1, 2])
     want = torch.stack([sl.logits(index[i:i + 1], int(view[i]))[0] for i in range(4)])

@@ -71,11 +71,17 @@ def test_no_host_sync_inside_the_loop_on_cuda(precision, augment, resident, tmp_
     forward, loss on teacher logits looked up in a real soft-label cache, backward, optimizer,
     scheduler, bookkeeping) runs with CUDA's sync debug mode set to error: nothing in it waits
     for the GPU. Also with the image folders' RandomResizedCrop, and with the images in host
-    memory (device.data=host: each batch gathered there and copied from pinned memory)."""
+    memory (device.data=host: each batch gathered there and copied from pinned memory), and
+    then its soft labels looked up in the cache file by host indices."""
     device = torch.device("cuda")
     softlabels.write(tmp_path / "train.kdsl", torch.randn(64, 10))
-    lookup = softlabels.open(tmp_path / "train.kdsl").lookup(device)
-    step, loader = setup(device, precision, teacher=lambda b: Outputs(lookup(b.index)),
+    # With the images in host memory, the soft labels too (a cache too big for the GPU).
+    lookup = softlabels.open(tmp_path / "train.kdsl").lookup(device, resident)
+
+    def teacher(b):
+        return Outputs(lookup(b.index if resident else b.host_index))
+
+    step, loader = setup(device, precision, teacher=teacher,
                          loss=HintonKD(), augment=augment, resident=resident)
     engine.train_epoch(step, loader, 0)  # warm-up: cuDNN autotuning, allocator
     steps, calls = len(loader), 0

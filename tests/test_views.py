@@ -8,6 +8,7 @@ compare with what the cache serves.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -43,20 +44,25 @@ def _live(teacher: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         return teacher(images)
 
 
-def test_cached_logits_are_the_teachers_on_the_replayed_views(built) -> None:
+@pytest.mark.parametrize("data", ["auto", "host"])
+def test_cached_logits_are_the_teachers_on_the_replayed_views(built, data) -> None:
+    # data=host: the cache stays in its memory-mapped file (as on a GPU it would crowd) and
+    # each batch's rows are found by the host copies of its index and views.
     _, ctx, _, cache, teacher = built
-    served = CachedTeacher(cache, ctx.runtime.device)
+    served = CachedTeacher(cache, dataclasses.replace(ctx.runtime, data=data))
     assert served.views is not None and served.views.k == 3
+    assert served.lookup.resident == (data == "auto")
     loader = ctx.loader("train", 64, train=True, views=served.views)
     for epoch in (0, 1):  # shuffled, every sample one of its views
         for batch in loader.epoch(epoch):
-            torch.testing.assert_close(served(batch).logits, _live(teacher, batch.images),
+            asked = dataclasses.replace(batch, index=None, view=None) if data == "host" else batch
+            torch.testing.assert_close(served(asked).logits, _live(teacher, batch.images),
                                        atol=2e-2, rtol=2e-3)
 
 
 def test_views_differ_and_epochs_pick_different_views(built) -> None:
     _, ctx, _, cache, _ = built
-    served = CachedTeacher(cache, ctx.runtime.device)
+    served = CachedTeacher(cache, ctx.runtime)
     logits = served.lookup.tensors["logits"]
     assert not torch.allclose(logits[:, 0].float(), logits[:, 1].float())
     loader = ctx.loader("train", 512, train=True, views=served.views)
@@ -72,7 +78,7 @@ def test_naive_clean_cache_does_not_match_augmented_inputs(built) -> None:
     tmp, _, _, _, teacher = built
     ctx = _context(tmp, "cache.views=0")
     naive = cache_stage.run(ctx, teacher_stage.run_all(ctx))
-    served = CachedTeacher(naive, ctx.runtime.device)
+    served = CachedTeacher(naive, ctx.runtime)
     assert served.views is None
     batch = next(iter(ctx.loader("train", 256, train=True).epoch(0)))
     error = (served(batch).logits - _live(teacher, batch.images)).abs().max()

@@ -26,6 +26,10 @@ class Batch:
     images: torch.Tensor  # float, normalised, on the target device
     labels: torch.Tensor
     view: torch.Tensor | None = None  # which cached view each sample shows (view replay)
+    # The same two on the host: for lookups in host memory (a soft-label cache too big for the
+    # GPU) without a copy back from the device.
+    host_index: torch.Tensor | None = None
+    host_view: torch.Tensor | None = None
 
 
 class BatchLoader:
@@ -151,7 +155,9 @@ class BatchLoader:
             if params is not None:
                 images = self.augment.apply(images, _rows(params, rows_b))
             yield Batch(index, self.normalise(images), self.labels[index],
-                        None if chosen_all is None else chosen_all[rows_b])
+                        None if chosen_all is None else chosen_all[rows_b],
+                        host_index=order[rows_b],
+                        host_view=None if chosen is None else chosen[rows_b])
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 -> float, normalised, in the loader's memory format: one copy, then in place."""

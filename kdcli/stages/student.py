@@ -26,6 +26,7 @@ from torch import nn
 from kdcli import checkpoint, distributed, engine
 from kdcli.data.loader import Batch
 from kdcli.data.transforms import ViewTable
+from kdcli.device import Runtime
 from kdcli.engine import no_teacher
 from kdcli.errors import ConfigError
 from kdcli.losses.base import DistillationLoss, Outputs
@@ -69,14 +70,21 @@ class CachedTeacher:
     sample's logits are those of the very view it shows.
     """
 
-    def __init__(self, cache: dict[str, Any], device: torch.device) -> None:
+    def __init__(self, cache: dict[str, Any], runtime: Runtime) -> None:
         labels = cache_stage.open_split(cache, "train")
-        self.lookup = labels.lookup(device)
+        # Like the images: on a GPU unless it would crowd it (device.data), then looked up in
+        # the memory-mapped file a batch at a time.
+        resident = runtime.data_on_device(labels.data_nbytes, "soft-label cache")
+        self.lookup = labels.lookup(runtime.device, resident)
         has_views = "view_offsets" in labels.arrays
         self.views = ViewTable.from_arrays(labels.arrays) if has_views else None
 
     def __call__(self, batch: Batch) -> Outputs:
-        return Outputs(self.lookup(batch.index, 0 if batch.view is None else batch.view))
+        if self.lookup.resident:
+            index, view = batch.index, batch.view
+        else:
+            index, view = batch.host_index, batch.host_view
+        return Outputs(self.lookup(index, 0 if view is None else view))
 
 
 class OnlineTeacher:
@@ -182,7 +190,7 @@ def run(ctx: Context, cache: dict[str, Any] | None, teachers: list[dict[str, Any
         if cache is None:
             raise ValueError(f"loss={ctx.choice('loss')} reads the soft-label cache; pass it")
         inputs["cache"] = cache["entry"].key
-        source = CachedTeacher(cache, ctx.runtime.device)
+        source = CachedTeacher(cache, ctx.runtime)
         log.info("student: teacher logits from the soft-label cache (no teacher in memory)%s",
                  f", replaying {source.views.k} cached views per sample" if source.views else "")
     else:
