@@ -281,3 +281,24 @@ def test_users_own_model_by_target(finished: Path) -> None:
     kd("student", *SMOKE, "student._target_=usermodels.linear", f"store={finished / 'store'}",
        f"hydra.run.dir={finished / 'user'}", cwd=finished, env={"PYTHONPATH": str(finished)})
     assert (finished / "user" / "checkpoints" / "student" / "best.pt").exists()
+
+
+def test_a_run_into_an_earlier_runs_folder_sets_its_outputs_aside(tmp_path: Path) -> None:
+    # The second run here trains no baseline: the first run's baseline checkpoints and curve
+    # used to stay in the folder, and its learning curve went into the new report's plots.
+    run, store = tmp_path / "run", f"store={tmp_path / 'store'}"
+    first = [a for a in TINY if a != "baseline=false"] + ["baseline=true"]
+    kd("train", *first, store, f"hydra.run.dir={run}", cwd=tmp_path)
+    (run / "export").mkdir()
+    (run / "export" / "student.onnx").write_bytes(b"the first run's student")
+    old_report = (run / "report.json").read_text()
+    proc = kd("train", *TINY, store, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert read_report(run)["baseline"] is None
+    for stale in ("checkpoints/baseline", "metrics/baseline.csv", "export"):
+        assert not (run / stale).exists(), stale
+    assert (run / "checkpoints" / "student" / "last.pt").exists()
+    [earlier] = run.glob("earlier-*")
+    assert (earlier / "report.json").read_text() == old_report
+    assert (earlier / "export" / "student.onnx").read_bytes() == b"the first run's student"
+    assert (earlier / "checkpoints" / "baseline" / "last.pt").exists()
+    assert "held the outputs of an earlier run" in proc.stdout + proc.stderr

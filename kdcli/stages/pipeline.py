@@ -37,6 +37,7 @@ from kdcli.stages.common import (
     container,
     load_weights,
     publish,
+    set_aside_earlier_run,
 )
 
 log = logging.getLogger(__name__)
@@ -168,4 +169,5 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
 def main(cfg) -> float:
     """`kd train`: all stages; returns the student's top-1 for sweepers."""
     ctx = build_context(cfg)
+    distributed.on_main(lambda: set_aside_earlier_run(ctx.run_dir))
     return float(run(ctx)["student"]["top1"])
