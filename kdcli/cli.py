@@ -285,4 +285,8 @@ def record_failure(folder: Path, message: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m kdcli.cli` (as the tests run kd): run the module that kdcli.* imports, so that
+    # they and the jobs see one FAILED_JOBS, not this copy's.
+    from kdcli.cli import main as kd_main
+
+    kd_main()

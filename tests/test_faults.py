@@ -320,6 +320,21 @@ def test_disk_full_before_the_first_stage_is_one_line(tmp_path: Path) -> None:
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.parametrize("key, sweep", [("hydra.run.dir", []),
+                                        ("hydra.sweep.dir", ["-m", "loss.temperature=2,4"])])
+def test_output_folder_that_is_a_file_is_one_line(tmp_path: Path, key: str,
+                                                  sweep: list[str]) -> None:
+    # Hydra makes the run (sweep) folder itself, outside kd's jobs: it ended in its traceback.
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me\n")
+    proc = kd("train", *sweep, *NO_BASELINE, f"store={tmp_path / 'store'}", f"{key}={taken}",
+              cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: {key}={taken} is a file, not a folder\n"
+    assert taken.read_text() == "keep me\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
 @pytest.mark.parametrize("override, limit, failing", [
     # Teacher and cache reused; the student's first checkpoint (~100 KB) does not fit.
     ("loss.temperature=8", 50_000, r"student/tiny_cnn-[0-9a-f]{16}/best\.pt"),

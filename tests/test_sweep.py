@@ -50,6 +50,23 @@ def test_a_failed_trial_does_not_end_the_search(tmp_path: Path) -> None:
     assert "error: 1 job(s) of the sweep failed" in proc.stderr
 
 
+def test_a_search_where_every_trial_fails_ends_with_the_failed_jobs(tmp_path: Path) -> None:
+    # With no completed trial the plugin's request for the best one ended in optuna's
+    # "No trials are completed yet" traceback, after the trials had been run and reported.
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "multi"
+    proc = kd("train", "-m", "hydra/sweeper=kd_optuna", "hydra.sweeper.n_trials=2",
+              "loss.temperature=0", *TINY, f"store={tmp_path / 'store'}",
+              f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "error: 2 job(s) of the sweep failed" in proc.stderr
+    for job in ("0", "1"):
+        assert "loss.temperature must be > 0" in (sweep / job / "failed.json").read_text()
+    assert not (sweep / "optimization_results.yaml").exists()  # there is no best trial
+    assert (sweep / "summary.md").exists()  # the sweep's end ran: the failed jobs are listed
+
+
 def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     proc = kd("train", "hydra/launcher=kd_slurm", "hydra.launcher.partition=gpu",
