@@ -83,7 +83,9 @@ def usage() -> str:
     return USAGE.format(commands="\n".join(lines))
 
 
-# Jobs of this process's `-m` sweep that failed: (job folder, one-line error).
+# Jobs of this process's `-m` sweep: the folder of each that ran, and (folder, one-line error)
+# of each that failed.
+SWEEP_JOBS: list[str] = []
 FAILED_JOBS: list[tuple[str, str]] = []
 FAILED = "failed.json"  # written into a failed sweep job's folder
 
@@ -130,8 +132,10 @@ def dispatch() -> None:
         hydra_app(verb)()
     finally:  # also when the sweeper itself gives up (Optuna: every trial failed)
         if FAILED_JOBS:
-            sys.stderr.write(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed (the others "
-                             f"ran; each failed folder holds {FAILED}):\n")
+            failed, ran = len(FAILED_JOBS), max(len(SWEEP_JOBS), len(FAILED_JOBS))
+            others = "every one" if failed == ran else "the others ran"
+            sys.stderr.write(f"error: {failed} of {ran} job(s) of the sweep failed ({others}; "
+                             f"each failed folder holds {FAILED}):\n")
             sys.stderr.writelines(f"  {folder}: {message}\n" for folder, message in FAILED_JOBS)
     if FAILED_JOBS:
         sys.exit(1)
@@ -247,6 +251,8 @@ def run_command(verb: str, cfg):
 
     module = importlib.import_module(COMMANDS[verb][0])
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    if sweep:
+        SWEEP_JOBS.append(HydraConfig.get().runtime.output_dir)
     try:
         save_run_config(cfg)
         validate(cfg)  # wrong types, unknown keys, ??? values: before any work is done

@@ -70,7 +70,7 @@ def test_a_failed_job_does_not_end_the_sweep_and_is_listed(tmp_path: Path, capsy
     proc = kd("train", "-m", *TINY, "loss.temperature=0,4", f"store={tmp_path / 'store'}",
               f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
     assert proc.returncode == 1
-    assert "error: 1 job(s) of the sweep failed" in proc.stderr
+    assert "error: 1 of 2 job(s) of the sweep failed (the others ran" in proc.stderr
     assert f"{sweep / '0'}: loss=hinton: ValueError: loss.temperature must be > 0" in proc.stderr
     error = json.loads((sweep / "0" / "failed.json").read_text())["error"]
     assert "loss.temperature must be > 0, got 0" in error
