@@ -25,6 +25,7 @@ __all__ = [
     "count_flops",
     "count_params",
     "macro_f1",
+    "measure_latencies_ms",
     "measure_latency_ms",
     "model_size_bytes",
     "profile_model",
@@ -195,29 +196,52 @@ def measure_latency_ms(
             so a model times the same whether the run trained on the CPU, on a GPU or under
             torchrun (which starts each rank with one thread).
     """
+    return measure_latencies_ms([model], input_shape, warmup=warmup, iters=iters,
+                                device=device, threads=threads)[0]
+
+
+def measure_latencies_ms(
+    models: list[nn.Module],
+    input_shape: tuple[int, ...],
+    *,
+    warmup: int = 5,
+    iters: int = 30,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+) -> list[float]:
+    """:func:`measure_latency_ms` of several models, timed in turn: each iteration runs every
+    model once, the order rotating, so a machine whose speed drifts while they are timed (a
+    shared virtual machine, clocks settling after training: the same student read 0.8 and 2.3 ms
+    here minutes apart) moves them all alike, and their ratio (the report's latency speedup)
+    holds.
+    """
     if iters < 1:
         raise ValueError("iters must be >= 1")
     device = torch.device(device)
-    clone = copy.deepcopy(_unwrap(model)).to(device=device, dtype=torch.float32).eval()
+    clones = [copy.deepcopy(_unwrap(m)).to(device=device, dtype=torch.float32).eval()
+              for m in models]
     x = torch.zeros(1, *input_shape, device=device, dtype=torch.float32)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    times_ms: list[float] = []
+    times_ms: list[list[float]] = [[] for _ in clones]
     before = torch.get_num_threads()
     torch.set_num_threads(threads or latency_threads())
     try:
         with torch.inference_mode():
             for _ in range(warmup):
-                clone(x)
+                for clone in clones:
+                    clone(x)
             sync()
-            for _ in range(iters):
-                start = time.perf_counter()
-                clone(x)
-                sync()
-                times_ms.append((time.perf_counter() - start) * 1000.0)
+            for i in range(iters):
+                for k in range(len(clones)):
+                    j = (i + k) % len(clones)
+                    start = time.perf_counter()
+                    clones[j](x)
+                    sync()
+                    times_ms[j].append((time.perf_counter() - start) * 1000.0)
     finally:
         torch.set_num_threads(before)
-    return float(statistics.median(times_ms))
+    return [float(statistics.median(t)) for t in times_ms]
 
 
 def latency_threads() -> int:
@@ -228,21 +252,26 @@ def latency_threads() -> int:
 
 
 def profile_model(
-    model: nn.Module, input_shape: tuple[int, ...], **latency_kwargs: Any
+    model: nn.Module, input_shape: tuple[int, ...], latency: bool = True, **latency_kwargs: Any
 ) -> dict[str, float | int]:
     """Parameters, FLOPs, size and latency of a model for the report.
 
     Args:
         model: The model to profile; left unchanged.
         input_shape: One sample's shape without the batch dimension.
+        latency: Time it too (False: the caller times several models together with
+            :func:`measure_latencies_ms`).
         **latency_kwargs: Passed to :func:`measure_latency_ms` (``warmup``, ``iters``).
 
     Returns:
-        ``{"params", "flops", "size_bytes", "latency_ms"}``.
+        ``{"params", "flops", "size_bytes", "latency_ms"}`` (no ``latency_ms`` without
+        `latency`).
     """
-    return {
+    profile: dict[str, float | int] = {
         "params": count_params(model),
         "flops": count_flops(model, input_shape),
         "size_bytes": model_size_bytes(model),
-        "latency_ms": measure_latency_ms(model, input_shape, **latency_kwargs),
     }
+    if latency:
+        profile["latency_ms"] = measure_latency_ms(model, input_shape, **latency_kwargs)
+    return profile

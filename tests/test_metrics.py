@@ -11,6 +11,7 @@ from kdcli.metrics import (
     confusion_matrix,
     count_flops,
     count_params,
+    measure_latencies_ms,
     measure_latency_ms,
     model_size_bytes,
     profile_model,
@@ -161,3 +162,22 @@ def test_latency_is_timed_with_the_asked_threads_and_restores_the_count(monkeypa
     monkeypatch.setattr("kdcli.device.usable_cores", lambda: 3)
     measure_latency_ms(Probe(), (4,), warmup=0, iters=2)
     assert seen == [3, 3] and torch.get_num_threads() == before
+
+
+def test_several_models_are_timed_in_turn_with_the_order_rotating():
+    # Timed one after the other, a teacher and its student could see different machines (clock
+    # or neighbours changing between them), and the report's latency speedup with them.
+    calls = []
+
+    class Probe(nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x
+
+    ms = measure_latencies_ms([Probe("t"), Probe("s")], (4,), warmup=1, iters=3, threads=1)
+    assert len(ms) == 2 and all(m > 0 for m in ms)
+    assert calls == ["t", "s", "t", "s", "s", "t", "t", "s"]  # warm-up, then rotating turns

@@ -22,6 +22,7 @@ from kdcli.metrics import (
     classification_metrics,
     confusion_matrix,
     latency_threads,
+    measure_latencies_ms,
     profile_model,
 )
 from kdcli.report import compression, write_report
@@ -79,14 +80,23 @@ def _test_logits(result: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _model_block(ctx: Context, role: str, result: dict[str, Any], teacher_logits=None
-                 ) -> dict[str, Any]:
+                 ) -> tuple[dict[str, Any], torch.nn.Module]:
+    """Metrics and costs of one model but its latency (`_time_together`), and the model."""
     logits, labels = _test_logits(result)
     block = {"name": ctx.choice(role), **classification_metrics(logits, labels, teacher_logits),
              "train_time_s": result["meta"]["train_time_s"], "status": result["status"]}
     model = load_weights(build_model(ctx, role), result["entry"].file("last.pt"))
-    block.update(profile_model(model.float().to(memory_format=torch.contiguous_format),
-                               ctx.dataset.image_shape))
-    return block
+    model = model.float().to(memory_format=torch.contiguous_format)
+    block.update(profile_model(model, ctx.dataset.image_shape, latency=False))
+    return block, model
+
+
+def _time_together(ctx: Context, blocks: list[dict[str, Any]], models: list[torch.nn.Module]
+                   ) -> None:
+    """Sets each block's `latency_ms`, the models timed in turn (so their ratio holds)."""
+    for block, ms in zip(blocks, measure_latencies_ms(models, ctx.dataset.image_shape),
+                         strict=True):
+        block["latency_ms"] = ms
 
 
 def _ensemble_block(blocks: list[dict[str, Any]], logits: torch.Tensor, labels: torch.Tensor
@@ -103,18 +113,26 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
                  pretrained: dict | None, student: dict, baseline: dict | None,
                  wall_time_s: float) -> dict[str, Any]:
     """`cache` is None when the student's loss reads no cached logits (stage "not needed")."""
-    teacher_blocks = [_model_block(t["ctx"], "teacher", t) for t in teachers]
+    teacher_blocks, models = [], []
+    for t in teachers:
+        block, model = _model_block(t["ctx"], "teacher", t)
+        teacher_blocks.append(block)
+        models.append(model)
     member_logits = [_test_logits(t)[0] for t in teachers]
     labels = _test_logits(teachers[0])[1]
     if len(teachers) == 1:
-        t_logits, t_block = member_logits[0], teacher_blocks[0]
+        t_logits = member_logits[0]
     else:
         weights = (cache["meta"]["weights"] if cache is not None
                    else cache_stage.combine_weights(ctx, len(teachers)))
         t_logits = cache_stage.ensemble(member_logits, weights)
-        t_block = _ensemble_block(teacher_blocks, t_logits, labels)
+    student_block, student_model = _model_block(ctx, "student", student, t_logits)
+    _time_together(ctx, [*teacher_blocks, student_block], [*models, student_model])
+    del models, student_model
+    t_block = (teacher_blocks[0] if len(teachers) == 1
+               else _ensemble_block(teacher_blocks, t_logits, labels))
     init = student["meta"].get("init") or {}
-    s_block = {**_model_block(ctx, "student", student, t_logits), "mode": student["mode"],
+    s_block = {**student_block, "mode": student["mode"],
                "init": student["entry"].inputs["init"],
                "init_copied": len(init.get("copied", [])),
                "init_skipped": init.get("skipped", [])}
