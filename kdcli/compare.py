@@ -52,6 +52,9 @@ MISSING = "-"  # an override one run has and another has not
 _DASH = "—"  # a metric a run did not produce (e.g. baseline=false)
 # Folders that never hold runs: the content-addressed store, and hidden ones (.hydra, .git).
 _SKIP_DIRS = {"store", "kd-store"}
+# Where a run started in an earlier run's folder moved that run's outputs
+# (stages.common.set_aside_earlier_run): not a run of the sweep being compared.
+_EARLIER = "earlier-"
 
 
 class NoRunsFound(KDError):
@@ -165,7 +168,7 @@ def _runs_under(root: Path) -> list[Path]:
             runs.append(Path(dirpath))
             dirnames[:] = []  # a run's own folders hold no other runs
             continue
-        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith((".", _EARLIER))
                               and d not in _SKIP_DIRS), key=_natural)
     return runs
 
@@ -411,6 +414,7 @@ class SummaryCallback(Callback):
                         and distributed.holds_only_hydra_files(sweep_dir, ("multirun.yaml",))):
                     shutil.rmtree(sweep_dir, ignore_errors=True)
                 return
+        note_failures_of_other_processes(sweep_dir)
         try:
             summarize([sweep_dir], out_dir=sweep_dir)
         except NoRunsFound:
@@ -418,3 +422,23 @@ class SummaryCallback(Callback):
             log.info("No %s under %s: no sweep summary written", REPORT, sweep_dir)
         except Exception as exc:  # noqa: BLE001 - a summary must never fail a finished sweep
             log.warning("Could not write the sweep summary in %s: %s", sweep_dir, exc)
+
+
+def note_failures_of_other_processes(sweep_dir: Path) -> None:
+    """Adds the sweep's jobs that ran in other processes (a Slurm or local submitit launcher)
+    to `cli.SWEEP_JOBS` / `cli.FAILED_JOBS`, from their folders: only jobs run in this process
+    were counted, so a sweep whose failed jobs ran elsewhere ended with exit code 0."""
+    from kdcli import cli
+
+    try:
+        runs = find_runs([sweep_dir])
+    except KDError:
+        return
+    counted = {Path(folder).resolve() for folder in cli.SWEEP_JOBS}
+    failed = {Path(folder).resolve() for folder, _ in cli.FAILED_JOBS}
+    for run in runs:
+        if run not in counted and run not in failed:
+            cli.SWEEP_JOBS.append(str(run))
+            error = _read_failure(run)
+            if error is not None:
+                cli.FAILED_JOBS.append((str(run), error))

@@ -187,3 +187,12 @@ def test_callback_never_fails_the_sweep(tmp_path: Path, caplog: pytest.LogCaptur
         callback.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
     assert "Could not write the sweep summary" in caplog.text  # the missing folder
     assert not (tmp_path / "empty" / "summary.csv").exists()
+
+
+def test_outputs_set_aside_by_a_later_run_are_not_runs_of_the_sweep(tmp_path: Path) -> None:
+    # A job folder whose new run has not finished holds only the earlier run's outputs, moved
+    # into earlier-<time>/: comparing the sweep must not list them as one of its jobs.
+    for folder in ("multi/0/earlier-20261124-010203", "multi/1"):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "report.json").write_text("{}")
+    assert compare.find_runs([tmp_path / "multi"]) == [(tmp_path / "multi" / "1").resolve()]

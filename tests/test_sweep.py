@@ -75,3 +75,17 @@ def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
     assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
     assert launcher["partition"] == "gpu" and launcher["gpus_per_node"] == 1
     assert launcher["timeout_min"] == 240
+
+
+def test_a_job_failed_under_the_submitit_launcher_fails_the_sweep(tmp_path: Path) -> None:
+    # Jobs launched in other processes (Slurm, or submitit_local here) record their failures
+    # only in their folders: the sweep used to end with exit code 0 and no failed-jobs list.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "multi"
+    proc = kd("train", "-m", "hydra/launcher=submitit_local", "loss.temperature=0,4", *TINY,
+              f"store={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+              check=False)
+    assert proc.returncode == 1
+    assert "error: 1 of 2 job(s) of the sweep failed (the others ran" in proc.stderr
+    assert f"{sweep / '0'}: loss=hinton: ValueError: loss.temperature must be > 0" in proc.stderr
+    assert read_report(sweep / "1")["config"]["loss"]["temperature"] == 4
