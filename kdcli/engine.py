@@ -16,6 +16,7 @@ import functools
 import io
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +127,11 @@ class TrainStep:
         self.model, self.loss_fn, self.teacher = model, loss_fn, teacher
         self.optimizer, self.scheduler, self.runtime = optimizer, scheduler, runtime
         self.scaler = scaler if scaler is not None else runtime.grad_scaler()
+        if self.scaler.is_enabled():
+            # fp16: the scaler skips the first optimizer step(s) while it finds its scale, and
+            # the scheduler's first step then warns of a wrong call order that is not one.
+            warnings.filterwarnings("ignore", category=UserWarning,
+                                    message=r"Detected call of `lr_scheduler\.step\(\)` before")
         net = distributed.wrap(model, runtime.device)  # DDP averages gradients in backward
         net = compiled(net) if runtime.compile else net
         if student_taps is None:

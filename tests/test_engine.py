@@ -96,3 +96,18 @@ def test_compiled_model_keeps_its_feature_taps_after_a_hookless_compile_of_its_c
         plain(x)
         assert taps.pop() == {}
     torch._dynamo.reset()
+
+
+def test_fp16_skipped_first_step_does_not_warn_of_the_scheduler_order():
+    # The GradScaler skips an optimizer step whose gradients overflowed (the first ones, while
+    # it finds its scale); torch's scheduler then warned every fp16 run of a wrong call order.
+    import warnings
+
+    step, loader = setup(torch.device("cpu"), "fp16")
+    with torch.no_grad():
+        next(step.model.parameters()).fill_(float("inf"))  # this step's gradients overflow
+    scale = step.scaler.get_scale()
+    with warnings.catch_warnings(record=True) as seen:
+        step(next(iter(loader.epoch(0))))
+    assert step.scaler.get_scale() < scale  # the optimizer step was skipped
+    assert not [w for w in seen if "lr_scheduler.step()" in str(w.message)]
