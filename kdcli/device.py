@@ -22,6 +22,9 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 DATA_PLACEMENTS = ("auto", "device", "host")
+# `device.compile`: true = torch.compile's default mode; or a mode by name. reduce-overhead
+# replays CUDA graphs: for small models on a GPU, where launching kernels takes the time.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # `device.data=auto` keeps a split (or a soft-label cache) on the GPU when it takes at most
 # this share of its memory and leaves at least KEEP_FREE of it free for the models: a
 # quarter each, at most half of the GPU for data, whatever is placed first.
@@ -36,6 +39,7 @@ class Runtime:
     channels_last: bool
     compile: bool
     data: str = "auto"  # where training images live: auto, device or host
+    compile_mode: str = "default"  # torch.compile's mode, when `compile`
     _told: set = field(default_factory=set, repr=False, compare=False)
 
     @property
@@ -145,7 +149,18 @@ def resolve(cfg) -> Runtime:
     if data not in DATA_PLACEMENTS:
         raise ConfigError(f"device.data={data!r} is not valid; choose one of "
                           f"{', '.join(DATA_PLACEMENTS)}")
-    return Runtime(device, precision, bool(channels_last), bool(cfg.get("compile", False)), data)
+    compiles, mode = compile_setting(cfg.get("compile", False))
+    return Runtime(device, precision, bool(channels_last), compiles, data, mode)
+
+
+def compile_setting(value) -> tuple[bool, str]:
+    """`device.compile` (false, true or a mode name) as (compile, torch.compile mode)."""
+    if isinstance(value, bool):
+        return value, "default"
+    if value in COMPILE_MODES:
+        return True, str(value)
+    raise ConfigError(f"device.compile={value!r} is not valid; choose true, false or a "
+                      f"torch.compile mode: {', '.join(COMPILE_MODES)}")
 
 
 def usable_cores() -> int:

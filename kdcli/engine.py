@@ -42,8 +42,9 @@ def no_teacher(batch: Batch) -> None:
     return None
 
 
-def compiled(module: nn.Module) -> nn.Module:
-    """`torch.compile(module)`, with compiled code that checks the module's forward hooks.
+def compiled(module: nn.Module, mode: str = "default") -> nn.Module:
+    """`torch.compile(module, mode=mode)`, with compiled code that checks the module's forward
+    hooks.
 
     By default dynamo does not guard on hooks when it reuses compiled code, and the CIFAR
     ResNets (teacher and student) share one class: a model compiled earlier in the process
@@ -55,7 +56,7 @@ def compiled(module: nn.Module) -> nn.Module:
     if getattr(config, "skip_nnmodule_hook_guards", False):
         config.skip_nnmodule_hook_guards = False
         torch._dynamo.reset()
-    return torch.compile(module)
+    return torch.compile(module, mode=mode)
 
 
 @dataclass
@@ -133,7 +134,7 @@ class TrainStep:
             warnings.filterwarnings("ignore", category=UserWarning,
                                     message=r"Detected call of `lr_scheduler\.step\(\)` before")
         net = distributed.wrap(model, runtime.device)  # DDP averages gradients in backward
-        net = compiled(net) if runtime.compile else net
+        net = compiled(net, runtime.compile_mode) if runtime.compile else net
         if student_taps is None:
             self.forward = lambda images: Outputs(net(images))
         else:
@@ -299,7 +300,8 @@ def fit(
     step = TrainStep(model=model, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
                      runtime=runtime, teacher=teacher, student_taps=student_taps, scaler=scaler)
     if runtime.compile:
-        log.info("%s: torch.compile on (the first steps wait for the compiler)", label)
+        log.info("%s: torch.compile on, mode %s (the first steps wait for the compiler)", label,
+                 runtime.compile_mode)
     if distributed.active():
         world = distributed.world_size()
         log.info("%s: data parallel over %d ranks, %d images per rank and step (global batch "

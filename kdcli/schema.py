@@ -139,7 +139,7 @@ class Device:
     index: int = at_least(0)
     precision: str
     channels_last: bool | str  # true, false or auto
-    compile: bool
+    compile: bool | str  # false, true, or a torch.compile mode (device.COMPILE_MODES)
     threads: int | None = at_least(1)  # null = one per usable core
     data: str  # auto, device or host
 

@@ -19,6 +19,7 @@ Rows (per precision):
     python scripts/bench_speed.py                          # resnet56 -> resnet20, CIFAR-10 pack
     python scripts/bench_speed.py --subset                 # embedded 5k/1k subset, no download
     python scripts/bench_speed.py --device cuda --precision bf16 --steps 50 --compile
+    python scripts/bench_speed.py --device cuda --precision bf16 --compile reduce-overhead
 
 Default settings take about 8 minutes on a quiet 2-core CPU (fp32 and bf16); `--steps` and
 `--rounds` scale it. Prints one Markdown table and writes it with the raw figures (every round,
@@ -101,12 +102,13 @@ class PlainTrain:
     def __init__(self, model: torch.nn.Module, split: Split, *, batch: int, device: torch.device,
                  precision: str, channels_last: bool, mean, std, lr: float = 0.05,
                  teacher_logits: torch.Tensor | None = None, temperature: float = 4.0,
-                 ce_weight: float = 1.0, kd_weight: float = 0.9, compile: bool = False) -> None:
+                 ce_weight: float = 1.0, kd_weight: float = 0.9,
+                 compile: str | None = None) -> None:
         self.device, self.batch = device, batch
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.fmt).train()
-        if compile:  # like for like with kd's device.compile=true
-            self.model = torch.compile(self.model)
+        if compile:  # like for like with kd's device.compile=<mode>
+            self.model = torch.compile(self.model, mode=compile)
         self.padded = F.pad(split.images.to(device), (4, 4, 4, 4))  # padded once, up front
         self.labels = split.labels.to(device)
         self.teacher = None if teacher_logits is None else teacher_logits.to(device)
@@ -217,11 +219,11 @@ class PlainInference:
     """Raw teacher inference: the teacher over uint8 batches, normalised, logits kept."""
 
     def __init__(self, model, splits: list[Split], *, batch: int, device, precision,
-                 channels_last, mean, std, compile: bool = False) -> None:
+                 channels_last, mean, std, compile: str | None = None) -> None:
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.fmt).eval()
         if compile:
-            self.model = torch.compile(self.model)
+            self.model = torch.compile(self.model, mode=compile)
         self.images = [s.images.to(device) for s in splits]
         self.batch, self.device = batch, device
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
@@ -329,7 +331,7 @@ def compose(args: argparse.Namespace, precision: str, extra: list[str]):
     overrides = [
         *data, f"teacher={args.teacher}", f"student={args.student}", f"device={args.device}",
         f"device.precision={precision}", "device.channels_last=auto",
-        f"device.compile={str(args.compile).lower()}", f"seed={args.seed}",
+        f"device.compile={args.compile or 'false'}", f"seed={args.seed}",
         f"trainer.teacher.batch_size={args.batch}", f"trainer.student.batch_size={args.batch}",
         f"cache.batch_size={args.cache_batch}", f"store={args.store}", *extra,
     ]
@@ -455,7 +457,8 @@ def bench_precision(args, precision: str, base: Context, memory: bool
     octx = tctx.variant(compose(args, precision, online_overrides(tctx)), {})
     online_loss = build_loss(octx)
     live = OnlineTeacher(teachers[0], list(online_loss.teacher_layers),
-                         compile=octx.runtime.compile)
+                         compile=octx.runtime.compile,
+                         compile_mode=octx.runtime.compile_mode)
     _, kd_online = kd_trainer(octx, "student", online_loss, "optimizer", "scheduler", epochs,
                               teacher=live, features=True)
     student_sections = {"kd student (cache)": kd_student,
@@ -618,8 +621,9 @@ def main() -> None:
     ap.add_argument("--cache-batch", type=int, default=256)
     ap.add_argument("--tv-workers", type=int, default=2,
                     help="DataLoader workers of the torchvision row (-1: skip the row)")
-    ap.add_argument("--compile", action="store_true",
-                    help="torch.compile kd's model (device.compile=true) and the references'")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                    help="torch.compile kd's models (device.compile=MODE) and the references', "
+                         "in torch.compile's MODE (default; reduce-overhead: CUDA graphs)")
     ap.add_argument("--threads", type=int, default=None, help="default: one per usable core")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-memory", action="store_true",

@@ -238,3 +238,31 @@ def test_deterministic_after_cuda_started_warns_about_cublas(monkeypatch, caplog
         assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in caplog.text
     finally:
         torch.use_deterministic_algorithms(saved)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (False, (False, "default")), (True, (True, "default")),
+    ("reduce-overhead", (True, "reduce-overhead")), ("max-autotune", (True, "max-autotune")),
+])
+def test_compile_takes_true_false_or_a_torch_compile_mode(value, expected):
+    rt = device.resolve(cfg(compile=value))
+    assert (rt.compile, rt.compile_mode) == expected
+
+
+def test_unknown_compile_mode_is_named_with_the_choices():
+    with pytest.raises(ConfigError, match=r"device.compile='fast'.*reduce-overhead"):
+        device.resolve(cfg(compile="fast"))
+
+
+def test_the_training_step_compiles_in_the_asked_mode(monkeypatch):
+    from kdcli import engine
+    from kdcli.losses.ce import CrossEntropy
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: seen.append(mode) or module)
+    rt = device.resolve(cfg(compile="reduce-overhead"))
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine.TrainStep(model=model, loss_fn=CrossEntropy(), optimizer=opt,
+                     scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), runtime=rt)
+    assert seen == ["reduce-overhead"]
