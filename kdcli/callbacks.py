@@ -82,6 +82,11 @@ def without_best_trial_error(sweep):
         try:
             return sweep(self, arguments)
         except ValueError:
+            config = getattr(self.sweeper, "config", None)
+            if config is not None:  # jobs run in other processes (a submitit launcher)
+                from kdcli.compare import note_failures_of_other_processes
+
+                note_failures_of_other_processes(config)
             launched = getattr(self.sweeper, "job_idx", 0)  # jobs the plugin has started
             if not launched or len(FAILED_JOBS) != launched:
                 raise

@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from kdcli.runfolder import FAILED, set_aside_earlier_run
+
 COMMANDS = {
     "train": ("kdcli.stages.pipeline", "all stages: teacher -> soft-label cache -> student"),
     "teacher": ("kdcli.stages.teacher", "stage 1: train (or reuse) the teacher"),
@@ -83,11 +85,12 @@ def usage() -> str:
     return USAGE.format(commands="\n".join(lines))
 
 
+# Verbs that train, so that an earlier run in their folder is set aside first (runfolder).
+SETS_ASIDE = ("train", "teacher", "student")
 # Jobs of this process's `-m` sweep: the folder of each that ran, and (folder, one-line error)
 # of each that failed.
 SWEEP_JOBS: list[str] = []
 FAILED_JOBS: list[tuple[str, str]] = []
-FAILED = "failed.json"  # written into a failed sweep job's folder
 
 
 def main() -> None:
@@ -251,10 +254,15 @@ def run_command(verb: str, cfg):
 
     module = importlib.import_module(COMMANDS[verb][0])
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    # Under torchrun the first rank alone writes the folder (the process group is not up yet).
+    first = os.environ.get("RANK", "0") == "0"
     if sweep:
         SWEEP_JOBS.append(HydraConfig.get().runtime.output_dir)
     try:
-        save_run_config(cfg)
+        if first and verb in SETS_ASIDE:
+            set_aside_earlier_run(Path(HydraConfig.get().runtime.output_dir))
+        if first:
+            save_run_config(cfg)
         validate(cfg)  # wrong types, unknown keys, ??? values: before any work is done
         return module.main(cfg)
     except KDError as exc:

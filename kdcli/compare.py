@@ -30,15 +30,15 @@ from typing import Any
 
 import yaml
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
 from kdcli import distributed
 from kdcli.checkpoint import atomic_write_text
-from kdcli.cli import FAILED
 from kdcli.errors import KDError
 from kdcli.report import _duration, format_count
+from kdcli.runfolder import EARLIER, FAILED
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,6 @@ MISSING = "-"  # an override one run has and another has not
 _DASH = "—"  # a metric a run did not produce (e.g. baseline=false)
 # Folders that never hold runs: the content-addressed store, and hidden ones (.hydra, .git).
 _SKIP_DIRS = {"store", "kd-store"}
-# Where a run started in an earlier run's folder moved that run's outputs
-# (stages.common.set_aside_earlier_run): not a run of the sweep being compared.
-_EARLIER = "earlier-"
 
 
 class NoRunsFound(KDError):
@@ -168,8 +165,10 @@ def _runs_under(root: Path) -> list[Path]:
             runs.append(Path(dirpath))
             dirnames[:] = []  # a run's own folders hold no other runs
             continue
-        dirnames[:] = sorted((d for d in dirnames if not d.startswith((".", _EARLIER))
-                              and d not in _SKIP_DIRS), key=_natural)
+        # earlier-<time>/: an earlier run set aside by a later one (kdcli.runfolder).
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")
+                              and d not in _SKIP_DIRS and not EARLIER.fullmatch(d)),
+                             key=_natural)
     return runs
 
 
@@ -224,8 +223,11 @@ def _read_report(run: Path) -> dict[str, Any] | None:
 
 
 def _read_failure(run: Path) -> str | None:
-    """The error of a failed sweep job (its failed.json), None for a finished run."""
-    if (run / REPORT).is_file() or not (run / FAILED).is_file():
+    """The error of a failed sweep job (its failed.json), None for a finished run (a report
+    newer than any failed.json)."""
+    failed, report = run / FAILED, run / REPORT
+    if not failed.is_file() or (report.is_file()
+                                and report.stat().st_mtime > failed.stat().st_mtime):
         return None
     try:
         return str(json.loads((run / FAILED).read_text())["error"])
@@ -414,9 +416,13 @@ class SummaryCallback(Callback):
                         and distributed.holds_only_hydra_files(sweep_dir, ("multirun.yaml",))):
                     shutil.rmtree(sweep_dir, ignore_errors=True)
                 return
-        note_failures_of_other_processes(sweep_dir)
+        note_failures_of_other_processes(config)
+        from kdcli.cli import SWEEP_JOBS
+
+        # This sweep's jobs only: not the folders an earlier, larger sweep left there.
+        jobs = [Path(job) for job in SWEEP_JOBS if Path(job).exists()] or [sweep_dir]
         try:
-            summarize([sweep_dir], out_dir=sweep_dir)
+            summarize(jobs, out_dir=sweep_dir)
         except NoRunsFound:
             # Only `kd train` writes report.json; a `kd teacher -m` sweep has nothing to compare.
             log.info("No %s under %s: no sweep summary written", REPORT, sweep_dir)
@@ -424,21 +430,41 @@ class SummaryCallback(Callback):
             log.warning("Could not write the sweep summary in %s: %s", sweep_dir, exc)
 
 
-def note_failures_of_other_processes(sweep_dir: Path) -> None:
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
+def note_failures_of_other_processes(config: DictConfig) -> None:
     """Adds the sweep's jobs that ran in other processes (a Slurm or local submitit launcher)
-    to `cli.SWEEP_JOBS` / `cli.FAILED_JOBS`, from their folders: only jobs run in this process
-    were counted, so a sweep whose failed jobs ran elsewhere ended with exit code 0."""
+    to `cli.SWEEP_JOBS` / `cli.FAILED_JOBS`, from their folders: a job writes `.hydra/` when
+    it starts and `failed.json` when it fails. Only folders started by this sweep count (after
+    its `multirun.yaml`), not the job folders an earlier, larger sweep left there. With Hydra's
+    own launcher every job ran in this process and was counted already."""
     from kdcli import cli
 
-    try:
-        runs = find_runs([sweep_dir])
-    except KDError:
+    if OmegaConf.select(config, "hydra.launcher._target_") == BASIC_LAUNCHER:
         return
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    started = sweep_dir / "multirun.yaml"
+    since = started.stat().st_mtime - 2 if started.is_file() else 0.0  # 2 s: clock grain
     counted = {Path(folder).resolve() for folder in cli.SWEEP_JOBS}
-    failed = {Path(folder).resolve() for folder, _ in cli.FAILED_JOBS}
-    for run in runs:
-        if run not in counted and run not in failed:
-            cli.SWEEP_JOBS.append(str(run))
-            error = _read_failure(run)
-            if error is not None:
-                cli.FAILED_JOBS.append((str(run), error))
+    counted |= {Path(folder).resolve() for folder, _ in cli.FAILED_JOBS}
+    for job in _job_folders(sweep_dir):
+        overrides = job / ".hydra" / "overrides.yaml"
+        if job.resolve() in counted or overrides.stat().st_mtime < since:
+            continue
+        cli.SWEEP_JOBS.append(str(job))
+        if (job / FAILED).is_file():
+            cli.FAILED_JOBS.append((str(job), _read_failure(job) or "failed"))
+
+
+def _job_folders(sweep_dir: Path) -> list[Path]:
+    """Folders under `sweep_dir` where a job started (they hold `.hydra/overrides.yaml`)."""
+    jobs = []
+    for dirpath, dirnames, _ in os.walk(sweep_dir):
+        if (Path(dirpath) / ".hydra" / "overrides.yaml").is_file() and Path(dirpath) != sweep_dir:
+            jobs.append(Path(dirpath))
+            dirnames[:] = []
+            continue
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")
+                              and not EARLIER.fullmatch(d)), key=_natural)
+    return jobs

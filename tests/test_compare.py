@@ -192,7 +192,9 @@ def test_callback_never_fails_the_sweep(tmp_path: Path, caplog: pytest.LogCaptur
 def test_outputs_set_aside_by_a_later_run_are_not_runs_of_the_sweep(tmp_path: Path) -> None:
     # A job folder whose new run has not finished holds only the earlier run's outputs, moved
     # into earlier-<time>/: comparing the sweep must not list them as one of its jobs.
-    for folder in ("multi/0/earlier-20261124-010203", "multi/1"):
+    for folder in ("multi/0/earlier-20261124-010203", "multi/1", "multi/earlier-baseline"):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "report.json").write_text("{}")
-    assert compare.find_runs([tmp_path / "multi"]) == [(tmp_path / "multi" / "1").resolve()]
+    multi = tmp_path / "multi"
+    assert compare.find_runs([multi]) == [(multi / "1").resolve(),
+                                          (multi / "earlier-baseline").resolve()]  # a user's

@@ -301,4 +301,35 @@ def test_a_run_into_an_earlier_runs_folder_sets_its_outputs_aside(tmp_path: Path
     assert (earlier / "report.json").read_text() == old_report
     assert (earlier / "export" / "student.onnx").read_bytes() == b"the first run's student"
     assert (earlier / "checkpoints" / "baseline" / "last.pt").exists()
+    # Its config went with it (kd export reads it); the folder's own is the new run's.
+    assert "baseline=true" in (earlier / ".hydra" / "overrides.yaml").read_text()
+    assert "baseline=true" not in (run / ".hydra" / "overrides.yaml").read_text()
     assert "held the outputs of an earlier run" in proc.stdout + proc.stderr
+
+
+def test_stages_run_one_by_one_into_one_folder_keep_each_others_outputs(tmp_path: Path) -> None:
+    run, store = tmp_path / "run", f"store={tmp_path / 'store'}"
+    kd("teacher", *TINY, store, f"hydra.run.dir={run}", cwd=tmp_path)
+    kd("cache", *TINY, store, f"hydra.run.dir={run}", cwd=tmp_path)
+    kd("student", *TINY, store, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert (run / "checkpoints" / "teacher" / "last.pt").exists()
+    assert (run / "checkpoints" / "student" / "last.pt").exists()
+    assert not list(run.glob("earlier-*"))
+
+
+def test_a_sweep_run_again_into_its_folder_counts_and_lists_only_its_own_jobs(
+        tmp_path: Path) -> None:
+    # The first sweep's job 2 failed and its job 1 finished; the second sweep has two jobs and
+    # its job 1 fails. It used to count the first sweep's folders (3 jobs), and list job 1 in
+    # the summary with the metrics of the run before it.
+    sweep, store = tmp_path / "multi", f"store={tmp_path / 'store'}"
+    kd("train", "-m", *TINY, "loss.temperature=4,8,0", store, f"hydra.sweep.dir={sweep}",
+       cwd=tmp_path, check=False)
+    proc = kd("train", "-m", *TINY, "loss.temperature=4,0", store, f"hydra.sweep.dir={sweep}",
+              cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "error: 1 of 2 job(s) of the sweep failed" in proc.stderr
+    assert (sweep / "1" / "failed.json").exists() and not (sweep / "1" / "report.json").exists()
+    rows = {r["run"]: r for r in csv.DictReader((sweep / "summary.csv").open())}
+    assert set(rows) == {"0", "1"}
+    assert "temperature must be > 0" in rows["1"]["error"] and not rows["0"]["error"]

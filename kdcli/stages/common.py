@@ -468,35 +468,6 @@ def setup_feature_loss(ctx: Context, model: nn.Module, loss_fn: DistillationLoss
     return taps
 
 
-# What a training command writes into its run folder (Hydra's .hydra/ and the log aside).
-RUN_OUTPUTS = ("checkpoints", "metrics", "plots", "tensorboard", "report.json", "report.md",
-               "export", "failed.json")
-
-
-def set_aside_earlier_run(run_dir: Path) -> Path | None:
-    """Moves what an earlier run left in `run_dir` into `run_dir/earlier-<time>/`.
-
-    A run started in a folder that already holds one (`hydra.run.dir=` given twice, a sweep
-    run again into its folder) would otherwise mix the two: the earlier baseline's checkpoints
-    and learning curve in the new report, an export of a student that is no longer the one
-    trained. Nothing is deleted: the checkpoints are links into the store anyway, and the rest
-    stays readable where it was moved. Returns the folder it went to, None if there was none.
-    """
-    found = [run_dir / name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    if not found:
-        return None
-    newest = max(p.stat().st_mtime for p in found)
-    dest = run_dir / f"earlier-{time.strftime('%Y%m%d-%H%M%S', time.localtime(newest))}"
-    while dest.exists():
-        dest = dest.with_name(dest.name + "+")
-    dest.mkdir()
-    for path in found:
-        path.rename(dest / path.name)
-    log.warning("%s held the outputs of an earlier run (%s): moved to %s", run_dir,
-                ", ".join(p.name for p in found), dest)
-    return dest
-
-
 def publish(entry: Entry, run_dir: Path, stage: str, files: tuple[str, ...] = ("best.pt",
             "last.pt")) -> None:
     """Links a store entry's checkpoints and metrics into the run folder (copy if no links)."""

@@ -38,7 +38,6 @@ from kdcli.stages.common import (
     container,
     load_weights,
     publish,
-    set_aside_earlier_run,
 )
 
 log = logging.getLogger(__name__)
@@ -187,5 +186,4 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
 def main(cfg) -> float:
     """`kd train`: all stages; returns the student's top-1 for sweepers."""
     ctx = build_context(cfg)
-    distributed.on_main(lambda: set_aside_earlier_run(ctx.run_dir))
     return float(run(ctx)["student"]["top1"])

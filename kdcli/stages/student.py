@@ -45,7 +45,6 @@ from kdcli.stages.common import (
     load_weights,
     model_skeleton,
     publish,
-    set_aside_earlier_run,
     train_entry,
     train_inputs,
 )
@@ -222,7 +221,6 @@ def main(cfg) -> dict[str, Any]:
     """`kd student`: stage 3 alone (needs the stage-1 teacher in the store, and the stage-2
     cache when the loss reads teacher logits from it)."""
     ctx = build_context(cfg)
-    distributed.on_main(lambda: set_aside_earlier_run(ctx.run_dir))
     mode = preflight(ctx)
     teachers = teacher_stage.require_all(ctx)
     # Looked up before pretraining trains anything: a missing cache is known at once.

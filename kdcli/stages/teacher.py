@@ -19,7 +19,6 @@ from kdcli.stages.common import (
     publish,
     recompose,
     reuse_if_valid,
-    set_aside_earlier_run,
     train_entry,
     train_inputs,
 )
@@ -83,7 +82,6 @@ def publish_all(teachers: list[dict[str, Any]], run_dir) -> None:
 def main(cfg) -> list[dict[str, Any]]:
     """`kd teacher`: stage 1 alone."""
     ctx = build_context(cfg)
-    distributed.on_main(lambda: set_aside_earlier_run(ctx.run_dir))
     results = run_all(ctx)
     distributed.on_main(lambda: publish_all(results, ctx.run_dir))
     return results
