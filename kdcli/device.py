@@ -153,6 +153,13 @@ def resolve(cfg) -> Runtime:
     return Runtime(device, precision, bool(channels_last), compiles, data, mode)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` (in host memory) on `device`: to a GPU from pinned memory, without waiting."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def compile_setting(value) -> tuple[bool, str]:
     """`device.compile` (false, true or a mode name) as (compile, torch.compile mode)."""
     if isinstance(value, bool):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from kdcli.checkpoint import atomic_write
+from kdcli.device import to_device
 from kdcli.errors import ConfigError, CorruptArtifact
 
 log = logging.getLogger(__name__)
@@ -216,11 +217,7 @@ class Lookup:
                        self.num_classes)
 
     def _rows(self, t: torch.Tensor) -> torch.Tensor:
-        if self.resident:
-            return t
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
+        return t if self.resident else to_device(t, self.device)
 
 
 def densify(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int

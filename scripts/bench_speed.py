@@ -456,9 +456,7 @@ def bench_precision(args, precision: str, base: Context, memory: bool
                                kd_weight=float(loss_cfg.kd_weight), **kw)
     octx = tctx.variant(compose(args, precision, online_overrides(tctx)), {})
     online_loss = build_loss(octx)
-    live = OnlineTeacher(teachers[0], list(online_loss.teacher_layers),
-                         compile=octx.runtime.compile,
-                         compile_mode=octx.runtime.compile_mode)
+    live = OnlineTeacher(teachers[0], list(online_loss.teacher_layers))
     _, kd_online = kd_trainer(octx, "student", online_loss, "optimizer", "scheduler", epochs,
                               teacher=live, features=True)
     student_sections = {"kd student (cache)": kd_student,

@@ -18,6 +18,7 @@ import torch
 
 from kdcli.data.datasets import Split
 from kdcli.data.transforms import Augment, ViewTable
+from kdcli.device import to_device
 
 
 @dataclass
@@ -140,8 +141,8 @@ class BatchLoader:
             params = self.views.select(order, chosen)
         elif self.augment is not None:
             params = _rows(self.augment.sample(n, gen), rows)
-        index_all = self._to_device(order)
-        chosen_all = self._to_device(chosen) if chosen is not None else None
+        index_all = to_device(order, self.device)
+        chosen_all = to_device(chosen, self.device) if chosen is not None else None
         if params is not None and self.device.type == "cuda":
             params = _map(params, torch.Tensor.pin_memory)  # so `apply` copies asynchronously
         b = self.batch_size
@@ -150,8 +151,8 @@ class BatchLoader:
                 break
             rows_b = slice(start, start + b)
             index = index_all[rows_b]
-            images = self.images[index] if self.resident else self._to_device(
-                self.images[order[rows_b]])
+            images = self.images[index] if self.resident else to_device(
+                self.images[order[rows_b]], self.device)
             if params is not None:
                 images = self.augment.apply(images, _rows(params, rows_b))
             yield Batch(index, self.normalise(images), self.labels[index],
@@ -163,11 +164,6 @@ class BatchLoader:
         """uint8 -> float, normalised, in the loader's memory format: one copy, then in place."""
         x = images.to(torch.float32, memory_format=self.memory_format, copy=True)
         return x.sub_(self.mean).div_(self.std)
-
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)

@@ -90,14 +90,15 @@ class CachedTeacher:
 class OnlineTeacher:
     """The stored teacher, frozen, run on each batch; returns logits and tapped features."""
 
-    def __init__(self, teacher: dict[str, Any], layers: list[str], compile: bool = False,
-                 compile_mode: str = "default") -> None:
+    def __init__(self, teacher: dict[str, Any], layers: list[str]) -> None:
         tctx = teacher["ctx"]
         model = load_weights(build_model(tctx, "teacher"), teacher["entry"].file("last.pt"))
         self.model = model.eval().requires_grad_(False)
         self.taps = FeatureTap(self.model, layers, role=f"teacher={tctx.choice('teacher')}")
-        # It runs on every step, like the student: compiled with it (device.compile=true).
-        self.forward = engine.compiled(self.model, compile_mode) if compile else self.model
+        # It runs on every step, like the student: compiled with it (device.compile).
+        runtime = tctx.runtime
+        self.forward = (engine.compiled(self.model, runtime.compile_mode) if runtime.compile
+                        else self.model)
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Outputs:
@@ -183,9 +184,7 @@ def run(ctx: Context, cache: dict[str, Any] | None, teachers: list[dict[str, Any
     check_teachers(ctx, mode, len(teachers))
     if mode == "online":
         inputs["teacher_weights"] = teachers[0]["meta"]["files"]["last.pt"]
-        source: Any = OnlineTeacher(teachers[0], list(loss.teacher_layers),
-                                         compile=ctx.runtime.compile,
-                                         compile_mode=ctx.runtime.compile_mode)
+        source: Any = OnlineTeacher(teachers[0], list(loss.teacher_layers))
         log.info("student: online teacher (loss=%s reads teacher features %s)",
                  ctx.choice("loss"), ", ".join(loss.teacher_layers))
     elif mode == "cache":
