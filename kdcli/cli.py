@@ -135,7 +135,7 @@ def dispatch() -> None:
         hydra_app(verb)()
     finally:  # also when the sweeper itself gives up (Optuna: every trial failed)
         if FAILED_JOBS:
-            failed, ran = len(FAILED_JOBS), max(len(SWEEP_JOBS), len(FAILED_JOBS))
+            failed, ran = len(FAILED_JOBS), len(SWEEP_JOBS)  # a failed job is counted when it ran
             others = "every one" if failed == ran else "the others ran"
             sys.stderr.write(f"error: {failed} of {ran} job(s) of the sweep failed ({others}; "
                              f"each failed folder holds {FAILED}):\n")
@@ -254,13 +254,14 @@ def run_command(verb: str, cfg):
 
     module = importlib.import_module(COMMANDS[verb][0])
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    folder = Path(HydraConfig.get().runtime.output_dir)
     # Under torchrun the first rank alone writes the folder (the process group is not up yet).
     first = os.environ.get("RANK", "0") == "0"
     if sweep:
-        SWEEP_JOBS.append(HydraConfig.get().runtime.output_dir)
+        SWEEP_JOBS.append(str(folder))
     try:
         if first and verb in SETS_ASIDE:
-            set_aside_earlier_run(Path(HydraConfig.get().runtime.output_dir))
+            set_aside_earlier_run(folder)
         if first:
             save_run_config(cfg)
         validate(cfg)  # wrong types, unknown keys, ??? values: before any work is done
@@ -280,7 +281,7 @@ def run_command(verb: str, cfg):
     sys.stderr.write(f"error: {message}\n")
     if not sweep:
         sys.exit(1)
-    record_failure(Path(HydraConfig.get().runtime.output_dir), message)
+    record_failure(folder, message)
     return None
 
 

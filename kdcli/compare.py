@@ -38,14 +38,13 @@ from kdcli import distributed
 from kdcli.checkpoint import atomic_write_text
 from kdcli.errors import KDError
 from kdcli.report import _duration, format_count
-from kdcli.runfolder import EARLIER, FAILED
+from kdcli.runfolder import EARLIER, FAILED, REPORT, holds_a_run
 
 log = logging.getLogger(__name__)
 
 __all__ = ["NoRunsFound", "Summary", "SummaryCallback", "collect", "find_runs", "main",
            "summarize", "write_summary"]
 
-REPORT = "report.json"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
 SUMMARY_CSV, SUMMARY_MD = "summary.csv", "summary.md"
 MISSING = "-"  # an override one run has and another has not
@@ -156,20 +155,24 @@ def _natural(name: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _runs_under(root: Path) -> list[Path]:
-    if (root / REPORT).is_file() or (root / FAILED).is_file():
-        return [root]
-    runs = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        if REPORT in filenames or FAILED in filenames:
-            runs.append(Path(dirpath))
-            dirnames[:] = []  # a run's own folders hold no other runs
+def _folders_under(root: Path, holds: Callable[[Path], bool]) -> list[Path]:
+    """The folders under `root` (itself included) that `holds`, in natural order, without
+    looking inside them (a run's own folders hold no other runs). Hidden folders, stores and
+    the earlier-<time>/ folders of runs set aside by later ones (kdcli.runfolder) are skipped."""
+    found = []
+    for dirpath, dirnames, _ in os.walk(root):
+        if holds(Path(dirpath)):
+            found.append(Path(dirpath))
+            dirnames[:] = []
             continue
-        # earlier-<time>/: an earlier run set aside by a later one (kdcli.runfolder).
         dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")
                               and d not in _SKIP_DIRS and not EARLIER.fullmatch(d)),
                              key=_natural)
-    return runs
+    return found
+
+
+def _runs_under(root: Path) -> list[Path]:
+    return _folders_under(root, holds_a_run)
 
 
 def find_runs(paths: Sequence[Path]) -> list[Path]:
@@ -446,11 +449,9 @@ def note_failures_of_other_processes(config: DictConfig) -> None:
     sweep_dir = Path(str(config.hydra.sweep.dir))
     started = sweep_dir / "multirun.yaml"
     since = started.stat().st_mtime - 2 if started.is_file() else 0.0  # 2 s: clock grain
-    counted = {Path(folder).resolve() for folder in cli.SWEEP_JOBS}
-    counted |= {Path(folder).resolve() for folder, _ in cli.FAILED_JOBS}
+    counted = {Path(folder).resolve() for folder in cli.SWEEP_JOBS}  # failed ones included
     for job in _job_folders(sweep_dir):
-        overrides = job / ".hydra" / "overrides.yaml"
-        if job.resolve() in counted or overrides.stat().st_mtime < since:
+        if job.resolve() in counted or (job / OVERRIDES).stat().st_mtime < since:
             continue
         cli.SWEEP_JOBS.append(str(job))
         if (job / FAILED).is_file():
@@ -459,12 +460,5 @@ def note_failures_of_other_processes(config: DictConfig) -> None:
 
 def _job_folders(sweep_dir: Path) -> list[Path]:
     """Folders under `sweep_dir` where a job started (they hold `.hydra/overrides.yaml`)."""
-    jobs = []
-    for dirpath, dirnames, _ in os.walk(sweep_dir):
-        if (Path(dirpath) / ".hydra" / "overrides.yaml").is_file() and Path(dirpath) != sweep_dir:
-            jobs.append(Path(dirpath))
-            dirnames[:] = []
-            continue
-        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")
-                              and not EARLIER.fullmatch(d)), key=_natural)
-    return jobs
+    return _folders_under(sweep_dir, lambda folder: folder != sweep_dir
+                          and (folder / OVERRIDES).is_file())
