@@ -76,20 +76,29 @@ def predict(model: nn.Module, loader: BatchLoader, runtime: Runtime, view: int |
     cached view a view-replaying loader shows)."""
     was_training = model.training
     model.eval()
-    logits, labels = [], []
-    host = torch.device("cpu")
+    # Each batch's logits go to host memory as they come (a GPU would otherwise hold a whole
+    # split's: 5 GB for ImageNet's training set), into one buffer for the split: from a GPU a
+    # pinned one, so every copy is queued without waiting (one synchronize at the end) and no
+    # batch allocates pinned memory of its own.
+    on_gpu = runtime.device.type == "cuda"
+    logits: torch.Tensor | None = None
+    labels = []
+    done = 0
     for batch in loader.epoch(0, view=view):
         with runtime.autocast():
             out = model(batch.images)
-        # Each batch's results go to host memory as they come (a GPU would otherwise hold a whole
-        # split's logits: 5 GB for ImageNet's training set); from a GPU into pinned memory,
-        # without waiting, read after one synchronize below.
-        logits.append(out.float().to(host, non_blocking=True))
-        labels.append(batch.labels.to(host, non_blocking=True))
-    if runtime.device.type == "cuda":
+        if logits is None:
+            logits = torch.empty((loader.num_samples, *out.shape[1:]), dtype=torch.float32,
+                                 pin_memory=on_gpu)
+        logits[done:done + len(out)].copy_(out, non_blocking=on_gpu)
+        labels.append(batch.labels)
+        done += len(out)
+    if on_gpu:
         torch.cuda.synchronize(runtime.device)
     model.train(was_training)
-    return torch.cat(logits), torch.cat(labels)
+    if logits is None:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
+    return logits[:done], torch.cat(labels).cpu()
 
 
 def scale_lr(optimizer: torch.optim.Optimizer, scheduler, factor: float) -> None:

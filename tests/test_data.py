@@ -161,6 +161,29 @@ def test_drop_last():
     assert sizes == [4, 4] and len(loader) == 2
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
+@pytest.mark.parametrize("rank, world", [(0, 1), (1, 2)])
+def test_num_samples_counts_what_an_epoch_yields(drop_last, rank, world):
+    loader = BatchLoader(constant_split(23), 4, device=CPU, shuffle=True, drop_last=drop_last,
+                         rank=rank, world_size=world, **IDENTITY)
+    assert loader.num_samples == sum(len(b.index) for b in loader.epoch(0))
+
+
+def test_predict_returns_every_samples_logits_and_label_in_order():
+    # One output buffer for the split, filled batch by batch, the last one partial.
+    from kdcli import engine
+    from kdcli.device import Runtime
+
+    split = Split(images(23, 8, 8), torch.arange(23) % 7)
+    loader = BatchLoader(split, 8, device=CPU, mean=(0.5,) * 3, std=(0.2,) * 3)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5)).train()
+    logits, labels = engine.predict(model, loader, Runtime(CPU, "fp32", False, False))
+    x = torch.cat([b.images for b in loader.epoch(0)])
+    assert model.training  # left as it was
+    torch.testing.assert_close(logits, model(x).detach())
+    assert logits.dtype == torch.float32 and torch.equal(labels, split.labels)
+
+
 def test_normalisation():
     mean, std = (0.2, 0.4, 0.6), (0.1, 0.2, 0.3)
     # 0.2 * 255 = 51, 0.4 * 255 = 102, 0.6 * 255 = 153: a mean-valued image normalises to 0.

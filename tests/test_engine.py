@@ -78,23 +78,25 @@ def test_compiled_model_keeps_its_feature_taps_after_a_hookless_compile_of_its_c
     from kdcli.models.features import FeatureTap
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "skip_nnmodule_hook_guards", True)
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
 
     def model() -> nn.Module:
         return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
 
     x = torch.randn(2, 3, 8, 8)
-    plain = engine.compiled(model())
-    plain(x)
-    tapped_model = model()
-    taps = FeatureTap(tapped_model, ["1"])
-    tapped = engine.compiled(tapped_model)
-    for _ in range(2):  # interleaved with the hookless one, as the benchmark runs them
-        tapped(x)
-        assert list(taps.pop()) == ["1"]
+    # dynamo's default, restored after (not by monkeypatch: its undo deletes the setting from
+    # dynamo's config module, and every later compile in the process fails)
+    with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True):
+        plain = engine.compiled(model())
         plain(x)
-        assert taps.pop() == {}
+        tapped_model = model()
+        taps = FeatureTap(tapped_model, ["1"])
+        tapped = engine.compiled(tapped_model)
+        for _ in range(2):  # interleaved with the hookless one, as the benchmark runs them
+            tapped(x)
+            assert list(taps.pop()) == ["1"]
+            plain(x)
+            assert taps.pop() == {}
     torch._dynamo.reset()
 
 

@@ -104,3 +104,31 @@ def test_bytes_per_sample_grow_with_views(built) -> None:
     # 3 views x (10 float16 logits + 2 crop offsets + 1 flip) = 69 bytes.
     assert cache["meta"]["bytes_per_sample"] == 69
     assert cache["meta"]["views"] == 3
+
+
+def test_cache_stage_compiles_the_teacher_under_device_compile(built, monkeypatch) -> None:
+    # The stage is one long teacher inference: under device.compile it runs compiled (in the
+    # configured mode), as the hand-written reference of bench_speed does, with the same logits.
+    from kdcli.store import Store
+
+    tmp, ctx, teachers, cache, _ = built
+    modes = []
+    real = torch.compile
+
+    def spy(module, mode="default", **kw):
+        modes.append(mode)
+        return real(module, mode=mode, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", spy)
+    runtime = dataclasses.replace(ctx.runtime, compile=True, compile_mode="max-autotune")
+    compiled_ctx = dataclasses.replace(ctx, runtime=runtime, store=Store(tmp / "compiled"))
+    compiled_teachers = [{**t, "ctx": dataclasses.replace(t["ctx"], runtime=runtime)}
+                         for t in teachers]
+    try:
+        again = cache_stage.run(compiled_ctx, compiled_teachers)
+    finally:
+        torch._dynamo.reset()
+    assert again["status"] == "trained" and modes == ["max-autotune"]
+    for split in cache_stage.SPLITS:
+        torch.testing.assert_close(cache_stage.open_split(again, split).all_views(),
+                                   cache_stage.open_split(cache, split).all_views())

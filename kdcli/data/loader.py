@@ -94,6 +94,12 @@ class BatchLoader:
         n = len(self.labels) // self.world_size
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    @property
+    def num_samples(self) -> int:
+        """Samples one epoch yields on this rank."""
+        n = len(self.shard(len(self.labels)))
+        return n - n % self.batch_size if self.drop_last else n
+
     def generator(self, epoch: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
 

@@ -109,6 +109,16 @@ def predict_split(model, ctx: Context, split: str, views: ViewTable | None) -> t
     return torch.stack(per_view, dim=1)
 
 
+def teacher_model(teacher: dict[str, Any]) -> torch.nn.Module:
+    """A stored teacher, frozen, for inference; compiled under device.compile (its pass over
+    every split and view is the stage's whole work)."""
+    tctx = teacher["ctx"]
+    model = load_weights(build_model(tctx, "teacher"), teacher["entry"].file("last.pt"))
+    model = model.eval().requires_grad_(False)
+    runtime = tctx.runtime
+    return engine.compiled(model, runtime.compile_mode) if runtime.compile else model
+
+
 def ensemble(logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return sum(w * x for w, x in zip(weights, logits, strict=True))
 
@@ -133,7 +143,7 @@ def _build(ctx: Context, teachers: list[dict[str, Any]], entry: Entry
         views = view_table(ctx)
         per_split: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
         for t in teachers:  # one teacher in memory at a time
-            model = load_weights(build_model(t["ctx"], "teacher"), t["entry"].file("last.pt"))
+            model = teacher_model(t)
             for split in SPLITS:
                 per_split[split].append(predict_split(model, ctx, split, views))
             del model
