@@ -351,6 +351,7 @@ def fit(
     with Progress(label, enabled=main) as bar:
         while epoch < epochs:
             task = bar.start_epoch(epoch, epochs, len(train_loader))
+            loss_fn.start_epoch(epoch, epochs)
             stats = train_epoch(step, train_loader, epoch, lambda: bar.advance(task))  # noqa: B023
             if stats.bad_step >= 0:
                 where = (f"{label}: loss became NaN/inf at epoch {epoch + 1}, "

@@ -10,8 +10,8 @@ One file per split, `<split>.kdsl`:
     ..  padding   so the data region starts at a 64-byte boundary
         data      arrays back to back, each readable in place by np.memmap
 
-Storage is float16 logits (float32 if a logit exceeds float16's range). With few classes
-(`storage=full`) every logit is kept: (N, V, C). With many (`storage=topk`) the top-k values
+Storage is float16 logits (float32 if a logit exceeds float16's range). With up to 1000 classes
+(`storage=full`) every logit is kept: (N, V, C). With more (`storage=topk`) the top-k values
 and their class indices are kept, (N, V, k), plus each row's float32 logsumexp so the
 probability mass outside the top-k is known exactly at T=1 and spread evenly over the
 remaining classes when the row is densified.
@@ -43,10 +43,17 @@ _PREFIX = struct.Struct("<8sIQ")
 _ALIGN = 64
 
 
+# `storage=auto` keeps every logit up to this many classes (ImageNet's 1000: 2 KB per sample
+# and view in float16), top-k beyond.
+AUTO_FULL_MAX_CLASSES = 1000
+
+
 def choose_storage(num_classes: int, storage: str, topk: int) -> str:
-    """`auto` keeps full logits up to 100 classes and top-k beyond."""
+    """`auto` keeps full logits up to AUTO_FULL_MAX_CLASSES classes and top-k beyond: top-k
+    targets are exact only at temperature 1 (see `densify`), so it is kept for label spaces where
+    full logits would not fit."""
     if storage == "auto":
-        return "full" if num_classes <= 100 or topk >= num_classes else "topk"
+        return "full" if num_classes <= AUTO_FULL_MAX_CLASSES or topk >= num_classes else "topk"
     if storage not in ("full", "topk"):
         raise ConfigError(f"cache.storage={storage!r}; choose auto, full or topk")
     return storage
@@ -198,6 +205,7 @@ class Lookup:
         self.storage = labels.header["storage"]
         self.device = device
         self.resident = resident
+        self.k = labels.header["topk"]  # None for full logits
         names = ("logits",) if self.storage == "full" else ("values", "indices", "logsumexp")
         arrays = {name: torch.from_numpy(labels.arrays[name]) for name in names}
         self.tensors = {n: t.to(device) for n, t in arrays.items()} if self.resident else arrays
@@ -222,7 +230,11 @@ class Lookup:
 
 def densify(values: torch.Tensor, indices: torch.Tensor, lse: torch.Tensor, num_classes: int
             ) -> torch.Tensor:
-    """Rebuilds (B, C) logits from top-k: the leftover mass is spread over the other classes."""
+    """Rebuilds (B, C) logits from top-k: the leftover mass is spread over the other classes.
+
+    At T=1 the teacher's probabilities come back exactly for the kept classes and in total for
+    the rest. At a higher temperature the rest's spread matters and is lost (all get one logit):
+    a loss at T=4 over 1000 classes can be off by a third (the student stage warns)."""
     k = values.shape[-1]
     kept = (values - lse[:, None]).exp().sum(-1).clamp(max=1 - 1e-6)
     rest = ((1 - kept) / max(num_classes - k, 1)).log() + lse

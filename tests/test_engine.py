@@ -50,6 +50,27 @@ def test_history_rows_carry_timing_after_the_metrics(tmp_path):
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].endswith("time_s,images_per_s")
 
 
+class EpochRecorder(CrossEntropy):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        self.calls.append((epoch, epochs))
+
+
+def test_fit_tells_the_loss_each_epoch_also_after_a_resume(tmp_path):
+    # DKD's warmup weights its term by the epoch: a resumed run must continue the ramp.
+    for epochs, expected in ((2, [(0, 2), (1, 2)]), (3, [(2, 3)])):
+        step, loader = setup(torch.device("cpu"))
+        loss = EpochRecorder()
+        result = engine.fit(model=step.model, train_loader=loader, val_loader=None, loss_fn=loss,
+                            optimizer=step.optimizer, scheduler=step.scheduler,
+                            runtime=step.runtime, epochs=epochs, out_dir=tmp_path)
+        assert loss.calls == expected
+    assert result.resumed_from == 1
+
+
 class NaNLoss(CrossEntropy):
     def forward(self, student, teacher, targets):
         out = super().forward(student, teacher, targets)

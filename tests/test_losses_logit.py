@@ -138,6 +138,46 @@ def test_dkd_nckd_ignores_the_target_logit():
     assert after["tckd"].item() != pytest.approx(base["tckd"].item(), rel=1e-3)
 
 
+def test_dkd_nckd_drops_the_target_class_at_any_temperature():
+    # The official -1000 on the target logit (after / T) stopped removing it once a row's
+    # logits / T spanned more than ~1000: at T=0.005, NCKD read 996.6 where it is 0.
+    student, teacher, targets = [[10.0, 0.0, 0.0]], [[0.0, 5.0, 5.0]], [0]
+    out, _, _ = run(DKD(temperature=0.005), student=student, teacher=teacher, targets=targets)
+    assert out["nckd"].item() == pytest.approx(0.0, abs=1e-6)
+    _, nckd = manual_dkd([[10.0, 0.0, 1.0]], [[0.0, 5.0, 5.01]], targets, 0.5)
+    out, _, _ = run(DKD(temperature=0.5), student=[[10.0, 0.0, 1.0]], teacher=[[0.0, 5.0, 5.01]],
+                    targets=targets)
+    assert out["nckd"].item() == pytest.approx(nckd, rel=1e-5)
+
+
+@pytest.mark.parametrize("warmup, epochs, ramps", [
+    (4, 10, [0.25, 0.5, 0.75, 1.0, 1.0]),
+    (0, 10, [1.0, 1.0]),  # no ramp
+    ("auto", 240, [1 / 20, 2 / 20, 3 / 20]),  # the official 20 of 240 epochs
+    ("auto", 15, [0.8, 1.0]),  # the same share of a short run: 15 / 12 = 1.25 epochs
+])
+def test_dkd_warmup_ramps_the_dkd_term_in(warmup, epochs, ramps):
+    loss = DKD(warmup_epochs=warmup)
+    full, _, _ = run(DKD(warmup_epochs=0))
+    for epoch, ramp in enumerate(ramps):
+        loss.start_epoch(epoch, epochs)
+        out, _, _ = run(loss)
+        assert out["kd"].item() == pytest.approx(ramp * full["kd"].item(), rel=1e-6)
+        assert out["loss"].item() == pytest.approx(out["ce"].item() + out["kd"].item(), rel=1e-6)
+        # The logged terms are the unramped ones; only their weight in the loss ramps.
+        assert out["nckd"].item() == pytest.approx(full["nckd"].item(), rel=1e-6)
+
+
+def test_dkd_warmup_as_long_as_the_run_is_reported(caplog):
+    loss = DKD(warmup_epochs=20)
+    with caplog.at_level("WARNING", logger="kdcli.losses.dkd"):
+        loss.start_epoch(0, 10)
+    assert "loss.warmup_epochs=20 is as long as the run (10 epochs)" in caplog.text
+    assert "0.50 of its weight" in caplog.text
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        DKD(warmup_epochs=-1)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_dist_matches_manual_formula(temperature):
     out, _, _ = run(DIST(ce_weight=0.5, beta=2.0, gamma=3.0, temperature=temperature),

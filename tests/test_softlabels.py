@@ -72,7 +72,7 @@ def test_bytes_per_sample_full(tmp_path):
 def test_bytes_per_sample_topk(tmp_path):
     # N=4, C=200, k=20: values fp16 4*20*2=160 -> 192; indices int16 160 -> 192;
     # logsumexp fp32 4*4=16 -> 64. Total 448 bytes, 112 per sample.
-    softlabels.write(tmp_path / "k.kdsl", logits_of(4, 200), topk=20)
+    softlabels.write(tmp_path / "k.kdsl", logits_of(4, 200), storage="topk", topk=20)
     sl = softlabels.open(tmp_path / "k.kdsl")
     offsets = {a["name"]: a["offset"] for a in sl.header["arrays"]}
     assert offsets == {"values": 0, "indices": 192, "logsumexp": 384}
@@ -81,8 +81,10 @@ def test_bytes_per_sample_topk(tmp_path):
 
 
 def test_auto_storage_threshold():
+    # Full logits up to ImageNet's 1000 classes (top-k targets are exact only at T=1).
     assert softlabels.choose_storage(100, "auto", 20) == "full"
-    assert softlabels.choose_storage(101, "auto", 20) == "topk"
+    assert softlabels.choose_storage(1000, "auto", 20) == "full"
+    assert softlabels.choose_storage(1001, "auto", 20) == "topk"
     assert softlabels.choose_storage(1000, "auto", 1000) == "full"
     assert softlabels.choose_storage(10, "topk", 5) == "topk"
     # A config mistake: one line from the CLI, not a traceback.
@@ -92,7 +94,7 @@ def test_auto_storage_threshold():
 
 def test_topk_reconstruction(tmp_path):
     logits = logits_of(8, 150)
-    header = softlabels.write(tmp_path / "t.kdsl", logits, topk=5)
+    header = softlabels.write(tmp_path / "t.kdsl", logits, storage="topk", topk=5)
     assert header["storage"] == "topk" and header["topk"] == 5
     sl = softlabels.open(tmp_path / "t.kdsl")
     assert set(sl.arrays) == {"values", "indices", "logsumexp"}
@@ -243,3 +245,26 @@ def test_overwrite_replaces_content(tmp_path):
     assert sl.num_samples == 3
     torch.testing.assert_close(sl.all_logits(), logits_of(3, 10, seed=2).half().float())
     assert [p.name for p in tmp_path.iterdir()] == ["train.kdsl"]
+
+
+@pytest.mark.parametrize("storage, temperature, warns", [
+    ("topk", 4.0, True), ("topk", 1.0, False), ("topk", None, True), ("full", 4.0, False)])
+def test_student_stage_warns_of_a_topk_cache_away_from_t1(caplog, storage, temperature, warns):
+    # Top-k targets lose the spread of the classes outside the top k, which matters at T != 1
+    # and for losses on raw logits (no temperature): the KD loss can be off by a third.
+    from types import SimpleNamespace
+
+    from kdcli.losses.hinton import HintonKD
+    from kdcli.losses.mse import LogitMSE
+    from kdcli.stages.student import warn_if_approximate
+
+    lookup = SimpleNamespace(storage=storage, k=20 if storage == "topk" else None,
+                             num_classes=1000)
+    loss = LogitMSE() if temperature is None else HintonKD(temperature=temperature)
+    ctx = SimpleNamespace(choice=lambda group: "mse" if temperature is None else "hinton")
+    with caplog.at_level("WARNING", logger="kdcli.stages.student"):
+        warn_if_approximate(ctx, SimpleNamespace(lookup=lookup), loss)
+    assert ("keeps the top 20 of 1000 teacher logits" in caplog.text) is warns
+    if warns:
+        assert ("at loss.temperature=4" if temperature else "reads them as logits") in caplog.text
+

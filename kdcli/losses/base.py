@@ -41,6 +41,11 @@ class DistillationLoss(nn.Module):
         """Called once before training with the outputs of a probe batch, so a loss can size its
         learned parts (e.g. a FitNets adapter) from the real feature shapes. Default: nothing."""
 
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called by the training loop before each epoch (0-based `epoch` of `epochs`, also after
+        a resume), for a loss whose weighting follows the schedule (DKD's warmup). Default:
+        nothing."""
+
     def forward(self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
         raise NotImplementedError

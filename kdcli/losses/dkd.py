@@ -12,20 +12,33 @@ Both KLs are summed over classes and averaged over the batch. `alpha` and `beta`
 own names for its two term weights, so values carry over from its tables unchanged. The binary
 log-probabilities are taken in log space (logsumexp of log_softmax) rather than as log(sum of
 softmax) as in the official code: the same value, without log(0) when a probability underflows.
-The official trainer also ramps the DKD term in linearly over the first `WARMUP` epochs
-(min(epoch / 20, 1)); a loss here sees no epoch, so that ramp is not applied.
+As in the official code, the DKD term is ramped in linearly over the first `warmup_epochs`
+epochs: times min(e / warmup_epochs, 1) in epoch e = 1, 2, ... The official runs warm up for
+20 of 240 epochs; `warmup_epochs=auto` keeps that share of a shorter run (epochs / 12, at most
+20), a number is taken as given (0: no ramp; one as long as the run is reported, as the term
+then never reaches its full weight).
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from kdcli.losses.base import DistillationLoss, Outputs, check_temperature, check_weights
 
-# Subtracted from the target logit (after dividing by T) to drop it from the non-target softmax;
-# the official code's constant. exp(-1000) is 0 in float32, so the class is removed exactly.
+# The target logit (after dividing by T) is set this far below the row's smallest to drop it from
+# the non-target softmax: exp(-1000) is 0 in float32, so the class is removed exactly. (The
+# official code subtracts 1000 from the target logit, which stops removing it once a row's
+# logits / T span more than ~1000, e.g. at a very small T.)
 _MASK = 1000.0
+
+# The official warmup: 20 epochs of a 240-epoch run.
+OFFICIAL_WARMUP, OFFICIAL_EPOCHS = 20, 240
+
+log = logging.getLogger(__name__)
 
 
 def _binary_log_probs(log_p: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
@@ -33,6 +46,11 @@ def _binary_log_probs(log_p: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tenso
     log_p_gt = log_p.masked_fill(~gt_mask, float("-inf")).logsumexp(dim=1, keepdim=True)
     log_p_other = log_p.masked_fill(gt_mask, float("-inf")).logsumexp(dim=1, keepdim=True)
     return torch.cat([log_p_gt, log_p_other], dim=1)
+
+
+def _without_target(x: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
+    """`x` with each row's target entry moved _MASK below the row's smallest entry."""
+    return torch.where(gt_mask, x.amin(dim=1, keepdim=True) - _MASK, x)
 
 
 def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
@@ -47,8 +65,8 @@ def dkd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target
     tckd_t = _binary_log_probs(F.log_softmax(t, dim=1), gt_mask)
     tckd = F.kl_div(tckd_s, tckd_t, log_target=True, reduction="sum") / batch
 
-    nckd_s = F.log_softmax(s - _MASK * gt_mask, dim=1)
-    nckd_t = F.log_softmax(t - _MASK * gt_mask, dim=1)
+    nckd_s = F.log_softmax(_without_target(s, gt_mask), dim=1)
+    nckd_t = F.log_softmax(_without_target(t, gt_mask), dim=1)
     nckd = F.kl_div(nckd_s, nckd_t, log_target=True, reduction="sum") / batch
     return tckd * temperature**2, nckd * temperature**2
 
@@ -57,14 +75,28 @@ class DKD(DistillationLoss):
     """Target-class and non-target-class KD weighted separately, plus the hard-label term."""
 
     def __init__(self, ce_weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0,
-                 temperature: float = 4.0) -> None:
+                 temperature: float = 4.0, warmup_epochs: float | Literal["auto"] = "auto"
+                 ) -> None:
         super().__init__()
         check_temperature(temperature)
         check_weights(ce_weight=ce_weight, alpha=alpha, beta=beta)
+        if warmup_epochs != "auto":
+            check_weights(warmup_epochs=warmup_epochs)
         self.ce_weight = ce_weight
         self.alpha = alpha
         self.beta = beta
         self.temperature = temperature
+        self.warmup_epochs = warmup_epochs
+        self.ramp = 1.0  # the DKD term's weight this epoch (warmup)
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        warmup = (min(OFFICIAL_WARMUP, epochs * OFFICIAL_WARMUP / OFFICIAL_EPOCHS)
+                  if self.warmup_epochs == "auto" else float(self.warmup_epochs))
+        self.ramp = min((epoch + 1) / warmup, 1.0) if warmup else 1.0
+        if epoch == 0 and warmup >= epochs:
+            log.warning("loss.warmup_epochs=%g is as long as the run (%d epochs): the DKD term "
+                        "reaches only %.2f of its weight; lower it, or use auto", warmup, epochs,
+                        epochs / warmup)
 
     def forward(self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
@@ -72,5 +104,5 @@ class DKD(DistillationLoss):
         ce = F.cross_entropy(student.logits.float(), targets)
         # The teacher is a fixed target: no gradient may flow into it.
         tckd, nckd = dkd_terms(student.logits, teacher.logits.detach(), targets, self.temperature)
-        kd = self.alpha * tckd + self.beta * nckd
+        kd = self.ramp * (self.alpha * tckd + self.beta * nckd)
         return {"loss": self.ce_weight * ce + kd, "ce": ce, "tckd": tckd, "nckd": nckd, "kd": kd}

@@ -87,6 +87,20 @@ class CachedTeacher:
         return Outputs(self.lookup(index, 0 if view is None else view))
 
 
+def warn_if_approximate(ctx: Context, source: CachedTeacher, loss: DistillationLoss) -> None:
+    """A top-k cache keeps the teacher's targets only at T=1 (softlabels.densify): says so when
+    the loss reads it at another temperature, or reads logits (no temperature)."""
+    lookup = source.lookup
+    temperature = getattr(loss, "temperature", None)
+    if lookup.storage != "topk" or temperature == 1:
+        return
+    at = f"at loss.temperature={temperature:g}" if temperature is not None else "as logits"
+    log.warning("student: the soft-label cache keeps the top %d of %d teacher logits; loss=%s "
+                "reads them %s, where the other classes' spread is lost (exact only at T=1). "
+                "cache.storage=full keeps every logit", lookup.k, lookup.num_classes,
+                ctx.choice("loss"), at)
+
+
 class OnlineTeacher:
     """The stored teacher, frozen, run on each batch; returns logits and tapped features."""
 
@@ -192,6 +206,7 @@ def run(ctx: Context, cache: dict[str, Any] | None, teachers: list[dict[str, Any
             raise ValueError(f"loss={ctx.choice('loss')} reads the soft-label cache; pass it")
         inputs["cache"] = cache["entry"].key
         source = CachedTeacher(cache, ctx.runtime)
+        warn_if_approximate(ctx, source, loss)
         log.info("student: teacher logits from the soft-label cache (no teacher in memory)%s",
                  f", replaying {source.views.k} cached views per sample" if source.views else "")
     else:
