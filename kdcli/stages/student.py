@@ -207,6 +207,10 @@ def run(ctx: Context, cache: dict[str, Any] | None, teachers: list[dict[str, Any
         inputs["cache"] = cache["entry"].key
         source = CachedTeacher(cache, ctx.runtime)
         warn_if_approximate(ctx, source, loss)
+        if source.views is None and ctx.cfg.dataset.augment not in (None, "none"):
+            log.info("student: the cache holds the teacher's logits on the clean images, the "
+                     "student trains on augmented ones (a fixed teacher); cache.views=K caches "
+                     "the teacher on K augmented views per image, the pixels the student sees")
         log.info("student: teacher logits from the soft-label cache (no teacher in memory)%s",
                  f", replaying {source.views.k} cached views per sample" if source.views else "")
     else:
