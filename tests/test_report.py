@@ -274,3 +274,19 @@ def test_atomic_write_keeps_previous_report(tmp_path, monkeypatch):
     assert (tmp_path / "report.md").read_bytes() == before_md
     assert sorted(p.name for p in tmp_path.iterdir()) == files_before
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_missing_top5_and_nan_metrics_read_as_dashes(tmp_path):
+    # top5 is None with 5 classes or fewer, and every metric NaN for non-finite logits
+    # (kdcli.metrics): null in the JSON, "—" in the Markdown, never a number.
+    rep = sample_report()
+    for role in ("teacher", "student", "baseline"):
+        rep[role]["top5"] = None
+    rep["student"].update(top1=float("nan"), macro_f1=float("nan"), agreement=float("nan"))
+    write_report(rep, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["student"]["top1"] is None and data["teacher"]["top5"] is None
+    md = (tmp_path / "report.md").read_text()
+    assert "| top-5 (%) | — | — | — |" in md
+    assert "| top-1 (%) | 80.00 | 65.00 | — |" in md
+    assert "| agreement with teacher (%) | — | 70.00 | — |" in md

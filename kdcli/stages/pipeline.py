@@ -82,7 +82,9 @@ def _model_block(ctx: Context, role: str, result: dict[str, Any], teacher_logits
                  ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Metrics and costs of one model but its latency (`_time_together`), and the model."""
     logits, labels = _test_logits(result)
-    block = {"name": ctx.choice(role), **classification_metrics(logits, labels, teacher_logits),
+    name = ctx.choice(role)
+    block = {"name": name,
+             **classification_metrics(logits, labels, teacher_logits, name=f"{role} {name}"),
              "train_time_s": result["meta"]["train_time_s"], "status": result["status"]}
     model = load_weights(build_model(ctx, role), result["entry"].file("last.pt"))
     model = model.float().to(memory_format=torch.contiguous_format)
@@ -101,7 +103,8 @@ def _time_together(ctx: Context, blocks: list[dict[str, Any]], models: list[torc
 def _ensemble_block(blocks: list[dict[str, Any]], logits: torch.Tensor, labels: torch.Tensor
                     ) -> dict[str, Any]:
     """The teachers as one model: accuracy of the combined logits, costs added up."""
-    block = {"name": "+".join(b["name"] for b in blocks), **classification_metrics(logits, labels),
+    name = "+".join(b["name"] for b in blocks)
+    block = {"name": name, **classification_metrics(logits, labels, name=f"teachers {name}"),
              "members": [b["name"] for b in blocks]}
     for key in ("params", "flops", "size_bytes", "latency_ms", "train_time_s"):
         block[key] = sum(b[key] for b in blocks)
@@ -138,7 +141,7 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
     b_block = None
     if baseline is not None:
         b_logits, _ = _test_logits(baseline)
-        b_block = {**classification_metrics(b_logits, labels, t_logits),
+        b_block = {**classification_metrics(b_logits, labels, t_logits, name="baseline"),
                    "train_time_s": baseline["meta"]["train_time_s"]}
     s_logits, _ = _test_logits(student)
     ds = ctx.dataset
