@@ -247,7 +247,7 @@ def _plot_training_curves(histories: Mapping[str, Path | str], path: Path) -> bo
                     color=_STAGE_COLORS.get(stage),
                 )
     axes["train/loss"].set(title="Training loss", xlabel="epoch", ylabel="train/loss")
-    axes["val/top1"].set(title="Validation top-1", xlabel="epoch", ylabel="val/top1 (%)")
+    axes["val/top1"].set(title="Test top-1 per epoch", xlabel="epoch", ylabel="test top-1 (%)")
     for ax in axes.values():
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -623,7 +623,9 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     lines += [
         "",
         (
-            "Accuracy metrics in percent on the test split. Latency is the median CPU fp32 "
+            "Accuracy metrics in percent on the test split, of each model's final weights "
+            "(`last.pt`; `best.pt` is the epoch with the best test top-1, so its figures are "
+            "chosen on the test split). Latency is the median CPU fp32 "
             f"batch-1 forward time{_threads(report)}; the from-scratch baseline shares the "
             "student's architecture and costs."
         ),

@@ -290,3 +290,28 @@ def test_missing_top5_and_nan_metrics_read_as_dashes(tmp_path):
     assert "| top-5 (%) | — | — | — |" in md
     assert "| top-1 (%) | 80.00 | 65.00 | — |" in md
     assert "| agreement with teacher (%) | — | 70.00 | — |" in md
+
+
+def drawn_figures(monkeypatch) -> dict[str, object]:
+    """Collects the report's figures by file name instead of only their PNG bytes."""
+    figures: dict[str, object] = {}
+    save = report_mod._save_figure
+
+    def keep(fig, path):
+        figures[Path(path).name] = fig
+        save(fig, path)
+
+    monkeypatch.setattr(report_mod, "_save_figure", keep)
+    return figures
+
+
+def test_report_says_which_checkpoint_and_split_it_evaluates(tmp_path, monkeypatch):
+    # Every figure is of last.pt on the test split, but the report named neither, and the
+    # curves called the per-epoch test accuracy "Validation".
+    figures = drawn_figures(monkeypatch)
+    write_report(sample_report(), tmp_path, histories=write_histories(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert "on the test split, of each model's final weights (`last.pt`;" in md
+    assert "`best.pt` is the epoch with the best test top-1" in md
+    titles = [ax.get_title() for ax in figures["training_curves.png"].axes]
+    assert titles == ["Training loss", "Test top-1 per epoch"]
