@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -616,7 +617,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     if (line := _dataset_line(report)) is not None:
         lines += [line, ""]
     if _is_finite(report.get("wall_time_s")):
-        lines += [f"Total wall time: {_duration(report['wall_time_s'])}.", ""]
+        lines += [f"Total wall time: {_duration(report['wall_time_s'])} (dataset load, every "
+                  "stage run or reused, the report's profiling, timing and plots).", ""]
 
     lines += ["## Results", ""]
     lines += _results_table(report)
@@ -698,6 +700,7 @@ def write_report(
     histories: dict[str, Path] | None = None,
     confusion: Tensor | None = None,
     class_names: list[str] | None = None,
+    started: float | None = None,
 ) -> None:
     """Writes ``report.json``, ``report.md`` and ``plots/*.png`` into ``run_dir``.
 
@@ -711,15 +714,21 @@ def write_report(
             columns ``epoch``, ``train/loss``, ``val/top1``.
         confusion: The distilled student's ``(C, C)`` test confusion matrix (rows true).
         class_names: Labels for the confusion-matrix axes.
+        started: ``time.perf_counter()`` at the start of the run: ``report["wall_time_s"]`` is
+            set to the time since, taken after the plots (the last of the report's own work)
+            and before the files are written. None keeps the report's value.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # JSON first: it is what scripts and sweeps read, so no plot failure may cost us it.
     data = to_jsonable(report)
+    # The plots come before the files so the wall time covers them; a plot failure is caught
+    # and logged in _make_plots, so it cannot cost us report.json, what scripts and sweeps read.
+    plots = _make_plots(data, run_dir, histories, confusion, class_names)
+    if started is not None:
+        report["wall_time_s"] = data["wall_time_s"] = time.perf_counter() - started
     atomic_write_text(
         run_dir / "report.json",
         json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
     )
-    plots = _make_plots(data, run_dir, histories, confusion, class_names)
     atomic_write_text(run_dir / "report.md", render_markdown(data, plots))
     log.info("Wrote report to %s", run_dir / "report.md")

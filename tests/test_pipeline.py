@@ -78,6 +78,27 @@ def test_report_has_every_promised_field(sweep: Path) -> None:
     assert f"{report['student']['top1']:.2f}" in md or f"{report['student']['top1']:.1f}" in md
 
 
+def test_report_wall_time_starts_before_the_dataset_load(monkeypatch) -> None:
+    # The clock started after build_context, so a run that spent its time decoding an
+    # ImageFolder dataset (and reused every stage) reported a wall time near zero.
+    from kdcli.stages import pipeline
+
+    def slow_context(cfg):
+        time.sleep(0.3)
+        return "ctx"
+
+    seen = {}
+
+    def run(ctx, started):
+        seen["waited"] = time.perf_counter() - started
+        return {"student": {"top1": 1.0}}
+
+    monkeypatch.setattr(pipeline, "build_context", slow_context)
+    monkeypatch.setattr(pipeline, "run", run)
+    assert pipeline.main(None) == 1.0
+    assert seen["waited"] >= 0.3
+
+
 def test_run_folder_has_checkpoints_metrics_and_log(sweep: Path) -> None:
     run = sweep / "multi" / "0"
     for stage in ("teacher", "student", "baseline"):
