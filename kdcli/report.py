@@ -522,14 +522,22 @@ def _cache_lines(report: Mapping[str, Any]) -> list[str]:
     total = (
         float(per_sample) * float(count) if _is_finite(per_sample) and _is_finite(count) else None
     )
+    views = cache.get("views")
+    if _is_finite(views):
+        # 0: one pass over the plain training images, the student's augmentations not replayed.
+        views = str(int(views)) if int(views) > 0 else "none (plain images)"
     rows = [
-        ["bytes per sample", format_bytes(per_sample)],
-        ["samples", f"{int(count):,}" if _is_finite(count) else _DASH],
-        ["total", format_bytes(total)],
+        ["train samples", f"{int(count):,}" if _is_finite(count) else _DASH],
+        ["cached views per sample", views if isinstance(views, str) else _DASH],
+        ["bytes per train sample", format_bytes(per_sample)],
+        ["train payload", format_bytes(total)],
+        ["entry on disk", format_bytes(cache.get("disk_bytes"))],
         ["storage", str(storage)],
         ["format version", str(cache.get("format_version", _DASH))],
     ]
-    return _table(["soft-label cache", ""], rows, align="ll")
+    return [*_table(["soft-label cache", ""], rows, align="ll"), "",
+            "The train payload is the train file's logits (every view); the entry on disk adds "
+            "the test split's file, the files' headers and `meta.json`."]
 
 
 def _short_target(target: Any) -> str:

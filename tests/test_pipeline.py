@@ -66,6 +66,10 @@ def test_report_has_every_promised_field(sweep: Path) -> None:
             assert isinstance(report[role][key], (int, float)), (role, key)
     assert 0 <= report["student"]["agreement"] <= 100
     assert {"top1", "agreement"} <= set(report["baseline"])
+    entry = Path(report["store"]["cache"])
+    assert report["cache"]["disk_bytes"] == sum(p.stat().st_size for p in entry.iterdir())
+    assert report["cache"]["disk_bytes"] > (report["cache"]["bytes_per_sample"]
+                                            * report["cache"]["num_samples"])
     assert report["compression"]["params_ratio"] == pytest.approx(
         report["teacher"]["params"] / report["student"]["params"])
     assert report["compression"]["latency_speedup"] > 0

@@ -69,6 +69,8 @@ def sample_report() -> dict:
             "format_version": 1,
             "storage": "full",
             "topk": None,
+            "views": 0,
+            "disk_bytes": 330_000,
         },
         "stages": {"teacher": "trained", "cache": "reused", "student": "resumed", "baseline": None},
         "config": {
@@ -162,7 +164,7 @@ def test_write_report_full(tmp_path):
     assert "Latency is the median CPU fp32 batch-1 forward time with 2 CPU threads;" in md
     assert "| teacher | trained |" in md and "| cache | reused |" in md
     assert "| student | resumed |" in md and "| baseline | not run |" in md
-    assert "| bytes per sample | 40 B |" in md and "| storage | full logits |" in md
+    assert "| bytes per train sample | 40 B |" in md and "| storage | full logits |" in md
     assert "HintonLoss (temperature=4.0, ce_weight=0.1, kd_weight=0.9)" in md
     assert "| teacher.epochs | 30 |" in md and "| student.epochs | 20 |" in md
     assert "| torch | 2.15.0 |" in md
@@ -336,3 +338,21 @@ def test_wall_time_covers_the_plots(tmp_path, monkeypatch):
     assert wall >= 1.3 and rep["wall_time_s"] == wall
     md = (tmp_path / "report.md").read_text()
     assert f"Total wall time: {wall:.1f} s (dataset load, every stage" in md
+
+
+def test_cache_rows_say_train_payload_entry_size_and_views(tmp_path):
+    # "total" was the train file's payload alone, ~60 % under the entry on disk, and the views
+    # that multiply the bytes per sample were not shown.
+    rep = sample_report()
+    rep["cache"].update(views=2, bytes_per_sample=80)
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| train samples | 5,000 |" in md
+    assert "| cached views per sample | 2 |" in md
+    assert "| train payload | 391 KiB |" in md  # 80 B x 5000
+    assert "| entry on disk | 322 KiB |" in md
+    assert "| total |" not in md
+    rep["cache"]["views"] = 0
+    write_report(rep, tmp_path)
+    assert "| cached views per sample | none (plain images) |" in (tmp_path / "report.md"
+                                                                    ).read_text()

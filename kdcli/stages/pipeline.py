@@ -112,6 +112,17 @@ def _ensemble_block(blocks: list[dict[str, Any]], logits: torch.Tensor, labels: 
     return block
 
 
+def _cache_block(cache: dict[str, Any]) -> dict[str, Any]:
+    """The soft-label cache's footprint. `bytes_per_sample` and `num_samples` are the train
+    file's payload (every view included); `disk_bytes` is the whole store entry, test file,
+    headers and meta.json included, about 60 % more on a small dataset."""
+    block = {k: cache["meta"].get(k) for k in ("bytes_per_sample", "num_samples",
+                                               "format_version", "storage", "topk", "views")}
+    block["disk_bytes"] = sum(p.stat().st_size for p in cache["entry"].path.rglob("*")
+                              if p.is_file())
+    return block
+
+
 def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
                  pretrained: dict | None, student: dict, baseline: dict | None,
                  started: float) -> dict[str, Any]:
@@ -175,9 +186,7 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
         "baseline": b_block,
         "compression": compression(t_block, s_block),
         "distillation_gain": {"top1": s_block["top1"] - b_block["top1"]} if b_block else None,
-        "cache": {k: cache["meta"].get(k) for k in ("bytes_per_sample", "num_samples",
-                                                    "format_version", "storage", "topk",
-                                                    "views")} if cache is not None else None,
+        "cache": _cache_block(cache) if cache is not None else None,
         "stages": stages,
         "store": {k: str(v["entry"].path) for k, v in entries.items() if v is not None},
         "config": container(ctx.cfg),
