@@ -39,6 +39,8 @@ _CURVES = ("train/loss", "val/top1")
 _STAGE_LABELS = {"teacher": "teacher", "baseline": "from scratch", "student": "distilled student"}
 # One colour per role in every plot, so the student is the same green in curves and bars.
 _STAGE_COLORS = {"teacher": "#4c72b0", "baseline": "#dd8452", "student": "#55a868"}
+# kd's FLOPs count a multiply-add as 2; KD papers' "FLOPs" are often MACs (report.json: macs).
+FLOPS_LABEL = "FLOPs (2 × multiply-adds)"
 
 
 # --------------------------------------------------------------------------- formatting helpers
@@ -440,7 +442,7 @@ def _results_table(report: Mapping[str, Any]) -> list[str]:
     # The baseline is the student architecture trained without KD, so it shares its costs.
     baseline_costs = {
         k: baseline.get(k, student.get(k)) if baseline else None
-        for k in ("params", "flops", "size_bytes", "latency_ms")
+        for k in ("params", "flops", "macs", "size_bytes", "latency_ms")
     }
     models = [teacher, {**baseline, **baseline_costs}, student]
 
@@ -462,7 +464,7 @@ def _results_table(report: Mapping[str, Any]) -> list[str]:
         row("macro-F1 (%)", "macro_f1", _pct),
         row("agreement with teacher (%)", "agreement", _pct, skip_teacher=True),
         row("params", "params", format_count),
-        row("FLOPs", "flops", format_count),
+        row(FLOPS_LABEL, "flops", format_count),
         row("size", "size_bytes", format_bytes),
         row("latency (ms)", "latency_ms", _ms),
         row("train time", "train_time_s", _duration),
@@ -481,7 +483,7 @@ def _compression_table(report: Mapping[str, Any]) -> list[str]:
             _ratio(comp.get("params_ratio")),
         ],
         [
-            "FLOPs",
+            FLOPS_LABEL,
             format_count(teacher.get("flops")),
             format_count(student.get("flops")),
             _ratio(comp.get("flops_ratio")),

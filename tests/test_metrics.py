@@ -192,8 +192,9 @@ def test_latency_leaves_caller_model_untouched():
 
 def test_profile_model_keys():
     profile = profile_model(nn.Linear(10, 5), (10,), warmup=0, iters=2)
-    assert set(profile) == {"params", "flops", "size_bytes", "latency_ms"}
-    assert profile["params"] == 55 and profile["flops"] == 100
+    assert set(profile) == {"params", "flops", "macs", "size_bytes", "latency_ms"}
+    # A multiply-add is 2 FLOPs; papers often quote MACs as "FLOPs", hence both.
+    assert profile["params"] == 55 and profile["flops"] == 100 and profile["macs"] == 50
     assert profile["size_bytes"] > 0 and profile["latency_ms"] > 0
 
 

@@ -62,8 +62,10 @@ def test_report_has_every_promised_field(sweep: Path) -> None:
     run = sweep / "multi" / "0"
     report = read_report(run)
     for role in ("teacher", "student"):
-        for key in ("top1", "top5", "macro_f1", "params", "flops", "size_bytes", "latency_ms"):
+        for key in ("top1", "top5", "macro_f1", "params", "flops", "macs", "size_bytes",
+                    "latency_ms"):
             assert isinstance(report[role][key], (int, float)), (role, key)
+        assert report[role]["macs"] * 2 == report[role]["flops"]
     assert 0 <= report["student"]["agreement"] <= 100
     assert {"top1", "agreement"} <= set(report["baseline"])
     entry = Path(report["store"]["cache"])

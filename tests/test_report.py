@@ -156,7 +156,7 @@ def test_write_report_full(tmp_path):
     assert "| macro-F1 (%) | 79.25 | 64.00 | 70.50 |" in md
     assert "| agreement with teacher (%) | — | 70.00 | 78.50 |" in md
     assert "| params | 0.27M | 54.0K | 54.0K |" in md  # baseline shares the student's costs
-    assert "| FLOPs | 40.8M | 5.1M | 5.1M |" in md
+    assert "| FLOPs (2 × multiply-adds) | 40.8M | 5.1M | 5.1M |" in md
     assert "| size | 1.0 MiB | 215 KiB | 215 KiB |" in md
     assert "| latency (ms) | 4.00 | 1.00 | 1.00 |" in md
     assert "| params | 0.27M | 54.0K | 5.0× |" in md  # compression table

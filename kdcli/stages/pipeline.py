@@ -107,7 +107,7 @@ def _ensemble_block(blocks: list[dict[str, Any]], logits: torch.Tensor, labels: 
     name = "+".join(b["name"] for b in blocks)
     block = {"name": name, **classification_metrics(logits, labels, name=f"teachers {name}"),
              "members": [b["name"] for b in blocks]}
-    for key in ("params", "flops", "size_bytes", "latency_ms", "train_time_s"):
+    for key in ("params", "flops", "macs", "size_bytes", "latency_ms", "train_time_s"):
         block[key] = sum(b[key] for b in blocks)
     return block
 
