@@ -225,6 +225,23 @@ def _save_figure(fig: Any, path: Path) -> None:
     atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
 
 
+def _curve_colors(stages: Any) -> dict[str, Any]:
+    """Each stage's colour: its role's, and for a multi-teacher run's ``teacher-<name>`` stages
+    shades of the teacher's (darker to lighter), so no teacher is drawn in a colour of
+    matplotlib's default cycle, whose second is nearly the baseline's orange."""
+    from matplotlib.colors import to_rgb
+
+    colors: dict[str, Any] = {s: _STAGE_COLORS[s] for s in stages if s in _STAGE_COLORS}
+    teachers = sorted(s for s in stages if s.startswith("teacher-"))
+    base = to_rgb(_STAGE_COLORS["teacher"])
+    for i, stage in enumerate(teachers):
+        # -0.5 (halfway to black) .. +0.5 (halfway to white); one teacher keeps the colour.
+        shade = 0.0 if len(teachers) == 1 else -0.5 + i / (len(teachers) - 1)
+        target = 1.0 if shade > 0 else 0.0
+        colors[stage] = tuple(c + abs(shade) * (target - c) for c in base)
+    return colors
+
+
 def _plot_training_curves(histories: Mapping[str, Path | str], path: Path) -> bool:
     curves = {}
     for stage, csv_path in histories.items():
@@ -239,6 +256,7 @@ def _plot_training_curves(histories: Mapping[str, Path | str], path: Path) -> bo
 
     fig = _new_figure(10, 4)
     axes = dict(zip(_CURVES, fig.subplots(1, 2), strict=True))
+    colors = _curve_colors(curves)
     for stage in sorted(curves, key=lambda s: (*_STAGE_ORDER, s).index(s)):
         for key, (xs, ys) in curves[stage].items():
             if xs:
@@ -247,7 +265,7 @@ def _plot_training_curves(histories: Mapping[str, Path | str], path: Path) -> bo
                     ys,
                     marker=".",
                     label=_STAGE_LABELS.get(stage, stage),
-                    color=_STAGE_COLORS.get(stage),
+                    color=colors.get(stage),
                 )
     axes["train/loss"].set(title="Training loss", xlabel="epoch", ylabel="train/loss")
     axes["val/top1"].set(title="Test top-1 per epoch", xlabel="epoch", ylabel="test top-1 (%)")
@@ -281,7 +299,14 @@ def _plot_accuracy_vs_params(rows: list[tuple[str, str, Any, Any]], path: Path) 
     return True
 
 
+# Above this many classes the confusion matrix labels every k-th class only: all of them
+# overlapped into a solid band at 100 classes.
+_MAX_CLASS_LABELS = 30
+
+
 def _plot_confusion(confusion: Tensor, class_names: list[str] | None, path: Path) -> bool:
+    from matplotlib.ticker import MaxNLocator
+
     matrix = confusion.detach().cpu().long().numpy()
     n = matrix.shape[0]
     names = (
@@ -291,12 +316,17 @@ def _plot_confusion(confusion: Tensor, class_names: list[str] | None, path: Path
     fig = _new_figure(size + 1, size)
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues")
-    fig.colorbar(image, ax=ax, shrink=0.8, label="samples")
-    ax.set_xticks(range(n), names, rotation=45, ha="right")
-    ax.set_yticks(range(n), names)
-    ax.set(
-        title="Confusion matrix (distilled student)", xlabel="predicted class", ylabel="true class"
-    )
+    # Counts are whole samples: no 0.25, 1.25, ... ticks on the colour bar.
+    fig.colorbar(image, ax=ax, shrink=0.8, label="samples", ticks=MaxNLocator(integer=True))
+    step = -(-n // _MAX_CLASS_LABELS)  # ceil: at most _MAX_CLASS_LABELS labels per axis
+    ticks = range(0, n, step)
+    labels = [names[i] if step == 1 else f"{i}: {names[i]}" for i in ticks]
+    ax.set_xticks(ticks, labels, rotation=45 if step == 1 else 90,
+                  ha="right" if step == 1 else "center")
+    ax.set_yticks(ticks, labels)
+    every = "" if step == 1 else f" (every {step}th labelled)"
+    ax.set(title="Confusion matrix (distilled student)", xlabel=f"predicted class{every}",
+           ylabel=f"true class{every}")
     if n <= 20:  # beyond this the numbers overlap and the colours carry the message
         threshold = matrix.max() / 2 if matrix.size else 0
         for i in range(n):

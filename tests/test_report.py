@@ -356,3 +356,47 @@ def test_cache_rows_say_train_payload_entry_size_and_views(tmp_path):
     write_report(rep, tmp_path)
     assert "| cached views per sample | none (plain images) |" in (tmp_path / "report.md"
                                                                     ).read_text()
+
+
+def test_confusion_matrix_of_many_classes_labels_every_kth_with_integer_colour_ticks(
+        tmp_path, monkeypatch):
+    # At 100 classes every tick label was drawn and they overlapped into a solid band; the
+    # colour bar showed fractional "samples" (0.25, 1.25, ...).
+    figures = drawn_figures(monkeypatch)
+    confusion = torch.zeros(100, 100, dtype=torch.long)
+    confusion[torch.arange(100), torch.arange(100)] = torch.arange(100) % 3  # counts 0..2
+    write_report(sample_report(), tmp_path, confusion=confusion,
+                 class_names=[f"class{i}" for i in range(100)])
+    ax, colorbar = figures["confusion_matrix.png"].axes
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert 10 <= len(labels) <= 30 and labels[:2] == ["0: class0", "4: class4"]
+    assert "every 4th labelled" in ax.get_xlabel()
+    ticks = [t for t in colorbar.get_yticks() if 0 <= t <= 2]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    figures.clear()
+    write_report(sample_report(), tmp_path, confusion=torch.tensor([[5, 1], [2, 7]]),
+                 class_names=["cat", "dog"])
+    ax = figures["confusion_matrix.png"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog"]
+
+
+def test_multi_teacher_curves_are_shades_of_the_teacher_colour(tmp_path, monkeypatch):
+    # teacher-<name> stages took matplotlib's default cycle: the second teacher was drawn in
+    # nearly the baseline's orange.
+    from matplotlib.colors import to_rgb
+
+    figures = drawn_figures(monkeypatch)
+    histories = write_histories(tmp_path)
+    teacher = histories.pop("teacher")
+    baseline = tmp_path / "baseline.csv"
+    baseline.write_text(teacher.read_text())
+    histories.update({"teacher-mlp": teacher, "teacher-tiny_cnn-wide": teacher,
+                      "baseline": baseline})
+    write_report(sample_report(), tmp_path, histories=histories)
+    lines = {line.get_label(): to_rgb(line.get_color())
+             for line in figures["training_curves.png"].axes[0].get_lines()}
+    shades = [lines["teacher-mlp"], lines["teacher-tiny_cnn-wide"]]
+    assert shades[0] != shades[1]
+    for r, g, b in shades:
+        assert b > r and b > g  # blue, as the teacher
+    assert lines["from scratch"] == to_rgb("#dd8452") not in shades
