@@ -4,7 +4,9 @@ A PATH is a run folder (it holds ``report.json``), a multirun folder (its number
 folder with runs somewhere below it (``store`` folders and hidden folders are skipped). Each row
 shows the run's command-line overrides that differ between the runs compared, then the
 student's top-1 and agreement, the from-scratch baseline and what distillation gained over it,
-the teacher, the student's size and latency, and the wall time. The table is printed, and
+the teacher, the student's size and latency, the latency speed-up over the teacher (timed in
+turn within the run, so it compares across runs where the absolute latencies do not), and the
+wall time. The table is printed, and
 written as ``summary.csv`` (for machines) and ``summary.md`` (best student top-1 in bold).
 
 ``SummaryCallback`` writes the same summary into the sweep folder at the end of every multirun
@@ -112,14 +114,23 @@ METRICS = (
            higher_is_better=False),
     Metric("student/latency_ms", "latency ms", lambda r: _value(r, "student", "latency_ms"),
            lambda x: _DASH if x is None else f"{x:.2f}", higher_is_better=False),
+    # Teacher / student latency, the two timed in turn in one session: unlike the absolute
+    # latencies of runs timed at different moments, comparable between rows.
+    Metric("compression/latency_speedup", "speed-up",
+           lambda r: _value(r, "compression", "latency_speedup"),
+           lambda x: _DASH if x is None else f"{x:.1f}×"),
     Metric("wall_time_s", "wall time", lambda r: _value(r, None, "wall_time_s"), _time,
            higher_is_better=False),
 )
 BEST = "student/top1"  # the column whose best value is marked
+LATENCY_NOTE = ("latency: the student's, batch 1 on the CPU; each run timed it in its own "
+                "session under that moment's machine load, so compare runs by the speed-up "
+                "(teacher / student latency, the two timed in turn in one session).")
 # `--sort` names: short aliases of the metric columns, or "run" for path order (the default).
 SORT_KEYS = {"run": None, "top1": "student/top1", "agreement": "student/agreement",
              "baseline": "baseline/top1", "gain": "gain/top1", "teacher": "teacher/top1",
              "params": "student/params", "latency": "student/latency_ms",
+             "speedup": "compression/latency_speedup",
              "wall_time": "wall_time_s"}
 
 
@@ -308,8 +319,8 @@ def to_markdown(summary: Summary) -> str:
         "",
         f"{_count_runs(summary)} under `{summary.base}`. Override columns show only the "
         f"settings that differ between runs ({MISSING}: not set). Accuracies in %; gain = "
-        "student top-1 − baseline (from scratch) top-1; latency: batch 1 on the CPU. "
-        "Best student top-1 in bold.",
+        f"student top-1 − baseline (from scratch) top-1; {LATENCY_NOTE} Best student top-1 "
+        "in bold.",
         "",
         "| " + " | ".join(map(_md_cell, header)) + " |",
         "| " + " | ".join(align) + " |",
@@ -337,7 +348,7 @@ def to_table(summary: Summary) -> Table:
     best = summary.best()
     failed = bool(summary.failed)
     table = Table(title=f"{_count_runs(summary).rstrip(',')} under {summary.base}",
-                  caption="gain = student top-1 − baseline top-1 (points)")
+                  caption=f"gain = student top-1 − baseline top-1 (points); {LATENCY_NOTE}")
     for key in summary.keys:
         table.add_column(key, style="cyan")
     for m in METRICS:
@@ -390,7 +401,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="kd report",
         description="Compare finished runs: one row per run, the overrides that differ between "
-                    "them, student/baseline/teacher top-1, size, latency, wall time. Writes "
+                    "them, student/baseline/teacher top-1, size, latency and its speed-up "
+                    "over the teacher, wall time. Writes "
                     "summary.csv and summary.md.")
     parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
                         help="a run folder, a multirun folder, or any folder holding runs")

@@ -15,6 +15,7 @@ import csv
 import functools
 import io
 import logging
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -328,14 +329,16 @@ def fit(
             from kdcli.metrics import classification_metrics
 
             logits, labels = predict(model, val_loader, runtime)
-            row["val/top1"] = classification_metrics(logits, labels)["top1"]
+            row["val/top1"] = classification_metrics(logits, labels, name=label)["top1"]
         row.update(time_s=stats.time_s, images_per_s=stats.images_per_s)
         history.append(row)
         if on_row is not None:
             on_row(row)
         top1 = row.get("val/top1", row["train/top1"])
-        if top1 > best_top1:
-            best_top1 = top1
+        # A NaN top-1 (non-finite logits) is never better, but until an epoch scores, the
+        # latest one stands as best.pt: the stage's outputs must include one.
+        if top1 > best_top1 or (best_top1 < 0 and not math.isfinite(top1)):
+            best_top1 = top1 if math.isfinite(top1) else best_top1
             checkpoint.save({"model": model.state_dict(), "epoch": epoch,
                              "val_top1": top1, **(checkpoint_extra or {})}, best_path)
         checkpoint.save(snapshot(epoch), last_path)

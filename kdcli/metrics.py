@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
 import statistics
 import time
 from typing import Any
@@ -78,18 +79,29 @@ def macro_f1(confusion: Tensor) -> float:
 
 @torch.no_grad()
 def classification_metrics(
-    logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None
-) -> dict[str, float]:
+    logits: Tensor, targets: Tensor, teacher_logits: Tensor | None = None, *,
+    name: str = "model",
+) -> dict[str, float | None]:
     """Top-1, top-5, macro-F1 and (optionally) agreement with the teacher, all in percent.
+
+    Every prediction is the row's ``argmax`` (the first of tied maxima), the rule the confusion
+    matrix and the teacher's side of the agreement use too: ``topk`` breaks ties differently,
+    and bf16 logits tie often enough that a model compared with itself read 89 % agreement.
+    A top-5 hit is "target among the 5 largest or the argmax", so top-5 >= top-1 under ties.
 
     Args:
         logits: Model outputs, shape ``(N, C)``.
         targets: True class indices, shape ``(N,)``.
         teacher_logits: Teacher outputs ``(N, C)``; adds ``agreement``, the share of samples
             whose argmax matches the teacher's.
+        name: The model, for the warning about non-finite logits.
 
     Returns:
-        ``{"top1", "top5", "macro_f1"[, "agreement"]}``; ``top5`` is top-``min(5, C)``.
+        ``{"top1", "top5", "macro_f1"[, "agreement"]}``. ``top5`` is None with 5 classes or
+        fewer, where the top 5 hold every class and it would read 100 % for any model. With a
+        non-finite logit (an fp16/bf16 overflow at eval time) the metrics are NaN, with a
+        warning: the argmax of a NaN row is an arbitrary class, and its plausible-looking
+        accuracy would hide the overflow.
     """
     if logits.ndim != 2:
         raise ValueError(f"logits must be (N, C), got {tuple(logits.shape)}")
@@ -98,30 +110,54 @@ def classification_metrics(
     n, num_classes = logits.shape
     if targets.numel() != n:
         raise ValueError(f"{n} logits rows but {targets.numel()} targets")
+    if teacher_logits is not None and tuple(teacher_logits.shape) != (n, num_classes):
+        raise ValueError(
+            f"teacher_logits {tuple(teacher_logits.shape)} do not match logits "
+            f"{(n, num_classes)}"
+        )
+    has_top5 = num_classes > 5
     if n == 0:
-        out = {"top1": 0.0, "top5": 0.0, "macro_f1": 0.0}
+        out: dict[str, float | None] = {"top1": 0.0, "top5": 0.0 if has_top5 else None,
+                                        "macro_f1": 0.0}
         if teacher_logits is not None:
             out["agreement"] = 0.0
         return out
 
-    k = min(5, num_classes)
-    topk = logits.topk(k, dim=1).indices  # (N, k), column 0 is the argmax
-    hits = topk.eq(targets.unsqueeze(1))
-    preds = topk[:, 0]
+    bad = _non_finite_rows(logits)
+    bad_teacher = 0 if teacher_logits is None else _non_finite_rows(teacher_logits.detach())
+    if bad:
+        log.warning("%s: %d of %d rows of logits are not finite (NaN or inf, an overflow?); "
+                    "its metrics are NaN", name, bad, n)
+        nan = math.nan
+        out = {"top1": nan, "top5": nan if has_top5 else None, "macro_f1": nan}
+        if teacher_logits is not None:
+            out["agreement"] = nan
+        return out
+
+    preds = logits.argmax(dim=1)
+    correct = preds.eq(targets)
     out = {
-        "top1": float(hits[:, 0].float().mean().item() * 100.0),
-        "top5": float(hits.any(dim=1).float().mean().item() * 100.0),
+        "top1": float(correct.float().mean().item() * 100.0),
+        "top5": None,
         "macro_f1": macro_f1(confusion_matrix(preds, targets, num_classes)),
     }
+    if has_top5:
+        in_top5 = logits.topk(5, dim=1).indices.eq(targets.unsqueeze(1)).any(dim=1)
+        out["top5"] = float((in_top5 | correct).float().mean().item() * 100.0)
     if teacher_logits is not None:
-        teacher_preds = teacher_logits.detach().argmax(dim=1).to(preds.device)
-        if teacher_preds.shape != preds.shape:
-            raise ValueError(
-                f"teacher_logits {tuple(teacher_logits.shape)} do not match logits "
-                f"{(n, num_classes)}"
-            )
-        out["agreement"] = float(preds.eq(teacher_preds).float().mean().item() * 100.0)
+        if bad_teacher:
+            log.warning("%s: %d of %d rows of the teacher's logits are not finite; the "
+                        "agreement with it is NaN", name, bad_teacher, n)
+            out["agreement"] = math.nan
+        else:
+            teacher_preds = teacher_logits.detach().argmax(dim=1).to(preds.device)
+            out["agreement"] = float(preds.eq(teacher_preds).float().mean().item() * 100.0)
     return out
+
+
+def _non_finite_rows(logits: Tensor) -> int:
+    """How many rows of ``(N, C)`` logits hold a NaN or an infinity."""
+    return int((~torch.isfinite(logits)).any(dim=1).sum().item())
 
 
 def count_params(model: nn.Module) -> int:
@@ -264,12 +300,16 @@ def profile_model(
         **latency_kwargs: Passed to :func:`measure_latency_ms` (``warmup``, ``iters``).
 
     Returns:
-        ``{"params", "flops", "size_bytes", "latency_ms"}`` (no ``latency_ms`` without
-        `latency`).
+        ``{"params", "flops", "macs", "size_bytes", "latency_ms"}`` (no ``latency_ms`` without
+        `latency`). ``flops`` counts a multiply-add as 2; ``macs`` (= flops / 2) is what CIFAR
+        KD papers quote as "FLOPs" (resnet20: 40.8M MACs, 81.6M FLOPs), so a reader comparing
+        with a paper does not see twice the cost.
     """
+    flops = count_flops(model, input_shape)
     profile: dict[str, float | int] = {
         "params": count_params(model),
-        "flops": count_flops(model, input_shape),
+        "flops": flops,
+        "macs": flops // 2,
         "size_bytes": model_size_bytes(model),
     }
     if latency:

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ _CURVES = ("train/loss", "val/top1")
 _STAGE_LABELS = {"teacher": "teacher", "baseline": "from scratch", "student": "distilled student"}
 # One colour per role in every plot, so the student is the same green in curves and bars.
 _STAGE_COLORS = {"teacher": "#4c72b0", "baseline": "#dd8452", "student": "#55a868"}
+# kd's FLOPs count a multiply-add as 2; KD papers' "FLOPs" are often MACs (report.json: macs).
+FLOPS_LABEL = "FLOPs (2 × multiply-adds)"
 
 
 # --------------------------------------------------------------------------- formatting helpers
@@ -222,6 +225,23 @@ def _save_figure(fig: Any, path: Path) -> None:
     atomic_write(path, lambda fh: fh.write(buffer.getvalue()))
 
 
+def _curve_colors(stages: Any) -> dict[str, Any]:
+    """Each stage's colour: its role's, and for a multi-teacher run's ``teacher-<name>`` stages
+    shades of the teacher's (darker to lighter), so no teacher is drawn in a colour of
+    matplotlib's default cycle, whose second is nearly the baseline's orange."""
+    from matplotlib.colors import to_rgb
+
+    colors: dict[str, Any] = {s: _STAGE_COLORS[s] for s in stages if s in _STAGE_COLORS}
+    teachers = sorted(s for s in stages if s.startswith("teacher-"))
+    base = to_rgb(_STAGE_COLORS["teacher"])
+    for i, stage in enumerate(teachers):
+        # -0.5 (halfway to black) .. +0.5 (halfway to white); one teacher keeps the colour.
+        shade = 0.0 if len(teachers) == 1 else -0.5 + i / (len(teachers) - 1)
+        target = 1.0 if shade > 0 else 0.0
+        colors[stage] = tuple(c + abs(shade) * (target - c) for c in base)
+    return colors
+
+
 def _plot_training_curves(histories: Mapping[str, Path | str], path: Path) -> bool:
     curves = {}
     for stage, csv_path in histories.items():
@@ -236,6 +256,7 @@ def _plot_training_curves(histories: Mapping[str, Path | str], path: Path) -> bo
 
     fig = _new_figure(10, 4)
     axes = dict(zip(_CURVES, fig.subplots(1, 2), strict=True))
+    colors = _curve_colors(curves)
     for stage in sorted(curves, key=lambda s: (*_STAGE_ORDER, s).index(s)):
         for key, (xs, ys) in curves[stage].items():
             if xs:
@@ -244,10 +265,10 @@ def _plot_training_curves(histories: Mapping[str, Path | str], path: Path) -> bo
                     ys,
                     marker=".",
                     label=_STAGE_LABELS.get(stage, stage),
-                    color=_STAGE_COLORS.get(stage),
+                    color=colors.get(stage),
                 )
     axes["train/loss"].set(title="Training loss", xlabel="epoch", ylabel="train/loss")
-    axes["val/top1"].set(title="Validation top-1", xlabel="epoch", ylabel="val/top1 (%)")
+    axes["val/top1"].set(title="Test top-1 per epoch", xlabel="epoch", ylabel="test top-1 (%)")
     for ax in axes.values():
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -278,7 +299,14 @@ def _plot_accuracy_vs_params(rows: list[tuple[str, str, Any, Any]], path: Path) 
     return True
 
 
+# Above this many classes the confusion matrix labels every k-th class only: all of them
+# overlapped into a solid band at 100 classes.
+_MAX_CLASS_LABELS = 30
+
+
 def _plot_confusion(confusion: Tensor, class_names: list[str] | None, path: Path) -> bool:
+    from matplotlib.ticker import MaxNLocator
+
     matrix = confusion.detach().cpu().long().numpy()
     n = matrix.shape[0]
     names = (
@@ -288,12 +316,17 @@ def _plot_confusion(confusion: Tensor, class_names: list[str] | None, path: Path
     fig = _new_figure(size + 1, size)
     ax = fig.subplots()
     image = ax.imshow(matrix, cmap="Blues")
-    fig.colorbar(image, ax=ax, shrink=0.8, label="samples")
-    ax.set_xticks(range(n), names, rotation=45, ha="right")
-    ax.set_yticks(range(n), names)
-    ax.set(
-        title="Confusion matrix (distilled student)", xlabel="predicted class", ylabel="true class"
-    )
+    # Counts are whole samples: no 0.25, 1.25, ... ticks on the colour bar.
+    fig.colorbar(image, ax=ax, shrink=0.8, label="samples", ticks=MaxNLocator(integer=True))
+    step = -(-n // _MAX_CLASS_LABELS)  # ceil: at most _MAX_CLASS_LABELS labels per axis
+    ticks = range(0, n, step)
+    labels = [names[i] if step == 1 else f"{i}: {names[i]}" for i in ticks]
+    ax.set_xticks(ticks, labels, rotation=45 if step == 1 else 90,
+                  ha="right" if step == 1 else "center")
+    ax.set_yticks(ticks, labels)
+    every = "" if step == 1 else f" (every {step}th labelled)"
+    ax.set(title="Confusion matrix (distilled student)", xlabel=f"predicted class{every}",
+           ylabel=f"true class{every}")
     if n <= 20:  # beyond this the numbers overlap and the colours carry the message
         threshold = matrix.max() / 2 if matrix.size else 0
         for i in range(n):
@@ -439,7 +472,7 @@ def _results_table(report: Mapping[str, Any]) -> list[str]:
     # The baseline is the student architecture trained without KD, so it shares its costs.
     baseline_costs = {
         k: baseline.get(k, student.get(k)) if baseline else None
-        for k in ("params", "flops", "size_bytes", "latency_ms")
+        for k in ("params", "flops", "macs", "size_bytes", "latency_ms")
     }
     models = [teacher, {**baseline, **baseline_costs}, student]
 
@@ -461,7 +494,7 @@ def _results_table(report: Mapping[str, Any]) -> list[str]:
         row("macro-F1 (%)", "macro_f1", _pct),
         row("agreement with teacher (%)", "agreement", _pct, skip_teacher=True),
         row("params", "params", format_count),
-        row("FLOPs", "flops", format_count),
+        row(FLOPS_LABEL, "flops", format_count),
         row("size", "size_bytes", format_bytes),
         row("latency (ms)", "latency_ms", _ms),
         row("train time", "train_time_s", _duration),
@@ -480,7 +513,7 @@ def _compression_table(report: Mapping[str, Any]) -> list[str]:
             _ratio(comp.get("params_ratio")),
         ],
         [
-            "FLOPs",
+            FLOPS_LABEL,
             format_count(teacher.get("flops")),
             format_count(student.get("flops")),
             _ratio(comp.get("flops_ratio")),
@@ -521,14 +554,22 @@ def _cache_lines(report: Mapping[str, Any]) -> list[str]:
     total = (
         float(per_sample) * float(count) if _is_finite(per_sample) and _is_finite(count) else None
     )
+    views = cache.get("views")
+    if _is_finite(views):
+        # 0: one pass over the plain training images, the student's augmentations not replayed.
+        views = str(int(views)) if int(views) > 0 else "none (plain images)"
     rows = [
-        ["bytes per sample", format_bytes(per_sample)],
-        ["samples", f"{int(count):,}" if _is_finite(count) else _DASH],
-        ["total", format_bytes(total)],
+        ["train samples", f"{int(count):,}" if _is_finite(count) else _DASH],
+        ["cached views per sample", views if isinstance(views, str) else _DASH],
+        ["bytes per train sample", format_bytes(per_sample)],
+        ["train payload", format_bytes(total)],
+        ["entry on disk", format_bytes(cache.get("disk_bytes"))],
         ["storage", str(storage)],
         ["format version", str(cache.get("format_version", _DASH))],
     ]
-    return _table(["soft-label cache", ""], rows, align="ll")
+    return [*_table(["soft-label cache", ""], rows, align="ll"), "",
+            "The train payload is the train file's logits (every view); the entry on disk adds "
+            "the test split's file, the files' headers and `meta.json`."]
 
 
 def _short_target(target: Any) -> str:
@@ -616,14 +657,17 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     if (line := _dataset_line(report)) is not None:
         lines += [line, ""]
     if _is_finite(report.get("wall_time_s")):
-        lines += [f"Total wall time: {_duration(report['wall_time_s'])}.", ""]
+        lines += [f"Total wall time: {_duration(report['wall_time_s'])} (dataset load, every "
+                  "stage run or reused, the report's profiling, timing and plots).", ""]
 
     lines += ["## Results", ""]
     lines += _results_table(report)
     lines += [
         "",
         (
-            "Accuracy metrics in percent on the test split. Latency is the median CPU fp32 "
+            "Accuracy metrics in percent on the test split, of each model's final weights "
+            "(`last.pt`; `best.pt` is the epoch with the best test top-1, so its figures are "
+            "chosen on the test split). Latency is the median CPU fp32 "
             f"batch-1 forward time{_threads(report)}; the from-scratch baseline shares the "
             "student's architecture and costs."
         ),
@@ -696,6 +740,7 @@ def write_report(
     histories: dict[str, Path] | None = None,
     confusion: Tensor | None = None,
     class_names: list[str] | None = None,
+    started: float | None = None,
 ) -> None:
     """Writes ``report.json``, ``report.md`` and ``plots/*.png`` into ``run_dir``.
 
@@ -709,15 +754,21 @@ def write_report(
             columns ``epoch``, ``train/loss``, ``val/top1``.
         confusion: The distilled student's ``(C, C)`` test confusion matrix (rows true).
         class_names: Labels for the confusion-matrix axes.
+        started: ``time.perf_counter()`` at the start of the run: ``report["wall_time_s"]`` is
+            set to the time since, taken after the plots (the last of the report's own work)
+            and before the files are written. None keeps the report's value.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    # JSON first: it is what scripts and sweeps read, so no plot failure may cost us it.
     data = to_jsonable(report)
+    # The plots come before the files so the wall time covers them; a plot failure is caught
+    # and logged in _make_plots, so it cannot cost us report.json, what scripts and sweeps read.
+    plots = _make_plots(data, run_dir, histories, confusion, class_names)
+    if started is not None:
+        report["wall_time_s"] = data["wall_time_s"] = time.perf_counter() - started
     atomic_write_text(
         run_dir / "report.json",
         json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
     )
-    plots = _make_plots(data, run_dir, histories, confusion, class_names)
     atomic_write_text(run_dir / "report.md", render_markdown(data, plots))
     log.info("Wrote report to %s", run_dir / "report.md")

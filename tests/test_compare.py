@@ -153,14 +153,14 @@ def test_tensorboard_events_per_trained_stage(sweep: Path) -> None:
 # --------------------------------------------------------------------------- no subprocess
 
 
-def _fake_run(path: Path, overrides: list[str], top1: float | None, baseline: float = 50.0
-              ) -> None:
+def _fake_run(path: Path, overrides: list[str], top1: float | None, baseline: float = 50.0,
+              speedup: float | None = 2.0) -> None:
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     student = {"top1": top1, "agreement": 80.0, "params": 1000, "latency_ms": 0.5}
     (path / "report.json").write_text(json.dumps({
         "student": student, "baseline": {"top1": baseline}, "teacher": {"top1": 70.0},
-        "wall_time_s": 12.0}))
+        "compression": {"latency_speedup": speedup}, "wall_time_s": 12.0}))
 
 
 def test_collect_columns_missing_overrides_and_sort(tmp_path: Path) -> None:
@@ -177,6 +177,19 @@ def test_collect_columns_missing_overrides_and_sort(tmp_path: Path) -> None:
     assert summary.rows[2].metrics["gain/top1"] is None
     md = to_markdown(summary)
     assert "**65.00**" in md and "**60.00**" not in md
+
+
+def test_summary_shows_the_in_run_speedup_and_says_why(tmp_path: Path) -> None:
+    # Absolute latencies of runs timed at different moments differ for the same student
+    # (0.28 vs 0.54 ms); the teacher/student speed-up, timed in turn in each run, compares.
+    _fake_run(tmp_path / "a", ["loss=dkd"], 60.0, speedup=1.75)
+    _fake_run(tmp_path / "b", ["loss=dist"], 65.0, speedup=None)
+    summary = collect([tmp_path], sort="speedup")
+    assert [r.metrics["compression/latency_speedup"] for r in summary.rows] == [1.75, None]
+    md = to_markdown(summary)
+    assert "| speed-up |" in md and "| 1.8× |" in md
+    assert "compare runs by the speed-up" in md
+    assert "compression/latency_speedup" in compare.to_csv(summary).splitlines()[0]
 
 
 def test_callback_never_fails_the_sweep(tmp_path: Path, caplog: pytest.LogCaptureFixture

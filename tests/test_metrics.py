@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -29,12 +32,61 @@ LOGITS = torch.tensor(
 TARGETS = torch.tensor([0, 1, 2, 1])
 
 
-def test_top1_top5_and_types():
+def test_top1_and_types():
     m = classification_metrics(LOGITS, TARGETS)
     assert set(m) == {"top1", "top5", "macro_f1"}
-    assert all(type(v) is float for v in m.values())
+    assert type(m["top1"]) is float and type(m["macro_f1"]) is float
     assert m["top1"] == pytest.approx(50.0)  # samples 0 and 3
-    assert m["top5"] == pytest.approx(100.0)  # top-min(5, 3) = top-3 covers every class
+
+
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_top5_is_none_with_five_classes_or_fewer(num_classes):
+    # The top 5 of 5 classes hold every class: random logits scored 100 % top-5.
+    logits = torch.randn(20, num_classes)
+    m = classification_metrics(logits, torch.randint(0, num_classes, (20,)))
+    assert m["top5"] is None
+    assert classification_metrics(logits[:0], torch.zeros(0))["top5"] is None
+
+
+def test_ties_are_broken_by_argmax_everywhere():
+    # bf16-rounded logits tie often; topk's first column and argmax pick different classes on
+    # a tie, so a model compared with itself read 89 % agreement and top-1 disagreed with the
+    # confusion matrix (built from argmax).
+    torch.manual_seed(0)
+    logits = torch.randn(2000, 10).round()  # integers in a narrow range: many tied maxima
+    targets = torch.randint(0, 10, (2000,))
+    tied = (logits == logits.max(dim=1, keepdim=True).values).sum(dim=1) > 1
+    assert tied.float().mean() > 0.1
+    m = classification_metrics(logits, targets, teacher_logits=logits)
+    assert m["agreement"] == 100.0
+    preds = logits.argmax(dim=1)
+    assert m["top1"] == pytest.approx(preds.eq(targets).float().mean().item() * 100)
+    cm = confusion_matrix(preds, targets, 10)
+    assert m["top1"] == pytest.approx(cm.diagonal().sum().item() / 2000 * 100)
+    assert m["top5"] >= m["top1"]
+
+
+def test_top5_counts_an_argmax_tied_out_of_the_top5():
+    # Six classes tied: topk(5) may leave out class 0, which argmax (the prediction) picks.
+    logits = torch.zeros(1, 6)
+    m = classification_metrics(logits, torch.tensor([0]))
+    assert m["top1"] == 100.0 and m["top5"] == 100.0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_logits_give_nan_metrics_and_a_warning(bad, caplog):
+    # An all-NaN row's argmax is class 0: the metrics looked plausible and hid the overflow.
+    logits = torch.randn(8, 10)
+    logits[3, 2] = bad
+    targets = torch.zeros(8, dtype=torch.long)
+    with caplog.at_level(logging.WARNING, logger="kdcli.metrics"):
+        m = classification_metrics(logits, targets, teacher_logits=torch.randn(8, 10),
+                                   name="student resnet8")
+    assert all(math.isnan(m[k]) for k in ("top1", "top5", "macro_f1", "agreement"))
+    assert "student resnet8: 1 of 8 rows of logits are not finite" in caplog.text
+    nan_teacher = torch.full((8, 10), math.nan)
+    m = classification_metrics(torch.randn(8, 10), targets, teacher_logits=nan_teacher)
+    assert math.isnan(m["agreement"]) and not math.isnan(m["top1"])
 
 
 def test_top5_uses_five_when_more_classes():
@@ -83,7 +135,7 @@ def test_agreement_with_teacher():
 
 
 def test_perfect_predictions():
-    m = classification_metrics(torch.eye(3) * 4, torch.tensor([0, 1, 2]))
+    m = classification_metrics(torch.eye(6) * 4, torch.arange(6))
     assert m == pytest.approx({"top1": 100.0, "top5": 100.0, "macro_f1": 100.0})
 
 
@@ -140,8 +192,9 @@ def test_latency_leaves_caller_model_untouched():
 
 def test_profile_model_keys():
     profile = profile_model(nn.Linear(10, 5), (10,), warmup=0, iters=2)
-    assert set(profile) == {"params", "flops", "size_bytes", "latency_ms"}
-    assert profile["params"] == 55 and profile["flops"] == 100
+    assert set(profile) == {"params", "flops", "macs", "size_bytes", "latency_ms"}
+    # A multiply-add is 2 FLOPs; papers often quote MACs as "FLOPs", hence both.
+    assert profile["params"] == 55 and profile["flops"] == 100 and profile["macs"] == 50
     assert profile["size_bytes"] > 0 and profile["latency_ms"] > 0
 
 

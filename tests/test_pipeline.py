@@ -62,10 +62,16 @@ def test_report_has_every_promised_field(sweep: Path) -> None:
     run = sweep / "multi" / "0"
     report = read_report(run)
     for role in ("teacher", "student"):
-        for key in ("top1", "top5", "macro_f1", "params", "flops", "size_bytes", "latency_ms"):
+        for key in ("top1", "top5", "macro_f1", "params", "flops", "macs", "size_bytes",
+                    "latency_ms"):
             assert isinstance(report[role][key], (int, float)), (role, key)
+        assert report[role]["macs"] * 2 == report[role]["flops"]
     assert 0 <= report["student"]["agreement"] <= 100
     assert {"top1", "agreement"} <= set(report["baseline"])
+    entry = Path(report["store"]["cache"])
+    assert report["cache"]["disk_bytes"] == sum(p.stat().st_size for p in entry.iterdir())
+    assert report["cache"]["disk_bytes"] > (report["cache"]["bytes_per_sample"]
+                                            * report["cache"]["num_samples"])
     assert report["compression"]["params_ratio"] == pytest.approx(
         report["teacher"]["params"] / report["student"]["params"])
     assert report["compression"]["latency_speedup"] > 0
@@ -76,6 +82,27 @@ def test_report_has_every_promised_field(sweep: Path) -> None:
     md = (run / "report.md").read_text()
     assert "Teacher" in md or "teacher" in md
     assert f"{report['student']['top1']:.2f}" in md or f"{report['student']['top1']:.1f}" in md
+
+
+def test_report_wall_time_starts_before_the_dataset_load(monkeypatch) -> None:
+    # The clock started after build_context, so a run that spent its time decoding an
+    # ImageFolder dataset (and reused every stage) reported a wall time near zero.
+    from kdcli.stages import pipeline
+
+    def slow_context(cfg):
+        time.sleep(0.3)
+        return "ctx"
+
+    seen = {}
+
+    def run(ctx, started):
+        seen["waited"] = time.perf_counter() - started
+        return {"student": {"top1": 1.0}}
+
+    monkeypatch.setattr(pipeline, "build_context", slow_context)
+    monkeypatch.setattr(pipeline, "run", run)
+    assert pipeline.main(None) == 1.0
+    assert seen["waited"] >= 0.3
 
 
 def test_run_folder_has_checkpoints_metrics_and_log(sweep: Path) -> None:

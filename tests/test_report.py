@@ -69,6 +69,8 @@ def sample_report() -> dict:
             "format_version": 1,
             "storage": "full",
             "topk": None,
+            "views": 0,
+            "disk_bytes": 330_000,
         },
         "stages": {"teacher": "trained", "cache": "reused", "student": "resumed", "baseline": None},
         "config": {
@@ -154,7 +156,7 @@ def test_write_report_full(tmp_path):
     assert "| macro-F1 (%) | 79.25 | 64.00 | 70.50 |" in md
     assert "| agreement with teacher (%) | — | 70.00 | 78.50 |" in md
     assert "| params | 0.27M | 54.0K | 54.0K |" in md  # baseline shares the student's costs
-    assert "| FLOPs | 40.8M | 5.1M | 5.1M |" in md
+    assert "| FLOPs (2 × multiply-adds) | 40.8M | 5.1M | 5.1M |" in md
     assert "| size | 1.0 MiB | 215 KiB | 215 KiB |" in md
     assert "| latency (ms) | 4.00 | 1.00 | 1.00 |" in md
     assert "| params | 0.27M | 54.0K | 5.0× |" in md  # compression table
@@ -162,7 +164,7 @@ def test_write_report_full(tmp_path):
     assert "Latency is the median CPU fp32 batch-1 forward time with 2 CPU threads;" in md
     assert "| teacher | trained |" in md and "| cache | reused |" in md
     assert "| student | resumed |" in md and "| baseline | not run |" in md
-    assert "| bytes per sample | 40 B |" in md and "| storage | full logits |" in md
+    assert "| bytes per train sample | 40 B |" in md and "| storage | full logits |" in md
     assert "HintonLoss (temperature=4.0, ce_weight=0.1, kd_weight=0.9)" in md
     assert "| teacher.epochs | 30 |" in md and "| student.epochs | 20 |" in md
     assert "| torch | 2.15.0 |" in md
@@ -274,3 +276,127 @@ def test_atomic_write_keeps_previous_report(tmp_path, monkeypatch):
     assert (tmp_path / "report.md").read_bytes() == before_md
     assert sorted(p.name for p in tmp_path.iterdir()) == files_before
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_missing_top5_and_nan_metrics_read_as_dashes(tmp_path):
+    # top5 is None with 5 classes or fewer, and every metric NaN for non-finite logits
+    # (kdcli.metrics): null in the JSON, "—" in the Markdown, never a number.
+    rep = sample_report()
+    for role in ("teacher", "student", "baseline"):
+        rep[role]["top5"] = None
+    rep["student"].update(top1=float("nan"), macro_f1=float("nan"), agreement=float("nan"))
+    write_report(rep, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["student"]["top1"] is None and data["teacher"]["top5"] is None
+    md = (tmp_path / "report.md").read_text()
+    assert "| top-5 (%) | — | — | — |" in md
+    assert "| top-1 (%) | 80.00 | 65.00 | — |" in md
+    assert "| agreement with teacher (%) | — | 70.00 | — |" in md
+
+
+def drawn_figures(monkeypatch) -> dict[str, object]:
+    """Collects the report's figures by file name instead of only their PNG bytes."""
+    figures: dict[str, object] = {}
+    save = report_mod._save_figure
+
+    def keep(fig, path):
+        figures[Path(path).name] = fig
+        save(fig, path)
+
+    monkeypatch.setattr(report_mod, "_save_figure", keep)
+    return figures
+
+
+def test_report_says_which_checkpoint_and_split_it_evaluates(tmp_path, monkeypatch):
+    # Every figure is of last.pt on the test split, but the report named neither, and the
+    # curves called the per-epoch test accuracy "Validation".
+    figures = drawn_figures(monkeypatch)
+    write_report(sample_report(), tmp_path, histories=write_histories(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert "on the test split, of each model's final weights (`last.pt`;" in md
+    assert "`best.pt` is the epoch with the best test top-1" in md
+    titles = [ax.get_title() for ax in figures["training_curves.png"].axes]
+    assert titles == ["Training loss", "Test top-1 per epoch"]
+
+
+def test_wall_time_covers_the_plots(tmp_path, monkeypatch):
+    # The wall time was taken before the report's profiling, timing and plots: a run whose
+    # stages were all reused read 0.02 s where about 2 s were spent.
+    import time
+
+    slow = report_mod._plot_accuracy_vs_params
+
+    def slow_plot(*args):
+        time.sleep(0.3)
+        return slow(*args)
+
+    monkeypatch.setattr(report_mod, "_plot_accuracy_vs_params", slow_plot)
+    rep = sample_report()
+    started = time.perf_counter() - 1.0  # the run began a second ago
+    write_report(rep, tmp_path, started=started)
+    wall = json.loads((tmp_path / "report.json").read_text())["wall_time_s"]
+    assert wall >= 1.3 and rep["wall_time_s"] == wall
+    md = (tmp_path / "report.md").read_text()
+    assert f"Total wall time: {wall:.1f} s (dataset load, every stage" in md
+
+
+def test_cache_rows_say_train_payload_entry_size_and_views(tmp_path):
+    # "total" was the train file's payload alone, ~60 % under the entry on disk, and the views
+    # that multiply the bytes per sample were not shown.
+    rep = sample_report()
+    rep["cache"].update(views=2, bytes_per_sample=80)
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| train samples | 5,000 |" in md
+    assert "| cached views per sample | 2 |" in md
+    assert "| train payload | 391 KiB |" in md  # 80 B x 5000
+    assert "| entry on disk | 322 KiB |" in md
+    assert "| total |" not in md
+    rep["cache"]["views"] = 0
+    write_report(rep, tmp_path)
+    assert "| cached views per sample | none (plain images) |" in (tmp_path / "report.md"
+                                                                    ).read_text()
+
+
+def test_confusion_matrix_of_many_classes_labels_every_kth_with_integer_colour_ticks(
+        tmp_path, monkeypatch):
+    # At 100 classes every tick label was drawn and they overlapped into a solid band; the
+    # colour bar showed fractional "samples" (0.25, 1.25, ...).
+    figures = drawn_figures(monkeypatch)
+    confusion = torch.zeros(100, 100, dtype=torch.long)
+    confusion[torch.arange(100), torch.arange(100)] = torch.arange(100) % 3  # counts 0..2
+    write_report(sample_report(), tmp_path, confusion=confusion,
+                 class_names=[f"class{i}" for i in range(100)])
+    ax, colorbar = figures["confusion_matrix.png"].axes
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert 10 <= len(labels) <= 30 and labels[:2] == ["0: class0", "4: class4"]
+    assert "every 4th labelled" in ax.get_xlabel()
+    ticks = [t for t in colorbar.get_yticks() if 0 <= t <= 2]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    figures.clear()
+    write_report(sample_report(), tmp_path, confusion=torch.tensor([[5, 1], [2, 7]]),
+                 class_names=["cat", "dog"])
+    ax = figures["confusion_matrix.png"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog"]
+
+
+def test_multi_teacher_curves_are_shades_of_the_teacher_colour(tmp_path, monkeypatch):
+    # teacher-<name> stages took matplotlib's default cycle: the second teacher was drawn in
+    # nearly the baseline's orange.
+    from matplotlib.colors import to_rgb
+
+    figures = drawn_figures(monkeypatch)
+    histories = write_histories(tmp_path)
+    teacher = histories.pop("teacher")
+    baseline = tmp_path / "baseline.csv"
+    baseline.write_text(teacher.read_text())
+    histories.update({"teacher-mlp": teacher, "teacher-tiny_cnn-wide": teacher,
+                      "baseline": baseline})
+    write_report(sample_report(), tmp_path, histories=histories)
+    lines = {line.get_label(): to_rgb(line.get_color())
+             for line in figures["training_curves.png"].axes[0].get_lines()}
+    shades = [lines["teacher-mlp"], lines["teacher-tiny_cnn-wide"]]
+    assert shades[0] != shades[1]
+    for r, g, b in shades:
+        assert b > r and b > g  # blue, as the teacher
+    assert lines["from scratch"] == to_rgb("#dd8452") not in shades

@@ -402,7 +402,7 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         def finish() -> dict[str, Any]:
             logits, labels = engine.predict(model, test_loader, ctx.runtime)
             checkpoint.save({"logits": logits, "labels": labels}, entry.file("test_logits.pt"))
-            metrics = classification_metrics(logits, labels)
+            metrics = classification_metrics(logits, labels, name=label)
             log.info("%s: test top-1 %.2f%% (%s)", label, metrics["top1"], status)
             return entry.finish(
                 ["last.pt", "best.pt", "metrics.csv", "test_logits.pt"],

@@ -43,8 +43,10 @@ from kdcli.stages.common import (
 log = logging.getLogger(__name__)
 
 
-def run(ctx: Context) -> dict[str, Any]:
-    t0 = time.perf_counter()
+def run(ctx: Context, started: float | None = None) -> dict[str, Any]:
+    """All stages and the report; `started` is the `time.perf_counter()` the run's wall time
+    counts from (main takes it before the dataset loads), now if None."""
+    started = time.perf_counter() if started is None else started
     mode = student_stage.preflight(ctx)  # config-only checks, before anything trains
     teachers = teacher_stage.run_all(ctx)
     cache = None
@@ -62,8 +64,7 @@ def run(ctx: Context) -> dict[str, Any]:
         for stage, result in (("student", student), ("baseline", baseline)):
             if result is not None:
                 publish(result["entry"], ctx.run_dir, stage)
-        report = build_report(ctx, teachers, cache, pretrained, student, baseline,
-                              time.perf_counter() - t0)
+        report = build_report(ctx, teachers, cache, pretrained, student, baseline, started)
         s, b = report["student"], report["baseline"]
         log.info("student %s: top-1 %.2f%% (baseline %s, teacher %.2f%%); report: %s",
                  s["name"], s["top1"], f"{b['top1']:.2f}%" if b else "off",
@@ -82,7 +83,9 @@ def _model_block(ctx: Context, role: str, result: dict[str, Any], teacher_logits
                  ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Metrics and costs of one model but its latency (`_time_together`), and the model."""
     logits, labels = _test_logits(result)
-    block = {"name": ctx.choice(role), **classification_metrics(logits, labels, teacher_logits),
+    name = ctx.choice(role)
+    block = {"name": name,
+             **classification_metrics(logits, labels, teacher_logits, name=f"{role} {name}"),
              "train_time_s": result["meta"]["train_time_s"], "status": result["status"]}
     model = load_weights(build_model(ctx, role), result["entry"].file("last.pt"))
     model = model.float().to(memory_format=torch.contiguous_format)
@@ -101,17 +104,31 @@ def _time_together(ctx: Context, blocks: list[dict[str, Any]], models: list[torc
 def _ensemble_block(blocks: list[dict[str, Any]], logits: torch.Tensor, labels: torch.Tensor
                     ) -> dict[str, Any]:
     """The teachers as one model: accuracy of the combined logits, costs added up."""
-    block = {"name": "+".join(b["name"] for b in blocks), **classification_metrics(logits, labels),
+    name = "+".join(b["name"] for b in blocks)
+    block = {"name": name, **classification_metrics(logits, labels, name=f"teachers {name}"),
              "members": [b["name"] for b in blocks]}
-    for key in ("params", "flops", "size_bytes", "latency_ms", "train_time_s"):
+    for key in ("params", "flops", "macs", "size_bytes", "latency_ms", "train_time_s"):
         block[key] = sum(b[key] for b in blocks)
+    return block
+
+
+def _cache_block(cache: dict[str, Any]) -> dict[str, Any]:
+    """The soft-label cache's footprint. `bytes_per_sample` and `num_samples` are the train
+    file's payload (every view included); `disk_bytes` is the whole store entry, test file,
+    headers and meta.json included, about 60 % more on a small dataset."""
+    block = {k: cache["meta"].get(k) for k in ("bytes_per_sample", "num_samples",
+                                               "format_version", "storage", "topk", "views")}
+    block["disk_bytes"] = sum(p.stat().st_size for p in cache["entry"].path.rglob("*")
+                              if p.is_file())
     return block
 
 
 def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
                  pretrained: dict | None, student: dict, baseline: dict | None,
-                 wall_time_s: float) -> dict[str, Any]:
-    """`cache` is None when the student's loss reads no cached logits (stage "not needed")."""
+                 started: float) -> dict[str, Any]:
+    """`cache` is None when the student's loss reads no cached logits (stage "not needed");
+    `started` is the run's start (`time.perf_counter()`): write_report sets `wall_time_s` from
+    it once the costs are profiled, the models timed and the plots drawn."""
     teacher_blocks, models = [], []
     for t in teachers:
         block, model = _model_block(t["ctx"], "teacher", t)
@@ -138,7 +155,7 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
     b_block = None
     if baseline is not None:
         b_logits, _ = _test_logits(baseline)
-        b_block = {**classification_metrics(b_logits, labels, t_logits),
+        b_block = {**classification_metrics(b_logits, labels, t_logits, name="baseline"),
                    "train_time_s": baseline["meta"]["train_time_s"]}
     s_logits, _ = _test_logits(student)
     ds = ctx.dataset
@@ -158,7 +175,7 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
         "kd_version": kdcli.__version__,
         "versions": {"kd": kdcli.__version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
-        "wall_time_s": wall_time_s,
+        "wall_time_s": None,  # set by write_report, after the report's own work
         "device": ctx.runtime.describe(),
         "latency_threads": latency_threads(),
         "dataset": {"name": ds.name, "num_classes": ds.num_classes, "train_size": len(ds.train),
@@ -169,9 +186,7 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
         "baseline": b_block,
         "compression": compression(t_block, s_block),
         "distillation_gain": {"top1": s_block["top1"] - b_block["top1"]} if b_block else None,
-        "cache": {k: cache["meta"].get(k) for k in ("bytes_per_sample", "num_samples",
-                                                    "format_version", "storage", "topk",
-                                                    "views")} if cache is not None else None,
+        "cache": _cache_block(cache) if cache is not None else None,
         "stages": stages,
         "store": {k: str(v["entry"].path) for k, v in entries.items() if v is not None},
         "config": container(ctx.cfg),
@@ -179,11 +194,12 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
     histories = {p.stem: p for p in sorted((ctx.run_dir / "metrics").glob("*.csv"))}
     write_report(report, ctx.run_dir, histories=histories,
                  confusion=confusion_matrix(s_logits.argmax(-1), labels, ds.num_classes),
-                 class_names=ds.classes)
+                 class_names=ds.classes, started=started)
     return report
 
 
 def main(cfg) -> float:
     """`kd train`: all stages; returns the student's top-1 for sweepers."""
+    started = time.perf_counter()  # the wall time includes the dataset load (ImageFolder decoding)
     ctx = build_context(cfg)
-    return float(run(ctx)["student"]["top1"])
+    return float(run(ctx, started)["student"]["top1"])
