@@ -35,21 +35,9 @@ META = "meta.json"
 
 
 def key_of(inputs: dict[str, Any]) -> str:
-    """Stable short hash of a JSON-able dict (sorted keys; a whole float counts as the int)."""
-    blob = json.dumps(_canonical(inputs), sort_keys=True, separators=(",", ":"), default=str)
+    """Stable short hash of a JSON-able dict (sorted keys)."""
+    blob = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _canonical(value: Any) -> Any:
-    """`value` with whole floats as ints, so `loss.temperature=4` typed on the command line and
-    the config's 4.0 key the same entry (JSON would write 4 and 4.0)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _canonical(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_canonical(v) for v in value]
-    return value
 
 
 class Entry:
