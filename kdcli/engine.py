@@ -70,6 +70,12 @@ class FitResult:
     extra: dict = field(default_factory=dict)
 
 
+# Rows of logits gathered on the device before one copy to host memory: a few MB, so a GPU never
+# holds a whole split's (5 GB for ImageNet's training set) and waits for the host once per chunk,
+# not once per batch; no pinned memory is held beyond torch's own staging.
+FLUSH_ROWS = 16_384
+
+
 @torch.inference_mode()
 def predict(model: nn.Module, loader: BatchLoader, runtime: Runtime, view: int | None = None
             ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,29 +83,37 @@ def predict(model: nn.Module, loader: BatchLoader, runtime: Runtime, view: int |
     cached view a view-replaying loader shows)."""
     was_training = model.training
     model.eval()
-    # Each batch's logits go to host memory as they come (a GPU would otherwise hold a whole
-    # split's: 5 GB for ImageNet's training set), into one buffer for the split: from a GPU a
-    # pinned one, so every copy is queued without waiting (one synchronize at the end) and no
-    # batch allocates pinned memory of its own.
-    on_gpu = runtime.device.type == "cuda"
-    logits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # (N, C) in host memory, filled a chunk at a time
+    pending: list[torch.Tensor] = []  # batches not yet copied there
     labels = []
-    done = 0
+    done = flushed = 0
     for batch in loader.epoch(0, view=view):
         with runtime.autocast():
-            out = model(batch.images)
+            # A copy: a CUDA-graph model (device.compile=reduce-overhead) overwrites its output
+            # on the next call.
+            out = model(batch.images).to(torch.float32, copy=True)
         if logits is None:
-            logits = torch.empty((loader.num_samples, *out.shape[1:]), dtype=torch.float32,
-                                 pin_memory=on_gpu)
-        logits[done:done + len(out)].copy_(out, non_blocking=on_gpu)
+            logits = torch.empty((loader.num_samples, *out.shape[1:]), dtype=torch.float32)
+        pending.append(out)
         labels.append(batch.labels)
         done += len(out)
-    if on_gpu:
-        torch.cuda.synchronize(runtime.device)
+        if done - flushed >= FLUSH_ROWS:
+            flushed = _flush(pending, logits, flushed)
+    if pending:
+        _flush(pending, logits, flushed)
     model.train(was_training)
     if logits is None:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
     return logits[:done], torch.cat(labels).cpu()
+
+
+def _flush(pending: list[torch.Tensor], logits: torch.Tensor, at: int) -> int:
+    """Copies the pending batches into `logits` from row `at` (from a GPU: waits for it to
+    compute them); returns the next free row."""
+    chunk = torch.cat(pending) if len(pending) > 1 else pending[0]
+    logits[at:at + len(chunk)].copy_(chunk)
+    pending.clear()
+    return at + len(chunk)
 
 
 def scale_lr(optimizer: torch.optim.Optimizer, scheduler, factor: float) -> None:

@@ -169,10 +169,14 @@ def test_num_samples_counts_what_an_epoch_yields(drop_last, rank, world):
     assert loader.num_samples == sum(len(b.index) for b in loader.epoch(0))
 
 
-def test_predict_returns_every_samples_logits_and_label_in_order():
-    # One output buffer for the split, filled batch by batch, the last one partial.
+@pytest.mark.parametrize("flush_rows", [5, 16, 1000])
+def test_predict_returns_every_samples_logits_and_label_in_order(monkeypatch, flush_rows):
+    # One output buffer for the split, filled a chunk of batches at a time (FLUSH_ROWS rows or
+    # more, so a GPU waits once per chunk), the last batch partial.
     from kdcli import engine
     from kdcli.device import Runtime
+
+    monkeypatch.setattr(engine, "FLUSH_ROWS", flush_rows)
 
     split = Split(images(23, 8, 8), torch.arange(23) % 7)
     loader = BatchLoader(split, 8, device=CPU, mean=(0.5,) * 3, std=(0.2,) * 3)
