@@ -105,6 +105,20 @@ def test_report_wall_time_starts_before_the_dataset_load(monkeypatch) -> None:
     assert seen["waited"] >= 0.3
 
 
+def test_a_student_without_finite_logits_fails_the_job_instead_of_returning_nan(
+        monkeypatch, tmp_path) -> None:
+    # kd train returned NaN to the sweeper: Optuna refuses it and the whole search aborted.
+    from types import SimpleNamespace
+
+    from kdcli.errors import TrainingDiverged
+    from kdcli.stages import pipeline
+
+    monkeypatch.setattr(pipeline, "build_context", lambda cfg: SimpleNamespace(run_dir=tmp_path))
+    monkeypatch.setattr(pipeline, "run", lambda ctx, started: {"student": {"top1": float("nan")}})
+    with pytest.raises(TrainingDiverged, match="test logits are not finite"):
+        pipeline.main(None)
+
+
 def test_run_folder_has_checkpoints_metrics_and_log(sweep: Path) -> None:
     run = sweep / "multi" / "0"
     for stage in ("teacher", "student", "baseline"):

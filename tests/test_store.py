@@ -58,6 +58,18 @@ def test_key_differs_for_different_inputs(change):
     assert key_of({**INPUTS, **change}) != key_of(INPUTS)
 
 
+def test_meta_is_strict_json_with_nan_metrics_as_null(tmp_path):
+    # A model with non-finite test logits has NaN metrics: meta.json held a bare NaN, which
+    # strict JSON parsers (jq, JSON.parse) reject.
+    entry = Store(tmp_path).entry("student", "s", INPUTS)
+    entry.path.mkdir(parents=True)
+    (entry.path / "f").write_text("x")
+    entry.finish(["f"], {"metrics": {"top1": float("nan"), "top5": float("inf")}})
+    assert json.loads((entry.path / "meta.json").read_text(), parse_constant=pytest.fail
+                      )["metrics"] == {"top1": None, "top5": None}
+    assert entry.verify()["metrics"]["top1"] is None
+
+
 def test_entry_path_has_stage_name_and_key(tmp_path):
     entry = Store(tmp_path).entry("teacher", "resnet/20 x", INPUTS)
     assert entry.key == key_of(INPUTS)

@@ -9,6 +9,7 @@ Returns the distilled student's test top-1, the value a Hydra sweeper optimises.
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import time
 from typing import Any
@@ -18,6 +19,7 @@ import torchvision
 
 import kdcli
 from kdcli import checkpoint, distributed
+from kdcli.errors import TrainingDiverged
 from kdcli.metrics import (
     classification_metrics,
     confusion_matrix,
@@ -199,7 +201,15 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
 
 
 def main(cfg) -> float:
-    """`kd train`: all stages; returns the student's top-1 for sweepers."""
+    """`kd train`: all stages; returns the student's top-1 for sweepers. A student whose test
+    logits are not finite (top-1 NaN) fails the job after its report is written: a sweeper
+    given NaN would abort the whole search (Optuna refuses the value), a failed job it skips."""
     started = time.perf_counter()  # the wall time includes the dataset load (ImageFolder decoding)
     ctx = build_context(cfg)
-    return float(run(ctx, started)["student"]["top1"])
+    top1 = float(run(ctx, started)["student"]["top1"])
+    if not math.isfinite(top1):
+        raise TrainingDiverged(
+            f"the distilled student's test logits are not finite (NaN/inf: an overflow at "
+            f"evaluation?), so it has no accuracy; the report is in {ctx.run_dir}; try "
+            "device.precision=fp32")
+    return top1
