@@ -324,7 +324,7 @@ def _plot_confusion(confusion: Tensor, class_names: list[str] | None, path: Path
     ax.set_xticks(ticks, labels, rotation=45 if step == 1 else 90,
                   ha="right" if step == 1 else "center")
     ax.set_yticks(ticks, labels)
-    every = "" if step == 1 else f" (every {step}th labelled)"
+    every = "" if step == 1 else f" (one label per {step} classes)"
     ax.set(title="Confusion matrix (distilled student)", xlabel=f"predicted class{every}",
            ylabel=f"true class{every}")
     if n <= 20:  # beyond this the numbers overlap and the colours carry the message
@@ -405,6 +405,10 @@ def _summary(report: Mapping[str, Any]) -> str:
     teacher, student = _block(report, "teacher"), _block(report, "student")
     baseline, comp = _block(report, "baseline"), _block(report, "compression")
     if not _is_finite(student.get("top1")):
+        if student:  # evaluated, but its logits were not finite (an overflow): metrics NaN
+            return (f"The distilled student ({student.get('name', 'student')}) gave non-finite "
+                    "test logits (NaN/inf: see the log), so it has no accuracy; its metrics are "
+                    "left out.")
         if _is_finite(teacher.get("top1")):
             return (
                 f"No distilled student was evaluated in this run; the teacher "

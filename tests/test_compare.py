@@ -182,10 +182,11 @@ def test_collect_columns_missing_overrides_and_sort(tmp_path: Path) -> None:
 def test_summary_shows_the_in_run_speedup_and_says_why(tmp_path: Path) -> None:
     # Absolute latencies of runs timed at different moments differ for the same student
     # (0.28 vs 0.54 ms); the teacher/student speed-up, timed in turn in each run, compares.
-    _fake_run(tmp_path / "a", ["loss=dkd"], 60.0, speedup=1.75)
+    _fake_run(tmp_path / "a", ["loss=dkd"], 60.0, speedup=1.2)
     _fake_run(tmp_path / "b", ["loss=dist"], 65.0, speedup=None)
-    summary = collect([tmp_path], sort="speedup")
-    assert [r.metrics["compression/latency_speedup"] for r in summary.rows] == [1.75, None]
+    _fake_run(tmp_path / "c", ["loss=mse"], 62.0, speedup=1.75)
+    summary = collect([tmp_path], sort="speedup")  # fastest first, unknown last
+    assert [r.metrics["compression/latency_speedup"] for r in summary.rows] == [1.75, 1.2, None]
     md = to_markdown(summary)
     assert "| speed-up |" in md and "| 1.8× |" in md
     assert "compare runs by the speed-up" in md

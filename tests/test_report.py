@@ -292,6 +292,9 @@ def test_missing_top5_and_nan_metrics_read_as_dashes(tmp_path):
     assert "| top-5 (%) | — | — | — |" in md
     assert "| top-1 (%) | 80.00 | 65.00 | — |" in md
     assert "| agreement with teacher (%) | — | 70.00 | — |" in md
+    # The student was evaluated: the summary says its logits were not finite, not that it
+    # is missing.
+    assert "gave non-finite test logits" in md and "No distilled student" not in md
 
 
 def drawn_figures(monkeypatch) -> dict[str, object]:
@@ -370,7 +373,7 @@ def test_confusion_matrix_of_many_classes_labels_every_kth_with_integer_colour_t
     ax, colorbar = figures["confusion_matrix.png"].axes
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert 10 <= len(labels) <= 30 and labels[:2] == ["0: class0", "4: class4"]
-    assert "every 4th labelled" in ax.get_xlabel()
+    assert "one label per 4 classes" in ax.get_xlabel()
     ticks = [t for t in colorbar.get_yticks() if 0 <= t <= 2]
     assert ticks and all(float(t).is_integer() for t in ticks)
     figures.clear()
