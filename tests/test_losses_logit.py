@@ -168,11 +168,12 @@ def test_dkd_warmup_ramps_the_dkd_term_in(warmup, epochs, ramps):
         assert out["nckd"].item() == pytest.approx(full["nckd"].item(), rel=1e-6)
 
 
-def test_dkd_warmup_as_long_as_the_run_is_reported(caplog):
-    loss = DKD(warmup_epochs=20)
+def test_dkd_warmup_longer_than_the_run_is_reported(caplog):
     with caplog.at_level("WARNING", logger="kdcli.losses.dkd"):
-        loss.start_epoch(0, 10)
-    assert "loss.warmup_epochs=20 is as long as the run (10 epochs)" in caplog.text
+        DKD(warmup_epochs=10).start_epoch(0, 10)  # reaches its full weight in the last epoch
+        assert not caplog.text
+        DKD(warmup_epochs=20).start_epoch(0, 10)
+    assert "loss.warmup_epochs=20 is longer than the run (10 epochs)" in caplog.text
     assert "0.50 of its weight" in caplog.text
     with pytest.raises(ValueError, match="warmup_epochs"):
         DKD(warmup_epochs=-1)

@@ -15,7 +15,7 @@ softmax) as in the official code: the same value, without log(0) when a probabil
 As in the official code, the DKD term is ramped in linearly over the first `warmup_epochs`
 epochs: times min(e / warmup_epochs, 1) in epoch e = 1, 2, ... The official runs warm up for
 20 of 240 epochs; `warmup_epochs=auto` keeps that share of a shorter run (epochs / 12, at most
-20), a number is taken as given (0: no ramp; one as long as the run is reported, as the term
+20), a number is taken as given (0: no ramp; one longer than the run is reported, as the term
 then never reaches its full weight).
 """
 
@@ -93,8 +93,8 @@ class DKD(DistillationLoss):
         warmup = (min(OFFICIAL_WARMUP, epochs * OFFICIAL_WARMUP / OFFICIAL_EPOCHS)
                   if self.warmup_epochs == "auto" else float(self.warmup_epochs))
         self.ramp = min((epoch + 1) / warmup, 1.0) if warmup else 1.0
-        if epoch == 0 and warmup >= epochs:
-            log.warning("loss.warmup_epochs=%g is as long as the run (%d epochs): the DKD term "
+        if epoch == 0 and warmup > epochs:
+            log.warning("loss.warmup_epochs=%g is longer than the run (%d epochs): the DKD term "
                         "reaches only %.2f of its weight; lower it, or use auto", warmup, epochs,
                         epochs / warmup)
 

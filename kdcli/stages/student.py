@@ -88,17 +88,18 @@ class CachedTeacher:
 
 
 def warn_if_approximate(ctx: Context, source: CachedTeacher, loss: DistillationLoss) -> None:
-    """A top-k cache keeps the teacher's targets only at T=1 (softlabels.densify): says so when
-    the loss reads it at another temperature, or reads logits (no temperature)."""
+    """A top-k cache keeps the teacher's top-k probabilities and the total of the rest, spread
+    evenly (softlabels.densify): the rest's own spread is lost, which the KL and its gradient
+    read, more so the higher the temperature. Says so when the student trains from one."""
     lookup = source.lookup
-    temperature = getattr(loss, "temperature", None)
-    if lookup.storage != "topk" or temperature == 1:
+    if lookup.storage != "topk":
         return
+    temperature = getattr(loss, "temperature", None)
     at = f"at loss.temperature={temperature:g}" if temperature is not None else "as logits"
-    log.warning("student: the soft-label cache keeps the top %d of %d teacher logits; loss=%s "
-                "reads them %s, where the other classes' spread is lost (exact only at T=1). "
-                "cache.storage=full keeps every logit", lookup.k, lookup.num_classes,
-                ctx.choice("loss"), at)
+    log.warning("student: the soft-label cache keeps the top %d of %d teacher logits, the "
+                "others averaged; loss=%s reads them %s, so its targets are approximate (the "
+                "more so the higher T). cache.storage=full keeps every logit", lookup.k,
+                lookup.num_classes, ctx.choice("loss"), at)
 
 
 class OnlineTeacher:
