@@ -8,6 +8,7 @@ reader sees the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -22,8 +23,19 @@ from kdcli.errors import CorruptArtifact
 FORMAT = 1
 
 
+@functools.cache
+def _new_file_mode() -> int:
+    """The mode `open()` gives a new file under this process's umask (read once: os.umask can
+    only be read by setting it)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: Path, write: Any) -> None:
-    """Calls `write(fileobj)` on a temp file beside `path`, then fsyncs and renames it."""
+    """Calls `write(fileobj)` on a temp file beside `path`, then fsyncs and renames it. The
+    file gets the mode a plain `open()` would give it (mkstemp's are private, 0600: a shared
+    machine's other users could not read an exported model or a report)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -31,6 +43,7 @@ def atomic_write(path: Path, write: Any) -> None:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
+            os.fchmod(fh.fileno(), _new_file_mode())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as exc:

@@ -157,3 +157,24 @@ def test_atomic_write_text_and_sha256(tmp_path):
     assert checkpoint.sha256_file(path) == (
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
     assert checkpoint.sha256_file(path, chunk=1) == checkpoint.sha256_file(path)
+
+
+def test_written_files_get_the_umask_mode_not_mkstemps_private_one(tmp_path):
+    # mkstemp makes 0600 files: exported models and reports were unreadable to other users.
+    import os
+
+    from kdcli.checkpoint import _new_file_mode, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        _new_file_mode.cache_clear()
+        atomic_write_text(tmp_path / "report.json", "{}")
+        assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o644
+        os.umask(0o027)
+        _new_file_mode.cache_clear()
+        atomic_write_text(tmp_path / "report.json", "{}")
+        assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
+        _new_file_mode.cache_clear()
+

@@ -84,6 +84,22 @@ def test_resize_then_centre_crop(tmp_path: Path) -> None:
     assert small.train.images[0, 0, 0, 0] == pytest.approx(2 * 9 + 0.5, abs=2)
 
 
+def test_sixteen_bit_images_are_scaled_to_eight_bits_and_float_ones_refused(tmp_path: Path
+                                                                          ) -> None:
+    # Pillow's convert("RGB") clips 16-bit greyscale at 255: the image came out solid white.
+    ramp = np.tile(np.linspace(0, 65535, 16).round().astype(np.uint16), (16, 1))
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as img:
+        assert img.mode.startswith("I")  # 16-bit, as Pillow reads it
+    out = imagefolder.decode(path, size=16, short=16)
+    assert out.dtype == np.uint8 and out.shape == (16, 16, 3)
+    assert out[0, :, 0].tolist() == np.rint(ramp[0] / 257).astype(int).tolist()
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(DataError, match="float.tif.*floating-point image"):
+        imagefolder.decode(tmp_path / "float.tif", size=16, short=16)
+
+
 def test_decoded_cache_is_reused_and_follows_the_files(folder: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "data"

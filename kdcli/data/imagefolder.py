@@ -162,13 +162,28 @@ def decode(path: Path, size: int, short: int) -> np.ndarray:
             # JPEG: let libjpeg decode at a reduced scale (>= the target size); much faster
             # for large photos, and the resize below still sets the exact size.
             img.draft("RGB", (out_w, out_h))
-            img = img.convert("RGB")
+            img = _eight_bit(img).convert("RGB")
             if img.size != (out_w, out_h):
                 img = img.resize((out_w, out_h), Image.Resampling.BILINEAR)
             left, top = (out_w - size) // 2, (out_h - size) // 2
             return np.asarray(img.crop((left, top, left + size, top + size)))
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for a damaged file
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _eight_bit(img):
+    """16- and 32-bit integer greyscale (16-bit PNG, TIFF) scaled to 8 bits: Pillow's convert
+    clips them at 255, and a 16-bit image came out solid white. Float images have no agreed
+    range: refused."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        scaled = np.rint(np.asarray(img, dtype=np.float64) / 257.0)  # 65535 -> 255
+        return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), "L")
+    if img.mode == "F":
+        raise ValueError("a floating-point image (mode F) has no fixed range: save it as 8- or "
+                         "16-bit")
+    return img
 
 
 def decode_images(base: Path, files: list[tuple[str, int]], size: int, short: int,
