@@ -178,3 +178,30 @@ def test_written_files_get_the_umask_mode_not_mkstemps_private_one(tmp_path):
         os.umask(old)
         _new_file_mode.cache_clear()
 
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "copy"])
+def test_published_checkpoints_carry_their_checksum(tmp_path, monkeypatch, links):
+    # The run folder's copies had no sidecar: a flipped bit in checkpoints/student/last.pt was
+    # exported as the trained model without a word.
+    import os
+
+    from kdcli.stages.common import publish
+    from kdcli.store import Store
+
+    if not links:
+        monkeypatch.setattr(os, "link", lambda src, dst: (_ for _ in ()).throw(OSError("no")))
+    entry = Store(tmp_path / "store").entry("student", "s", {"k": 1})
+    for name in ("best.pt", "last.pt"):
+        checkpoint.save({"model": {"w": torch.arange(4.0)}}, entry.file(name))
+    run = tmp_path / "run"
+    publish(entry, run, "student")
+    copy = run / "checkpoints" / "student" / "last.pt"
+    assert (copy.parent / "last.pt.sha256").read_text() == entry.file("last.pt.sha256").read_text()
+    checkpoint.load(copy)
+    if not links:  # a hard link shares the store's bytes, and the store's sidecar checks them
+        data = bytearray(copy.read_bytes())
+        data[-30] ^= 0x08
+        copy.write_bytes(bytes(data))
+        with pytest.raises(CorruptArtifact, match="fails its checksum"):
+            checkpoint.load(copy)
+

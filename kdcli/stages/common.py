@@ -470,11 +470,18 @@ def setup_feature_loss(ctx: Context, model: nn.Module, loss_fn: DistillationLoss
 
 def publish(entry: Entry, run_dir: Path, stage: str, files: tuple[str, ...] = ("best.pt",
             "last.pt")) -> None:
-    """Links a store entry's checkpoints and metrics into the run folder (copy if no links)."""
+    """Links a store entry's checkpoints and metrics into the run folder (copy if no links),
+    each checkpoint with its `.sha256` sidecar: `checkpoint.load` then catches a damaged copy in
+    the run folder too (what `kd export` and `kd eval` read)."""
     dest = run_dir / "checkpoints" / stage
     dest.mkdir(parents=True, exist_ok=True)
     for name in files:
         _link(entry.file(name), dest / name)
+        sidecar = entry.file(f"{name}.sha256")
+        if sidecar.exists():
+            _link(sidecar, dest / sidecar.name)
+        else:  # an entry from before sidecars: an earlier run's must not judge this file
+            (dest / sidecar.name).unlink(missing_ok=True)
     if entry.file("metrics.csv").exists():
         (run_dir / "metrics").mkdir(exist_ok=True)
         _link(entry.file("metrics.csv"), run_dir / "metrics" / f"{stage}.csv")
