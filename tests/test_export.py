@@ -94,6 +94,31 @@ def test_rerun_replaces_the_section(run: Path, tmp_path: Path) -> None:
         "export.json", "export.md", "student.ts"]
 
 
+def test_failed_check_leaves_the_earlier_export_as_it_was(run: Path, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    # The report and export.json describe the earlier, passing export: OUT's model files must
+    # stay the ones they describe, and the failed ones go where nothing says they passed.
+    copy = copy_run(run, tmp_path / "run")
+    out = copy / "export"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    reports = [(copy / name).read_bytes() for name in ("report.json", "report.md")]
+
+    def fail(name: str, *_: object, **__: object) -> dict:
+        raise export.ParityError(f"{name}: made to fail")
+
+    monkeypatch.setattr(export, "check_parity", fail)
+    with pytest.raises(export.ParityError, match=f"in {out / 'failed'} for inspection"):
+        export.main([str(copy), "--int8", *FAST])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert [(copy / name).read_bytes() for name in ("report.json", "report.md")] == reports
+    assert sorted(p.name for p in (out / "failed").iterdir()) == ["student.onnx", "student.ts"]
+    assert not list(out.glob(".*")), "staging folder left behind"
+    # The next passing export replaces the old one and clears the failed files away.
+    monkeypatch.undo()
+    export.main([str(copy), "--formats", "torchscript", *FAST])
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "export.md", "student.ts"]
+
+
 def test_stale_int8_file_is_removed(tmp_path: Path) -> None:
     for name in ("student.onnx", "student.int8.onnx", "student.ts", "notes.txt"):
         (tmp_path / name).write_text("x")
