@@ -60,7 +60,7 @@ import kdcli
 from kdcli.checkpoint import atomic_write, atomic_write_text
 from kdcli.data.datasets import Dataset, Split
 from kdcli.data.loader import BatchLoader
-from kdcli.errors import ConfigError, CorruptArtifact, DataError, KDError
+from kdcli.errors import ConfigError, CorruptArtifact, DataError, KDError, TrainingDiverged
 from kdcli.metrics import classification_metrics, model_size_bytes
 from kdcli.report import format_bytes, to_jsonable
 from kdcli.stages.common import _MODEL_SETTINGS, build, load_dataset, load_weights
@@ -447,6 +447,9 @@ def check_parity(name: str, reference: np.ndarray, candidate: np.ndarray, *, ato
         raise ParityError(f"{name}: output shape {candidate.shape} differs from PyTorch's "
                           f"{reference.shape}")
     ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    if not np.isfinite(ref).all():  # then no exporter is to blame
+        raise ParityError(f"{name}: the PyTorch model itself gives NaN/inf logits "
+                          f"({int((~np.isfinite(ref)).sum())} values), not the exporter")
     if not np.isfinite(cand).all():
         raise ParityError(f"{name}: non-finite logits where PyTorch's are finite")
     diff = np.abs(cand - ref)
@@ -698,10 +701,18 @@ def _export_into(staging: Path, model: nn.Module, batches: list[np.ndarray],
     to be timed.
 
     Raises:
+        TrainingDiverged: the student's own PyTorch logits are not finite: nothing to compare.
         ParityError: a format failed its check; the files written are moved to OUT/failed/
             (replacing an earlier failure's), and OUT's export is left as it was.
     """
     ref = predict_all(torch_predict(model), batches)
+    bad = int((~np.isfinite(ref).all(axis=1)).sum())
+    if bad:
+        raise TrainingDiverged(
+            f"the student model itself (PyTorch, {args.checkpoint}.pt, before any export) gives "
+            f"NaN/inf logits on {bad} of {len(ref)} test images, so there is nothing to check "
+            "an export against: the run diverged or its weights are damaged; retrain it, or "
+            "try the other --checkpoint")
     ref_t = torch.from_numpy(ref)
 
     def scores(logits: np.ndarray) -> dict[str, float]:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdcli import export
-from kdcli.errors import ConfigError, CorruptArtifact
+from kdcli import checkpoint, export
+from kdcli.errors import ConfigError, CorruptArtifact, TrainingDiverged
 from tests.conftest import SMOKE, kd, read_report
 from tests.test_imagefolder import write_image_folder
 
@@ -262,6 +262,27 @@ def test_parity_failure_names_format_and_difference() -> None:
         export.check_parity("torchscript", ref, bad, atol=1e-3, rtol=1e-3)
     with pytest.raises(export.ParityError, match="onnx: output shape"):
         export.check_parity("onnx", ref, ref[:, :2], atol=1e-3, rtol=1e-3)
+
+
+def test_non_finite_pytorch_logits_are_blamed_on_the_model(run: Path, tmp_path: Path) -> None:
+    ref = np.zeros((2, 3), dtype=np.float32)
+    ref[1, 0] = np.nan
+    with pytest.raises(export.ParityError, match="the PyTorch model itself gives NaN/inf"):
+        export.check_parity("onnx", ref, ref.copy(), atol=1e-3, rtol=1e-3)
+    with pytest.raises(export.ParityError, match="non-finite logits where PyTorch's are finite"):
+        export.check_parity("onnx", np.zeros_like(ref), ref, atol=1e-3, rtol=1e-3)
+    # A diverged student: the export stops before any exporter runs, and says why.
+    copy = copy_run(run, tmp_path / "run")
+    path = copy / "checkpoints" / "student" / "last.pt"
+    state = checkpoint.load(path)
+    first = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][first].fill_(float("nan"))
+    checkpoint.save(state, path)
+    before = (copy / "export" / "export.json").read_bytes()
+    with pytest.raises(TrainingDiverged, match=r"model itself .* NaN/inf logits on 256 of 256 "):
+        export.main([str(copy), *FAST])
+    assert (copy / "export" / "export.json").read_bytes() == before
+    assert not (copy / "export" / "failed").exists()
 
 
 def test_parity_holds_a_loose_tolerance_to_the_predictions() -> None:
