@@ -630,6 +630,14 @@ def main(argv: list[str]) -> int:
         raise DataError(f"dataset {ds.name} has no test images to check the export on")
     batches = [b.images.numpy() for b in test]
     labels = torch.cat([b.labels for b in test])
+    # The table sets the export's top-1 beside the teacher's from report.json: both must be
+    # measured on the images the run evaluated (a folder with images added since would not be).
+    evaluated = (report.get("dataset") or {}).get("test_size")
+    if isinstance(evaluated, int) and evaluated != len(labels):
+        raise DataError(f"the test data differs from the run's: {len(labels)} test images now, "
+                        f"the run evaluated {evaluated} (report.json dataset.test_size), so "
+                        "top-1 here would not compare with the report's; export with the data "
+                        "the run was trained on")
     threads = torch.get_num_threads()
     log.info("exporting %s (%s.pt, %d test images, %d thread(s)) to %s",
              report["student"].get("name", "student"), args.checkpoint, len(labels), threads, out)

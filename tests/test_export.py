@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kdcli import checkpoint, export
-from kdcli.errors import ConfigError, CorruptArtifact, TrainingDiverged
+from kdcli.errors import ConfigError, CorruptArtifact, DataError, TrainingDiverged
 from tests.conftest import SMOKE, kd, read_report
 from tests.test_imagefolder import write_image_folder
 
@@ -229,6 +229,19 @@ def test_not_a_run_is_one_line(tmp_path: Path) -> None:
         assert proc.returncode == 1
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and str(target) in lines[0]
+
+
+def test_changed_test_data_is_refused(run: Path, tmp_path: Path) -> None:
+    # The table would set top-1 on other images beside the report's teacher top-1.
+    copy = copy_run(run, tmp_path / "run")
+    report = read_report(copy)
+    report["dataset"]["test_size"] -= 1  # as if an image were added since the run
+    (copy / "report.json").write_text(json.dumps(report))
+    before = (copy / "export" / "export.json").read_bytes()
+    with pytest.raises(DataError, match="test data differs from the run's: 256 test images now, "
+                                        "the run evaluated 255"):
+        export.main([str(copy), "--formats", "torchscript", *FAST])
+    assert (copy / "export" / "export.json").read_bytes() == before
 
 
 def test_missing_or_mismatched_checkpoint(run: Path, tmp_path: Path) -> None:
