@@ -58,6 +58,7 @@ from torch import nn
 
 import kdcli
 from kdcli.checkpoint import atomic_write, atomic_write_text
+from kdcli.data import decoded
 from kdcli.data.datasets import Dataset, Split
 from kdcli.data.loader import BatchLoader
 from kdcli.errors import ConfigError, CorruptArtifact, DataError, KDError, TrainingDiverged
@@ -619,7 +620,11 @@ def main(argv: list[str]) -> int:
         except KDError as exc:
             teachers, teacher_files, not_timed = [], [], str(exc)
             log.warning("the teacher is not timed, so the export shows no speed-up: %s", exc)
-        ds = load_dataset(_resolved(cfg, "dataset"), seed)
+        # A decoded-image cache is read where the run left it, never written: export writes
+        # only into OUT and the run folder, and the recorded store may be gone (a moved run, a
+        # run from another machine), where a new cache would also fake a launch folder.
+        with decoded.read_only():
+            ds = load_dataset(_resolved(cfg, "dataset"), seed)
     if ds.num_classes != num_classes:
         raise ConfigError(f"the run's dataset now has {ds.num_classes} classes, the report "
                           f"says {num_classes}")

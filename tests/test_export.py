@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kdcli import checkpoint, export
+from kdcli.data.imagefolder import image_folder
 from kdcli.errors import ConfigError, CorruptArtifact, DataError, TrainingDiverged
 from tests.conftest import SMOKE, kd, read_report
 from tests.test_imagefolder import write_image_folder
@@ -155,6 +156,23 @@ def test_relative_dataset_paths_are_read_where_the_run_started(tmp_path: Path) -
     kd("export", str(run_dir), "--formats", "torchscript", *FAST, cwd=elsewhere)
     assert read_export(run_dir)["test_size"] == 30
     assert not list(elsewhere.iterdir())  # nothing read or decoded relative to here
+
+
+def test_export_writes_no_cache_where_the_store_is_gone(tmp_path: Path, monkeypatch) -> None:
+    # The run's store (and the decoded-image cache in it) is gone: export decodes, and writes
+    # nothing outside OUT and the run folder, so it does not recreate the store there.
+    write_image_folder(tmp_path / "imf", train_per_class=8, val_per_class=2)
+    run_dir = tmp_path / "run"
+    kd("train", *SMOKE, "dataset=imagefolder", "dataset.loader.root=imf", "dataset.image_size=32",
+       "baseline=false", "trainer.teacher.epochs=1", "trainer.student.epochs=1",
+       f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    shutil.rmtree(tmp_path / "kd-store")
+    kd("export", str(run_dir), "--formats", "torchscript", *FAST, cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imf", "run"]
+    # A relative root that is not there is named with the folder it was looked up in.
+    monkeypatch.chdir(run_dir)
+    with pytest.raises(DataError, match=f"imf \\(looked in {run_dir / 'imf'};"):
+        image_folder("imf", image_size=32)
 
 
 def test_launch_dir_is_where_the_run_started(tmp_path: Path) -> None:
