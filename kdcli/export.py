@@ -4,7 +4,8 @@ Each exported file is checked against the PyTorch student on the run's whole tes
 format passes when every logit is within ``atol + rtol * |reference|`` of PyTorch's (numpy's
 ``allclose`` rule; defaults 1e-3 and 1e-3, far above fp32 round-off, far below a real
 exporter bug) and top-1 predictions agree on at least 99.9 % of images.
-A failed check is an error naming the format and its largest difference.
+A failed check is an error naming the format and its largest difference; the files that failed
+are moved to ``OUT/failed/`` and OUT's earlier export, if any, and the report stay as they were.
 
 ``--int8`` quantizes the exported ONNX model with onnxruntime's static post-training
 quantization (QDQ, per-channel int8 weights, MinMax calibration on training images); its
@@ -12,9 +13,11 @@ accuracy is measured, not checked, since quantization moves logits by design.
 
 Writes ``OUT/{student.onnx, student.ts, student.int8.onnx, export.json, export.md}`` (OUT is
 ``RUN_DIR/export`` by default), adds an ``export`` block to ``RUN_DIR/report.json`` and an
-``## Export`` section to ``RUN_DIR/report.md``; every file is replaced atomically. A model file
-an earlier export left in OUT and this one did not write (``student.int8.onnx`` after a re-run
-without ``--int8``) is deleted, so OUT holds only what the report describes.
+``## Export`` section to ``RUN_DIR/report.md``; every file is replaced atomically. Model files
+are written into a staging folder in OUT and moved into place only after every check passed. A
+model file an earlier export left in OUT and this one did not write (``student.int8.onnx`` after
+a re-run without ``--int8``) is deleted, and so is ``failed/``, so OUT holds only what the report
+describes.
 
 Latency: the teacher is rebuilt with its ``last.pt`` and timed in turns with the formats, so
 the speed-ups compare figures from one session; when it cannot be rebuilt (its weights gone,
@@ -39,6 +42,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -54,9 +58,10 @@ from torch import nn
 
 import kdcli
 from kdcli.checkpoint import atomic_write, atomic_write_text
+from kdcli.data import decoded
 from kdcli.data.datasets import Dataset, Split
 from kdcli.data.loader import BatchLoader
-from kdcli.errors import ConfigError, CorruptArtifact, DataError, KDError
+from kdcli.errors import ConfigError, CorruptArtifact, DataError, KDError, TrainingDiverged
 from kdcli.metrics import classification_metrics, model_size_bytes
 from kdcli.report import format_bytes, to_jsonable
 from kdcli.stages.common import _MODEL_SETTINGS, build, load_dataset, load_weights
@@ -72,6 +77,7 @@ OPSET = 18
 MIN_AGREEMENT = 99.9  # percent of test images whose top-1 must match PyTorch's
 CALIBRATION_BATCH = 64
 SECTION = "## Export"
+FAILED = "failed"  # OUT/failed/: the files of an export that failed its check
 
 
 class ParityError(KDError):
@@ -442,6 +448,9 @@ def check_parity(name: str, reference: np.ndarray, candidate: np.ndarray, *, ato
         raise ParityError(f"{name}: output shape {candidate.shape} differs from PyTorch's "
                           f"{reference.shape}")
     ref, cand = reference.astype(np.float64), candidate.astype(np.float64)
+    if not np.isfinite(ref).all():  # then no exporter is to blame
+        raise ParityError(f"{name}: the PyTorch model itself gives NaN/inf logits "
+                          f"({int((~np.isfinite(ref)).sum())} values), not the exporter")
     if not np.isfinite(cand).all():
         raise ParityError(f"{name}: non-finite logits where PyTorch's are finite")
     diff = np.abs(cand - ref)
@@ -611,7 +620,11 @@ def main(argv: list[str]) -> int:
         except KDError as exc:
             teachers, teacher_files, not_timed = [], [], str(exc)
             log.warning("the teacher is not timed, so the export shows no speed-up: %s", exc)
-        ds = load_dataset(_resolved(cfg, "dataset"), seed)
+        # A decoded-image cache is read where the run left it, never written: export writes
+        # only into OUT and the run folder, and the recorded store may be gone (a moved run, a
+        # run from another machine), where a new cache would also fake a launch folder.
+        with decoded.read_only():
+            ds = load_dataset(_resolved(cfg, "dataset"), seed)
     if ds.num_classes != num_classes:
         raise ConfigError(f"the run's dataset now has {ds.num_classes} classes, the report "
                           f"says {num_classes}")
@@ -622,12 +635,97 @@ def main(argv: list[str]) -> int:
         raise DataError(f"dataset {ds.name} has no test images to check the export on")
     batches = [b.images.numpy() for b in test]
     labels = torch.cat([b.labels for b in test])
+    # The table sets the export's top-1 beside the teacher's from report.json: both must be
+    # measured on the images the run evaluated (a folder with images added since would not be).
+    evaluated = (report.get("dataset") or {}).get("test_size")
+    if isinstance(evaluated, int) and evaluated != len(labels):
+        raise DataError(f"the test data differs from the run's: {len(labels)} test images now, "
+                        f"the run evaluated {evaluated} (report.json dataset.test_size), so "
+                        "top-1 here would not compare with the report's; export with the data "
+                        "the run was trained on")
     threads = torch.get_num_threads()
     log.info("exporting %s (%s.pt, %d test images, %d thread(s)) to %s",
              report["student"].get("name", "student"), args.checkpoint, len(labels), threads, out)
     out.mkdir(parents=True, exist_ok=True)
+    # Model files are written into a staging folder and moved into OUT only once every check
+    # has passed, so OUT never holds a file the report does not describe (nor a failed one).
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
+    try:
+        results, predictors = _export_into(staging, model, batches, labels, formats, args,
+                                           out, threads, ds, seed)
+        timed = dict(predictors)
+        if teachers:  # several teachers run one after another, as the ensemble would
+            members = [torch_predict(t) for t in teachers]
+            timed = {"teacher": lambda x: [fn(x) for fn in members][-1], **timed}
+        log.info("timing %s at batch 1 (%d runs each)", ", ".join(timed), args.latency_runs)
+        load, cpus = _machine_load()
+        if load is not None and load > cpus:
+            log.warning("the machine is busy (load average %.1f on %d CPUs): latencies will be "
+                        "noisy, PyTorch's multi-threaded ones most", load, cpus)
+        latency = median_latency_ms(timed, shape, args.warmup, args.latency_runs)
+        teacher_ms = latency.pop("teacher", None)
+        for name, ms in latency.items():
+            results[name]["latency_ms"] = ms
 
+        reported = report.get("teacher") or {}
+        teacher = {**{k: reported.get(k) for k in ("name", "top1", "params", "size_bytes")},
+                   "latency_ms": teacher_ms, "report_latency_ms": reported.get("latency_ms")}
+        if teachers:
+            teacher["weights"] = [str(path) for path in teacher_files]
+        else:
+            teacher["not_timed"] = not_timed
+        data = {
+            "student": report["student"].get("name", "student"),
+            "checkpoint": args.checkpoint,
+            "weights": str(weights),
+            "out_dir": str(out),
+            "test_size": len(labels),
+            "report_top1": report["student"].get("top1"),
+            "tolerance": {"atol": args.tolerance, "rtol": args.rtol,
+                          "min_agreement": MIN_AGREEMENT},
+            "latency": {"batch_size": 1, "device": "cpu", "threads": threads,
+                        "warmup": args.warmup, "runs": args.latency_runs, "load_average": load,
+                        "cpus": cpus},
+            "teacher": teacher,
+            "formats": results,
+            "versions": _versions(),
+        }
+        written = {FILES[k] for k in results if k in FILES}
+        for name in sorted(written):
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for name in remove_stale(out, written):
+        log.info("removed %s: left by an earlier export, not written by this one", out / name)
+    failed = out / FAILED
+    if failed.is_dir():
+        shutil.rmtree(failed)
+        log.info("removed %s: the files of an earlier export that failed its check", failed)
+    table = write_outputs(data, run_dir, out)
+    log.info("what each compression step bought (%s):\n%s", out / "export.md", "\n".join(table))
+    return 0
+
+
+def _export_into(staging: Path, model: nn.Module, batches: list[np.ndarray],
+                 labels: torch.Tensor, formats: list[str], args: argparse.Namespace, out: Path,
+                 threads: int, ds: Dataset, seed: int
+                 ) -> tuple[dict[str, dict[str, Any]], dict[str, Predict]]:
+    """Exports and checks each format in `staging`: each format's results and its predictor,
+    to be timed.
+
+    Raises:
+        TrainingDiverged: the student's own PyTorch logits are not finite: nothing to compare.
+        ParityError: a format failed its check; the files written are moved to OUT/failed/
+            (replacing an earlier failure's), and OUT's export is left as it was.
+    """
     ref = predict_all(torch_predict(model), batches)
+    bad = int((~np.isfinite(ref).all(axis=1)).sum())
+    if bad:
+        raise TrainingDiverged(
+            f"the student model itself (PyTorch, {args.checkpoint}.pt, before any export) gives "
+            f"NaN/inf logits on {bad} of {len(ref)} test images, so there is nothing to check "
+            "an export against: the run diverged or its weights are damaged; retrain it, or "
+            "try the other --checkpoint")
     ref_t = torch.from_numpy(ref)
 
     def scores(logits: np.ndarray) -> dict[str, float]:
@@ -650,7 +748,7 @@ def main(argv: list[str]) -> int:
             return {"max_abs_diff": float(diff.max()) if diff is not None else math.nan}
 
     if "onnx" in formats:
-        path = out / FILES["onnx"]
+        path = staging / FILES["onnx"]
         proto, exporter = export_onnx(model, example)
         atomic_write(path, lambda fh: fh.write(proto))
         predictors["onnx"] = ort_predict(ort_session(path, threads))
@@ -659,7 +757,7 @@ def main(argv: list[str]) -> int:
                            **scores(logits), **check("onnx", logits), "exporter": exporter,
                            "opset": OPSET}
     if "torchscript" in formats:
-        path = out / FILES["torchscript"]
+        path = staging / FILES["torchscript"]
         export_torchscript(model, example, path)
         with _quiet():
             module = torch.jit.load(str(path), map_location="cpu").eval()
@@ -669,15 +767,23 @@ def main(argv: list[str]) -> int:
                                   **scores(logits), **check("torchscript", logits),
                                   "method": "torch.jit.trace"}
     if failures:
+        failed = out / FAILED
+        shutil.rmtree(failed, ignore_errors=True)
+        failed.mkdir()
+        for name in (FILES[k] for k in results if k in FILES):
+            os.replace(staging / name, failed / name)
+        earlier = "the earlier export there and in the report is unchanged" \
+            if (out / "export.json").is_file() else "nothing was exported there"
         raise ParityError("; ".join(str(e) for e in failures) +
-                          f" (exported files left in {out} for inspection)")
+                          f" (the files that failed are in {failed} for inspection; in {out} "
+                          f"{earlier})")
     if args.int8:
-        path = out / FILES["int8"]
+        path = staging / FILES["int8"]
         train = loader(ds.train, ds, CALIBRATION_BATCH, shuffle=True, seed=seed)
         calib = [b.images.numpy() for b, _ in zip(train, range(args.batches), strict=False)]
         n_calib = sum(len(b) for b in calib)
         log.info("int8: calibrating on %d training images", n_calib)
-        method = quantize_int8(out / FILES["onnx"], path, calib)
+        method = quantize_int8(staging / FILES["onnx"], path, calib)
         predictors["int8"] = ort_predict(ort_session(path, threads))
         logits = predict_all(predictors["int8"], batches)
         diff = np.abs(logits.astype(np.float64) - ref)
@@ -685,48 +791,7 @@ def main(argv: list[str]) -> int:
                            **scores(logits), "max_abs_diff": float(diff.max()),
                            "method": method, "calibration_images": n_calib,
                            "calibration_split": "train"}
-
-    timed = dict(predictors)
-    if teachers:  # several teachers run one after another, as the ensemble would
-        members = [torch_predict(t) for t in teachers]
-        timed = {"teacher": lambda x: [fn(x) for fn in members][-1], **timed}
-    log.info("timing %s at batch 1 (%d runs each)", ", ".join(timed), args.latency_runs)
-    load, cpus = _machine_load()
-    if load is not None and load > cpus:
-        log.warning("the machine is busy (load average %.1f on %d CPUs): latencies will be "
-                    "noisy, PyTorch's multi-threaded ones most", load, cpus)
-    latency = median_latency_ms(timed, shape, args.warmup, args.latency_runs)
-    teacher_ms = latency.pop("teacher", None)
-    for name, ms in latency.items():
-        results[name]["latency_ms"] = ms
-
-    reported = report.get("teacher") or {}
-    teacher = {**{k: reported.get(k) for k in ("name", "top1", "params", "size_bytes")},
-               "latency_ms": teacher_ms, "report_latency_ms": reported.get("latency_ms")}
-    if teachers:
-        teacher["weights"] = [str(path) for path in teacher_files]
-    else:
-        teacher["not_timed"] = not_timed
-    data = {
-        "student": report["student"].get("name", "student"),
-        "checkpoint": args.checkpoint,
-        "weights": str(weights),
-        "out_dir": str(out),
-        "test_size": len(labels),
-        "report_top1": report["student"].get("top1"),
-        "tolerance": {"atol": args.tolerance, "rtol": args.rtol, "min_agreement": MIN_AGREEMENT},
-        "latency": {"batch_size": 1, "device": "cpu", "threads": threads, "warmup": args.warmup,
-                    "runs": args.latency_runs, "load_average": load, "cpus": cpus},
-        "teacher": teacher,
-        "formats": results,
-        "versions": _versions(),
-    }
-    for name in remove_stale(out, {FILES[k] for k in results if k in FILES}):
-        log.info("removed %s: left by an earlier export, not written by this one", out / name)
-    table = write_outputs(data, run_dir, out)
-    log.info("what each compression step bought (%s):\n%s", out / "export.md", "\n".join(table))
-    return 0
-
+    return results, predictors
 
 def remove_stale(out: Path, written: set[str]) -> list[str]:
     """Deletes the exported-model files in `out` that this export did not write (say

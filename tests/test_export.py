@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from kdcli import export
-from kdcli.errors import ConfigError, CorruptArtifact
+from kdcli import checkpoint, export
+from kdcli.data.imagefolder import image_folder
+from kdcli.errors import ConfigError, CorruptArtifact, DataError, TrainingDiverged
 from tests.conftest import SMOKE, kd, read_report
 from tests.test_imagefolder import write_image_folder
 
@@ -94,6 +95,31 @@ def test_rerun_replaces_the_section(run: Path, tmp_path: Path) -> None:
         "export.json", "export.md", "student.ts"]
 
 
+def test_failed_check_leaves_the_earlier_export_as_it_was(run: Path, tmp_path: Path,
+                                                          monkeypatch) -> None:
+    # The report and export.json describe the earlier, passing export: OUT's model files must
+    # stay the ones they describe, and the failed ones go where nothing says they passed.
+    copy = copy_run(run, tmp_path / "run")
+    out = copy / "export"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    reports = [(copy / name).read_bytes() for name in ("report.json", "report.md")]
+
+    def fail(name: str, *_: object, **__: object) -> dict:
+        raise export.ParityError(f"{name}: made to fail")
+
+    monkeypatch.setattr(export, "check_parity", fail)
+    with pytest.raises(export.ParityError, match=f"in {out / 'failed'} for inspection"):
+        export.main([str(copy), "--int8", *FAST])
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert [(copy / name).read_bytes() for name in ("report.json", "report.md")] == reports
+    assert sorted(p.name for p in (out / "failed").iterdir()) == ["student.onnx", "student.ts"]
+    assert not list(out.glob(".*")), "staging folder left behind"
+    # The next passing export replaces the old one and clears the failed files away.
+    monkeypatch.undo()
+    export.main([str(copy), "--formats", "torchscript", *FAST])
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "export.md", "student.ts"]
+
+
 def test_stale_int8_file_is_removed(tmp_path: Path) -> None:
     for name in ("student.onnx", "student.int8.onnx", "student.ts", "notes.txt"):
         (tmp_path / name).write_text("x")
@@ -130,6 +156,23 @@ def test_relative_dataset_paths_are_read_where_the_run_started(tmp_path: Path) -
     kd("export", str(run_dir), "--formats", "torchscript", *FAST, cwd=elsewhere)
     assert read_export(run_dir)["test_size"] == 30
     assert not list(elsewhere.iterdir())  # nothing read or decoded relative to here
+
+
+def test_export_writes_no_cache_where_the_store_is_gone(tmp_path: Path, monkeypatch) -> None:
+    # The run's store (and the decoded-image cache in it) is gone: export decodes, and writes
+    # nothing outside OUT and the run folder, so it does not recreate the store there.
+    write_image_folder(tmp_path / "imf", train_per_class=8, val_per_class=2)
+    run_dir = tmp_path / "run"
+    kd("train", *SMOKE, "dataset=imagefolder", "dataset.loader.root=imf", "dataset.image_size=32",
+       "baseline=false", "trainer.teacher.epochs=1", "trainer.student.epochs=1",
+       f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    shutil.rmtree(tmp_path / "kd-store")
+    kd("export", str(run_dir), "--formats", "torchscript", *FAST, cwd=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imf", "run"]
+    # A relative root that is not there is named with the folder it was looked up in.
+    monkeypatch.chdir(run_dir)
+    with pytest.raises(DataError, match=f"imf \\(looked in {run_dir / 'imf'};"):
+        image_folder("imf", image_size=32)
 
 
 def test_launch_dir_is_where_the_run_started(tmp_path: Path) -> None:
@@ -206,6 +249,19 @@ def test_not_a_run_is_one_line(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("error:") and str(target) in lines[0]
 
 
+def test_changed_test_data_is_refused(run: Path, tmp_path: Path) -> None:
+    # The table would set top-1 on other images beside the report's teacher top-1.
+    copy = copy_run(run, tmp_path / "run")
+    report = read_report(copy)
+    report["dataset"]["test_size"] -= 1  # as if an image were added since the run
+    (copy / "report.json").write_text(json.dumps(report))
+    before = (copy / "export" / "export.json").read_bytes()
+    with pytest.raises(DataError, match="test data differs from the run's: 256 test images now, "
+                                        "the run evaluated 255"):
+        export.main([str(copy), "--formats", "torchscript", *FAST])
+    assert (copy / "export" / "export.json").read_bytes() == before
+
+
 def test_missing_or_mismatched_checkpoint(run: Path, tmp_path: Path) -> None:
     copy = copy_run(run, tmp_path / "run")
     (copy / "checkpoints" / "student" / "best.pt").unlink()
@@ -237,6 +293,27 @@ def test_parity_failure_names_format_and_difference() -> None:
         export.check_parity("torchscript", ref, bad, atol=1e-3, rtol=1e-3)
     with pytest.raises(export.ParityError, match="onnx: output shape"):
         export.check_parity("onnx", ref, ref[:, :2], atol=1e-3, rtol=1e-3)
+
+
+def test_non_finite_pytorch_logits_are_blamed_on_the_model(run: Path, tmp_path: Path) -> None:
+    ref = np.zeros((2, 3), dtype=np.float32)
+    ref[1, 0] = np.nan
+    with pytest.raises(export.ParityError, match="the PyTorch model itself gives NaN/inf"):
+        export.check_parity("onnx", ref, ref.copy(), atol=1e-3, rtol=1e-3)
+    with pytest.raises(export.ParityError, match="non-finite logits where PyTorch's are finite"):
+        export.check_parity("onnx", np.zeros_like(ref), ref, atol=1e-3, rtol=1e-3)
+    # A diverged student: the export stops before any exporter runs, and says why.
+    copy = copy_run(run, tmp_path / "run")
+    path = copy / "checkpoints" / "student" / "last.pt"
+    state = checkpoint.load(path)
+    first = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][first].fill_(float("nan"))
+    checkpoint.save(state, path)
+    before = (copy / "export" / "export.json").read_bytes()
+    with pytest.raises(TrainingDiverged, match=r"model itself .* NaN/inf logits on 256 of 256 "):
+        export.main([str(copy), *FAST])
+    assert (copy / "export" / "export.json").read_bytes() == before
+    assert not (copy / "export" / "failed").exists()
 
 
 def test_parity_holds_a_loose_tolerance_to_the_predictions() -> None:

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,21 @@ from kdcli.data.datasets import Split
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "test")
+# Set by `read_only()`: `write` caches nothing (`kd export` writes only into OUT and the run).
+_read_only = False
+
+
+@contextlib.contextmanager
+def read_only() -> Iterator[None]:
+    """Within the block, caches are read but none is written: a command that must not write
+    outside its own folders (`kd export`, whose recorded store may be gone or another
+    machine's path) decodes instead of creating a cache folder there."""
+    global _read_only
+    before, _read_only = _read_only, True
+    try:
+        yield
+    finally:
+        _read_only = before
 
 
 def folder(cache_dir: str | None, prefix: str, key: str) -> Path | None:
@@ -85,7 +101,11 @@ def load(path: Path, expected_labels: dict[str, np.ndarray] | None = None
 def write(path: Path, splits: dict[str, Split], meta: dict) -> None:
     """Writes `splits` and `meta` (plus each split's row count) into a temp folder beside
     `path`, then renames it into place. Another process that got there first wins; a disk that
-    refuses (full, read-only) costs a warning, not the run."""
+    refuses (full, read-only) costs a warning, not the run. Within `read_only()`, nothing."""
+    if _read_only:
+        log.info("%s: decoded images not cached in %s (this command writes no caches)",
+                 _what(path), path)
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))

@@ -73,8 +73,9 @@ def image_folder(
     """
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise DataError(f"image folder not found: {base} (set dataset.loader.root to a folder "
-                        f"holding {train_dir}/<class>/<images> and {test_dir}/<class>/<images>)")
+        raise DataError(f"image folder not found: {base} (looked in {base.resolve()}; set "
+                        f"dataset.loader.root to a folder holding {train_dir}/<class>/<images> "
+                        f"and {test_dir}/<class>/<images>)")
     size = int(image_size)
     short = int(resize) if resize is not None else round(size / 0.875)
     if size < 1 or short < size:
