@@ -88,7 +88,8 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     sidecar = _sidecar(path)
     if sidecar.exists() and sidecar.read_text().strip() != sha256_file(path):
         raise CorruptArtifact(f"checkpoint {path} fails its checksum ({sidecar.name}): damaged "
-                              "or only half replaced")
+                              f"or only half replaced (if you replaced it on purpose, delete "
+                              f"{sidecar})")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, bit flips, foreign pickle: all the same to a user

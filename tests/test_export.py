@@ -267,9 +267,13 @@ def test_missing_or_mismatched_checkpoint(run: Path, tmp_path: Path) -> None:
     (copy / "checkpoints" / "student" / "best.pt").unlink()
     with pytest.raises(CorruptArtifact, match="best.pt"):
         export.main([str(copy), "--checkpoint", "best"])
-    # The teacher is wider than the student: its weights cannot load into the student.
-    shutil.copy(copy / "checkpoints" / "teacher" / "last.pt",
-                copy / "checkpoints" / "student" / "last.pt")
+    # The teacher is wider than the student: its weights cannot load into the student. Copied
+    # alone, the file fails the student's checksum first (a damaged copy looks the same).
+    student, teacher = copy / "checkpoints" / "student", copy / "checkpoints" / "teacher"
+    shutil.copy(teacher / "last.pt", student / "last.pt")
+    with pytest.raises(CorruptArtifact, match="fails its checksum.*delete .*last.pt.sha256"):
+        export.main([str(copy)])
+    shutil.copy(teacher / "last.pt.sha256", student / "last.pt.sha256")
     with pytest.raises(ConfigError, match="does not fit"):
         export.main([str(copy)])
 
