@@ -520,6 +520,7 @@ def markdown_notes(data: dict[str, Any]) -> list[str]:
         f"Float formats pass when every logit is within {tol['atol']:g} + {tol['rtol']:g}·|logit| "
         f"of PyTorch's and top-1 agrees on ≥ {tol['min_agreement']:g}% of images.",
     ]
+    lines += _input_note(data.get("input"))
     if "onnx" in data["formats"]:
         lines[-1] += f" ONNX opset {data['formats']['onnx']['opset']}, " \
                      f"{data['formats']['onnx']['exporter']} exporter."
@@ -563,6 +564,33 @@ def replace_section(markdown: str, section: list[str]) -> str:
     else:
         lines += ["", *section]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def input_spec(ds: Dataset, loader: Any) -> dict[str, Any]:
+    """What a deployment must do to an image before the exported model, as kd's data path did,
+    and what its outputs mean (class index -> name)."""
+    from kdcli.data.imagefolder import shorter_side
+
+    c, h, w = ds.image_shape
+    spec: dict[str, Any] = {
+        "shape": [1, c, h, w], "dtype": "float32", "layout": "NCHW", "color": "RGB",
+        "normalize": "x = (pixel / 255 - mean) / std, per channel",
+        "mean": list(ds.mean), "std": list(ds.std), "classes": list(ds.classes)}
+    if loader is not None and loader.get("_target_") == "kdcli.data.imagefolder.image_folder":
+        short = shorter_side(h, loader.get("resize"))
+        spec["resize"] = f"shorter side to {short} px (bilinear), then the centre {h}x{w} crop"
+    return spec
+
+
+def _input_note(spec: dict[str, Any] | None) -> list[str]:
+    if not spec:
+        return []
+    fmt = ", ".join(f"{v:.4g}" for v in spec["mean"]), ", ".join(f"{v:.4g}" for v in spec["std"])
+    resize = f"{spec['resize']}; " if spec.get("resize") else ""
+    return ["", f"Input: {'×'.join(map(str, spec['shape']))} {spec['dtype']} "
+                f"{spec['layout']}, {spec['color']}: {resize}pixels / 255, minus mean ({fmt[0]}), "
+                f"over std ({fmt[1]}). Output: logits over the {len(spec['classes'])} classes in "
+                "`export.json` `input.classes` order."]
 
 
 def write_outputs(data: dict[str, Any], run_dir: Path, out: Path) -> list[str]:
@@ -624,7 +652,8 @@ def main(argv: list[str]) -> int:
         # only into OUT and the run folder, and the recorded store may be gone (a moved run, a
         # run from another machine), where a new cache would also fake a launch folder.
         with decoded.read_only():
-            ds = load_dataset(_resolved(cfg, "dataset"), seed)
+            dataset_cfg = _resolved(cfg, "dataset")
+            ds = load_dataset(dataset_cfg, seed)
     if ds.num_classes != num_classes:
         raise ConfigError(f"the run's dataset now has {ds.num_classes} classes, the report "
                           f"says {num_classes}")
@@ -680,6 +709,7 @@ def main(argv: list[str]) -> int:
             "weights": str(weights),
             "out_dir": str(out),
             "test_size": len(labels),
+            "input": input_spec(ds, dataset_cfg.get("loader")),
             "report_top1": report["student"].get("top1"),
             "tolerance": {"atol": args.tolerance, "rtol": args.rtol,
                           "min_agreement": MIN_AGREEMENT},

@@ -46,6 +46,45 @@ def test_files_written(run: Path) -> None:
     assert not list((run / "export").glob(".*")), "temp files left behind"
 
 
+def test_export_says_how_to_feed_the_model(run: Path) -> None:
+    # A deployer had to guess the normalisation and the class order: export.json records them,
+    # and following them on raw uint8 images gives exactly what the model was checked on.
+    import onnxruntime as ort
+
+    from kdcli.data.datasets import cifar10_subset
+    from kdcli.data.loader import BatchLoader
+
+    spec = read_export(run)["input"]
+    ds = cifar10_subset()
+    assert spec["shape"] == [1, 3, 32, 32] and spec["classes"] == ds.classes
+    assert "resize" not in spec  # CIFAR images are used as they are
+    raw = ds.test.images[:16]
+    mean, std = (torch.tensor(spec[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+    x = (raw.float() / 255 - mean) / std
+    fed = next(iter(BatchLoader(ds.test, 16, device=torch.device("cpu"), mean=ds.mean,
+                                std=ds.std).epoch(0))).images
+    torch.testing.assert_close(x, fed, atol=1e-5, rtol=1e-5)
+    session = ort.InferenceSession(str(run / "export" / "student.onnx"))
+    name = session.get_inputs()[0].name
+    logits = np.concatenate([session.run(None, {name: x[i:i + 1].numpy()})[0]
+                             for i in range(len(x))])
+    assert logits.shape == (16, len(spec["classes"]))
+    assert "Input: 1×3×32×32 float32 NCHW, RGB" in (run / "export" / "export.md").read_text()
+
+
+def test_input_spec_of_an_image_folder_names_its_resize_and_crop() -> None:
+    from kdcli.data.datasets import Dataset, Split
+
+    split = Split(torch.zeros(1, 3, 224, 224, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
+    ds = Dataset("imf", split, split, ["Dog", "bird"], mean=(0.5,) * 3, std=(0.25,) * 3)
+    loader = {"_target_": "kdcli.data.imagefolder.image_folder", "resize": None}
+    spec = export.input_spec(ds, loader)
+    assert spec["resize"] == "shorter side to 256 px (bilinear), then the centre 224x224 crop"
+    assert spec["classes"] == ["Dog", "bird"] and spec["mean"] == [0.5, 0.5, 0.5]
+    assert export.input_spec(ds, {**loader, "resize": 224})["resize"].startswith(
+        "shorter side to 224 px")
+
+
 def test_float_formats_match_pytorch_and_the_report(run: Path) -> None:
     data, report = read_export(run), read_report(run)
     atol = data["tolerance"]["atol"]

@@ -77,7 +77,7 @@ def image_folder(
                         f"dataset.loader.root to a folder holding {train_dir}/<class>/<images> "
                         f"and {test_dir}/<class>/<images>)")
     size = int(image_size)
-    short = int(resize) if resize is not None else round(size / 0.875)
+    short = shorter_side(size, resize)
     if size < 1 or short < size:
         raise DataError(f"image folder: need 1 <= image_size <= resize, got image_size={size}, "
                         f"resize={short}")
@@ -149,6 +149,12 @@ def _few(names: Sequence[str] | set[str], limit: int = 5) -> str:
         return "none"
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
+
+
+def shorter_side(image_size: int, resize: int | None) -> int:
+    """The side an image's shorter side is resized to before the centre crop: `resize`, or
+    ImageNet's evaluation ratio (256 for 224) when None."""
+    return int(resize) if resize is not None else round(int(image_size) / 0.875)
 
 
 def decode(path: Path, size: int, short: int) -> np.ndarray:
