@@ -60,6 +60,12 @@ def compiled(module: nn.Module, mode: str = "default") -> nn.Module:
     return torch.compile(module, mode=mode)
 
 
+def compiled_as_set(module: nn.Module, runtime: Runtime) -> nn.Module:
+    """`module` compiled (`compiled`, in the runtime's mode) when `device.compile` is on, else
+    itself."""
+    return compiled(module, runtime.compile_mode) if runtime.compile else module
+
+
 @dataclass
 class FitResult:
     history: list[dict[str, float]]
@@ -158,7 +164,7 @@ class TrainStep:
             warnings.filterwarnings("ignore", category=UserWarning,
                                     message=r"Detected call of `lr_scheduler\.step\(\)` before")
         net = distributed.wrap(model, runtime.device)  # DDP averages gradients in backward
-        net = compiled(net, runtime.compile_mode) if runtime.compile else net
+        net = compiled_as_set(net, runtime)
         if student_taps is None:
             self.forward = lambda images: Outputs(net(images))
         else:

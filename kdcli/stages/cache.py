@@ -24,9 +24,7 @@ from kdcli.stages.common import (
     TRAINED,
     Context,
     build_context,
-    build_model,
     dataset_inputs,
-    load_weights,
     reuse_if_valid,
 )
 from kdcli.store import Entry
@@ -109,16 +107,6 @@ def predict_split(model, ctx: Context, split: str, views: ViewTable | None) -> t
     return torch.stack(per_view, dim=1)
 
 
-def teacher_model(teacher: dict[str, Any]) -> torch.nn.Module:
-    """A stored teacher, frozen, for inference; compiled under device.compile (its pass over
-    every split and view is the stage's whole work)."""
-    tctx = teacher["ctx"]
-    model = load_weights(build_model(tctx, "teacher"), teacher["entry"].file("last.pt"))
-    model = model.eval().requires_grad_(False)
-    runtime = tctx.runtime
-    return engine.compiled(model, runtime.compile_mode) if runtime.compile else model
-
-
 def ensemble(logits: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     return sum(w * x for w, x in zip(weights, logits, strict=True))
 
@@ -143,7 +131,9 @@ def _build(ctx: Context, teachers: list[dict[str, Any]], entry: Entry
         views = view_table(ctx)
         per_split: dict[str, list[torch.Tensor]] = {s: [] for s in SPLITS}
         for t in teachers:  # one teacher in memory at a time
-            model = teacher_model(t)
+            # Its pass over every split and view is the stage's work: compiled under
+            # device.compile.
+            model = engine.compiled_as_set(teacher_stage.frozen(t), t["ctx"].runtime)
             for split in SPLITS:
                 per_split[split].append(predict_split(model, ctx, split, views))
             del model
@@ -193,9 +183,8 @@ def check(ctx: Context, teachers: list[dict[str, Any]], cache: dict[str, Any], s
     weights = combine_weights(ctx, len(teachers))
     live = []
     for t in teachers:
-        model = load_weights(build_model(t["ctx"], "teacher"), t["entry"].file("last.pt")).eval()
         with torch.inference_mode(), ctx.runtime.autocast():
-            live.append(model(x).float().cpu())
+            live.append(teacher_stage.frozen(t)(x).float().cpu())
     error = float((ensemble(live, weights) - cached).abs().max())
     # float16 storage and autocast leave small differences; a wrong view leaves large ones.
     tolerance = 0.05 * float(cached.abs().max()) + 0.05

@@ -40,9 +40,7 @@ from kdcli.stages.common import (
     Context,
     build,
     build_context,
-    build_model,
     container,
-    load_weights,
     model_skeleton,
     publish,
     train_entry,
@@ -107,13 +105,10 @@ class OnlineTeacher:
 
     def __init__(self, teacher: dict[str, Any], layers: list[str]) -> None:
         tctx = teacher["ctx"]
-        model = load_weights(build_model(tctx, "teacher"), teacher["entry"].file("last.pt"))
-        self.model = model.eval().requires_grad_(False)
+        self.model = teacher_stage.frozen(teacher)
         self.taps = FeatureTap(self.model, layers, role=f"teacher={tctx.choice('teacher')}")
         # It runs on every step, like the student: compiled with it (device.compile).
-        runtime = tctx.runtime
-        self.forward = (engine.compiled(self.model, runtime.compile_mode) if runtime.compile
-                        else self.model)
+        self.forward = engine.compiled_as_set(self.model, tctx.runtime)
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> Outputs:

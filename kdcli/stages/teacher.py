@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from kdcli import distributed
 from kdcli.errors import ConfigError
 from kdcli.losses.ce import CrossEntropy
 from kdcli.stages.common import (
     Context,
     build_context,
+    build_model,
     keyed_overrides,
     list_override,
+    load_weights,
     publish,
     recompose,
     reuse_if_valid,
@@ -29,6 +33,13 @@ def entry_for(ctx: Context) -> Entry:
     inputs = train_inputs(ctx, "teacher", "teacher_optimizer", "teacher_scheduler",
                           ctx.cfg.trainer.teacher)
     return ctx.store.entry("teacher", ctx.choice("teacher"), inputs)
+
+
+def frozen(teacher: dict[str, Any]) -> nn.Module:
+    """A stored teacher (a result of `run_all` / `require_all`) with its weights, in eval mode
+    and without gradients: what the cache stage and the online student run."""
+    model = load_weights(build_model(teacher["ctx"], "teacher"), teacher["entry"].file("last.pt"))
+    return model.eval().requires_grad_(False)
 
 
 def contexts(ctx: Context) -> list[Context]:
