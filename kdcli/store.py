@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterator
@@ -39,18 +38,6 @@ def key_of(inputs: dict[str, Any]) -> str:
     """Stable short hash of a JSON-able dict (sorted keys)."""
     blob = json.dumps(inputs, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _strict(value: Any) -> Any:
-    """`value` with NaN and infinities as None (JSON null): strict JSON, which `NaN` is not
-    (a model with non-finite test logits has NaN metrics)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
-    return value
 
 
 class Entry:
@@ -144,8 +131,10 @@ class Entry:
             "pid": os.getpid(),
             **info,
         }
+        from kdcli.report import to_jsonable  # NaN metrics as null: strict JSON
+
         atomic_write_text(self.path / META,
-                          json.dumps(_strict(meta), indent=2, default=str, allow_nan=False))
+                          json.dumps(to_jsonable(meta), indent=2, allow_nan=False))
         return meta
 
     def invalidate(self) -> None:
