@@ -203,6 +203,7 @@ class Run:
 
 def validate(cfg: DictConfig) -> None:
     """Raises ConfigError listing every problem of `cfg` (one `config: <path>: ...` line each).
+    A valid `cfg` is left with its ints turned to floats where a float is declared.
 
     Under Hydra (a real run) the configs the run composes later are checked too: each teacher of
     `teacher=[a,b]` as if chosen alone, and the `pretrain.dataset` option.
@@ -221,6 +222,14 @@ def validate(cfg: DictConfig) -> None:
     problems += _check_pretrain(cfg)
     if problems:
         raise ConfigError("\n".join(f"config: {p}" for p in problems))
+
+
+def normalise(cfg: DictConfig) -> DictConfig:
+    """`cfg` with its ints turned to floats where a float is declared, as `validate` leaves a
+    valid config: for the configs a run composes again (`teacher=[a,b]`, `pretrain.dataset`),
+    which `validate` checked without keeping. Problems are not reported here."""
+    _check_settings(cfg, Run, "")
+    return cfg
 
 
 def _missing_keys(node: Any, path: str = "") -> Iterator[str]:
@@ -330,10 +339,7 @@ def _check_settings(node: Any, schema: type, path: str, skip: tuple[str, ...] = 
             if schema not in OPEN:
                 problems.append(f"{full}: unknown key (valid: {', '.join(_field_names(schema))})")
             continue
-        found = _check_key(node, key, hints[key], full)
-        if not found and key in ranges:
-            found = _check_range(node[key], ranges[key], hints[key], full)
-        problems += found
+        problems += _check_key(node, key, hints[key], full, ranges.get(key))
     return problems
 
 
@@ -351,8 +357,10 @@ def _field_names(schema: type) -> list[str]:
     return [f.name for f in dataclasses.fields(schema)]
 
 
-def _check_key(node: DictConfig, key: str, hint: Any, path: str) -> list[str]:
-    """One key of `node` against its declared type, a settings dataclass or a Target kind."""
+def _check_key(node: DictConfig, key: str, hint: Any, path: str, allowed: Range | None = None
+               ) -> list[str]:
+    """One key of `node` against its declared type, a settings dataclass or a Target kind, and
+    its range if `allowed` is given."""
     if OmegaConf.is_missing(node, key):
         return []  # reported once, from OmegaConf.missing_keys
     try:
@@ -367,7 +375,40 @@ def _check_key(node: DictConfig, key: str, hint: Any, path: str) -> list[str]:
         return _check_target(value, Target, path)
     if _matches(value, hint) is False:
         return [f"{path}: expected {_describe(hint)}, got {_show(value)}"]
+    if allowed is not None and (problems := _check_range(value, allowed, hint, path)):
+        return problems
+    if not OmegaConf.is_interpolation(node, key):
+        _floats_as_declared(node, key, hint)
     return []
+
+
+def _floats_as_declared(node: DictConfig | ListConfig, key: Any, hint: Any) -> None:
+    """An int given where a float is declared becomes that float, in place: `temperature=4` on
+    the command line and the YAML's `4.0` are one setting, so they key one store entry (the
+    entries already in stores were keyed by the YAML's floats, so those keys stay)."""
+    hint = _one_type(hint)
+    value = node[key]
+    if hint is float:
+        if isinstance(value, int) and not isinstance(value, bool):
+            node[key] = float(value)
+        return
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if isinstance(value, ListConfig) and origin in _SEQUENCES and origin is not tuple \
+            and len(args) == 1:
+        for i in range(len(value)):
+            if not OmegaConf.is_interpolation(value, i):
+                _floats_as_declared(value, i, args[0])
+
+
+def _one_type(hint: Any) -> Any:
+    """`hint` without null (or a tensor) in a union: `float | None` -> `float`; a union of two
+    config types (`int | float`) stays as it is."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint)
+                if a is not type(None) and not _never_from_config(a)]
+        if len(rest) == 1:
+            return rest[0]
+    return hint
 
 
 def _is_target_node(value: Any) -> bool:

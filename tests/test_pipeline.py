@@ -119,6 +119,13 @@ def test_a_student_without_finite_logits_fails_the_job_instead_of_returning_nan(
         pipeline.main(None)
 
 
+def test_a_float_typed_as_an_int_reuses_the_entry(sweep: Path) -> None:
+    # The sweep typed `loss.temperature=...,8`; `8.0` is the same setting, not a new student.
+    kd("train", *SMOKE, "loss.temperature=8.0", f"store={sweep / 'store'}",
+       f"hydra.run.dir={sweep / 'as-float'}", cwd=sweep)
+    assert set(read_report(sweep / "as-float")["stages"].values()) == {"reused"}
+
+
 def test_run_folder_has_checkpoints_metrics_and_log(sweep: Path) -> None:
     run = sweep / "multi" / "0"
     for stage in ("teacher", "student", "baseline"):

@@ -84,6 +84,25 @@ def test_combinations_validate(overrides: list[str]) -> None:
         validate(cfg)
 
 
+def test_an_int_where_a_float_is_declared_becomes_that_float() -> None:
+    # `loss.temperature=4` typed on the command line and the YAML's `4.0` keyed two store entries,
+    # so the identical student was trained again. Ints stay ints where an int is declared, and
+    # a union of both (`int | float`) is left as given.
+    with composed("loss.temperature=4", "optimizer.lr=1", "cache.teacher_weights=[2,1]",
+                  "trainer.student.epochs=3") as cfg:
+        validate(cfg)
+        assert type(cfg.loss.temperature) is float and cfg.loss.temperature == 4.0
+        assert type(cfg.optimizer.lr) is float
+        assert [type(w) for w in cfg.cache.teacher_weights] == [float, float]
+        assert type(cfg.trainer.student.epochs) is int
+    configs = []
+    for overrides in (["loss.temperature=4"], []):
+        with composed(*overrides) as cfg:
+            validate(cfg)
+            configs.append(OmegaConf.to_yaml(cfg))
+    assert configs[0] == configs[1]
+
+
 def test_users_own_model_by_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # As in test_pipeline.test_users_own_model_by_target: a builder taking **kwargs gets the
     # option's other keys (tiny_cnn's width) and is not held to a key list.

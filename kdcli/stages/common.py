@@ -28,6 +28,7 @@ from kdcli.errors import ConfigError, CorruptArtifact, KDError
 from kdcli.losses.base import DistillationLoss, Outputs
 from kdcli.metrics import classification_metrics
 from kdcli.models.features import FeatureTap
+from kdcli.schema import normalise
 from kdcli.store import Entry, Store
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def recompose(extra: list[str], replace_groups: tuple[str, ...]) -> DictConfig:
     keep = [line for line, o in zip(task, parsed, strict=True)
             if not any(o.key_or_group == g or o.key_or_group.startswith(g + ".")
                        for g in replace_groups)]
-    return compose(config_name=hc.job.config_name, overrides=keep + extra)
+    return normalise(compose(config_name=hc.job.config_name, overrides=keep + extra))
 
 
 def option_name(cfg: DictConfig, group: str) -> str:
