@@ -313,3 +313,24 @@ def test_fingerprint_changes_with_one_pixel():
     d = small_dataset()
     d.train.labels[0] = 2
     assert d.fingerprint() != a.fingerprint()
+
+
+def test_split_fingerprint_is_the_split_alone():
+    # report.json records the test split's: it must follow its pixels and labels, and nothing
+    # of the train split, which export does not evaluate on.
+    a, b = small_dataset(), small_dataset()
+    assert a.test.fingerprint() == b.test.fingerprint()
+    assert len(a.test.fingerprint()) == 64  # sha256, hex
+    e = small_dataset()
+    e.train.images[0, 0, 0, 0] ^= 1
+    e.train.labels[0] = 2
+    assert e.test.fingerprint() == a.test.fingerprint()
+    c = small_dataset()
+    c.test.images[5, 1, 2, 3] ^= 1
+    assert c.test.fingerprint() != a.test.fingerprint()
+    d = small_dataset()
+    d.test.labels[0] = (d.test.labels[0] + 1) % 3
+    assert d.test.fingerprint() != a.test.fingerprint()
+    # The same bytes in another shape are another split.
+    flat = Split(a.test.images.reshape(len(a.test), 3, -1, 1), a.test.labels)
+    assert flat.fingerprint() != a.test.fingerprint()

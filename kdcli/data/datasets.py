@@ -39,9 +39,26 @@ class Split:
 
     images: torch.Tensor
     labels: torch.Tensor
+    _fingerprint: str | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def fingerprint(self) -> str:
+        """sha256 of this split's shape, pixels and labels, computed once (then cached: the
+        tensors are never written in place). report.json records the test split's, so `kd
+        export` can tell the images a run evaluated from others of the same number; an
+        ImageNet-size test split takes seconds. What it hashes must not change: every earlier
+        report's fingerprint would stop matching."""
+        if self._fingerprint is None:
+            images = np.ascontiguousarray(self.images.numpy())
+            labels = np.ascontiguousarray(self.labels.numpy(), dtype=np.int64)
+            h = hashlib.sha256(f"kd-split\0{images.dtype}\0{images.shape}\n".encode())
+            # The buffers themselves, not copies: a test split can be gigabytes.
+            h.update(images.data)
+            h.update(labels.data)
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
 
 @dataclass
@@ -65,7 +82,8 @@ class Dataset:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
     def fingerprint(self) -> str:
-        """Content hash of pixels and labels: a changed dataset gives new store keys."""
+        """Content hash of both splits' pixels and labels and the class names: a changed
+        dataset gives new store keys. (`Split.fingerprint` is one split's, for the report.)"""
         if self._fingerprint is None:
             h = hashlib.blake2b(digest_size=16)
             for split in (self.train, self.test):
