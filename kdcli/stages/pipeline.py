@@ -180,8 +180,11 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
         "wall_time_s": None,  # set by write_report, after the report's own work
         "device": ctx.runtime.describe(),
         "latency_threads": latency_threads(),
+        # test_fingerprint: `kd export` re-evaluates on the test split and checks it still
+        # holds these images, not only as many of them.
         "dataset": {"name": ds.name, "num_classes": ds.num_classes, "train_size": len(ds.train),
-                    "test_size": len(ds.test), "image_size": ds.image_shape[-1]},
+                    "test_size": len(ds.test), "test_fingerprint": ds.test.fingerprint(),
+                    "image_size": ds.image_shape[-1]},
         "teacher": t_block,
         "teachers": teacher_blocks,
         "student": s_block,
