@@ -657,6 +657,9 @@ def main(argv: list[str]) -> int:
     if ds.num_classes != num_classes:
         raise ConfigError(f"the run's dataset now has {ds.num_classes} classes, the report "
                           f"says {num_classes}")
+    # The table sets the export's top-1 beside the teacher's from report.json: both must be
+    # measured on the images the run evaluated.
+    check_test_split(ds.test, report.get("dataset") or {}, dataset_cfg.get("loader"), where)
     shape = ds.image_shape
     eval_bs = int(OmegaConf.select(cfg, "trainer.eval_batch_size", default=256) or 256)
     test = list(loader(ds.test, ds, eval_bs))
@@ -664,14 +667,6 @@ def main(argv: list[str]) -> int:
         raise DataError(f"dataset {ds.name} has no test images to check the export on")
     batches = [b.images.numpy() for b in test]
     labels = torch.cat([b.labels for b in test])
-    # The table sets the export's top-1 beside the teacher's from report.json: both must be
-    # measured on the images the run evaluated (a folder with images added since would not be).
-    evaluated = (report.get("dataset") or {}).get("test_size")
-    if isinstance(evaluated, int) and evaluated != len(labels):
-        raise DataError(f"the test data differs from the run's: {len(labels)} test images now, "
-                        f"the run evaluated {evaluated} (report.json dataset.test_size), so "
-                        "top-1 here would not compare with the report's; export with the data "
-                        "the run was trained on")
     threads = torch.get_num_threads()
     log.info("exporting %s (%s.pt, %d test images, %d thread(s)) to %s",
              report["student"].get("name", "student"), args.checkpoint, len(labels), threads, out)
@@ -709,6 +704,7 @@ def main(argv: list[str]) -> int:
             "weights": str(weights),
             "out_dir": str(out),
             "test_size": len(labels),
+            "test_fingerprint": ds.test.fingerprint(),
             "input": input_spec(ds, dataset_cfg.get("loader")),
             "report_top1": report["student"].get("top1"),
             "tolerance": {"atol": args.tolerance, "rtol": args.rtol,
@@ -734,6 +730,52 @@ def main(argv: list[str]) -> int:
     table = write_outputs(data, run_dir, out)
     log.info("what each compression step bought (%s):\n%s", out / "export.md", "\n".join(table))
     return 0
+
+
+def check_test_split(split: Split, recorded: dict[str, Any], loader_cfg: Any,
+                     launched: Path | None) -> None:
+    """Refuses a test split other than the one the run evaluated: export.md sets the export's
+    top-1 beside the teacher's from report.json, so both must be measured on the same images.
+
+    report.json's ``dataset.test_size`` catches images added or removed since the run, its
+    ``dataset.test_fingerprint`` (`Split.fingerprint`) a swap of as many: other images or
+    labels. A report from before the fingerprint was recorded gets the size check alone, and a
+    warning that the images themselves were not verified.
+
+    Args:
+        split: The test split as export loaded it.
+        recorded: report.json's ``dataset`` block.
+        loader_cfg: The run config's ``dataset.loader``, to name the folder read in the error.
+        launched: Where the run was started (`launch_dir`): a relative root is relative to it.
+
+    Raises:
+        DataError: another number of test images, or other content; nothing is written.
+    """
+    evaluated = recorded.get("test_size")
+    if isinstance(evaluated, int) and evaluated != len(split):
+        raise DataError(f"the test data differs from the run's: {len(split)} test images now, "
+                        f"the run evaluated {evaluated} (report.json dataset.test_size), so "
+                        "top-1 here would not compare with the report's; export with the data "
+                        "the run was trained on")
+    expected = recorded.get("test_fingerprint")
+    if not isinstance(expected, str):
+        log.warning("report.json has no dataset.test_fingerprint (the run predates it): only "
+                    "the number of test images (%d) is checked, not that they are the images "
+                    "the run evaluated", len(split))
+        return
+    found = split.fingerprint()
+    if found != expected:
+        root = loader_cfg.get("root") if isinstance(loader_cfg, dict | DictConfig) else None
+        read = f" (read from {(launched or Path.cwd()) / Path(str(root)).expanduser()})" \
+            if root else ""
+        raise DataError(
+            f"the test data differs from the run's: as many test images ({len(split)}) but not "
+            f"the same ones (sha256 {found[:16]}… now, the run evaluated {expected[:16]}…, "
+            "report.json dataset.test_fingerprint), so top-1 here would not compare with the "
+            f"report's. The dataset{read} likely points at other images than in training "
+            "(another dataset.loader.root, test images replaced or moved between class folders "
+            "since), or this machine decodes them differently (another Pillow version); point "
+            "the dataset back at the images the run used, or retrain on these")
 
 
 def _export_into(staging: Path, model: nn.Module, batches: list[np.ndarray],
