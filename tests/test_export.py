@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 from kdcli import checkpoint, export
 from kdcli.data.imagefolder import image_folder
 from kdcli.errors import ConfigError, CorruptArtifact, DataError, TrainingDiverged
-from tests.conftest import SMOKE, kd, read_report
+from tests.conftest import SMOKE, TINY, kd, read_report
 from tests.test_imagefolder import write_image_folder
 
 # Few timed runs: the figures are not under test, only that they are there.
@@ -98,6 +99,8 @@ def test_float_formats_match_pytorch_and_the_report(run: Path) -> None:
     for fmt in ("onnx", "torchscript"):
         assert 0 <= data["formats"][fmt]["max_abs_diff"] <= atol, fmt
     assert data["test_size"] == report["dataset"]["test_size"]
+    # Measured on the very images the run evaluated, not only as many.
+    assert data["test_fingerprint"] == report["dataset"]["test_fingerprint"]
 
 
 def test_int8_is_measured(run: Path) -> None:
@@ -299,6 +302,54 @@ def test_changed_test_data_is_refused(run: Path, tmp_path: Path) -> None:
                                         "the run evaluated 255"):
         export.main([str(copy), "--formats", "torchscript", *FAST])
     assert (copy / "export" / "export.json").read_bytes() == before
+
+
+def test_same_size_swap_of_test_images_is_refused(tmp_path: Path) -> None:
+    # As many test images as the run evaluated, but one replaced: the size check alone let
+    # export.md set top-1 on images the run never saw beside the report's figures.
+    write_image_folder(tmp_path / "imf", train_per_class=8, val_per_class=3)
+    run_dir = tmp_path / "run"
+    kd("train", *TINY, "dataset=imagefolder", "dataset.loader.root=imf", "dataset.image_size=32",
+       f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    kd("export", str(run_dir), "--formats", "torchscript", *FAST, cwd=tmp_path)
+    out = run_dir / "export"
+    kept = [*out.iterdir(), run_dir / "report.json", run_dir / "report.md"]
+    before = {path: path.read_bytes() for path in kept}
+    image = next((tmp_path / "imf" / "val").glob("*/0001.jpg"))
+    original = image.read_bytes()
+    image.write_bytes(next((tmp_path / "imf" / "train" / image.parent.name).glob("*.jpg"))
+                      .read_bytes())  # a train image of the same class
+    with pytest.raises(DataError, match=rf"as many test images \(30\) but not the same ones "
+                                        rf".*read from {tmp_path / 'imf'}\).*point the "
+                                        "dataset back at the images the run used, or retrain"):
+        export.main([str(run_dir), "--formats", "torchscript", *FAST])
+    assert {path: path.read_bytes() for path in kept} == before
+    assert sorted(out.iterdir()) == sorted(kept[:-2]), "staging or failed/ left behind"
+    # The image put back, the split is the run's again: it exports.
+    image.write_bytes(original)
+    export.main([str(run_dir), "--formats", "torchscript", *FAST])
+    assert read_export(run_dir)["test_fingerprint"] == \
+        read_report(run_dir)["dataset"]["test_fingerprint"]
+
+
+def test_report_without_test_fingerprint_checks_the_size_alone(run: Path, tmp_path: Path,
+                                                              caplog) -> None:
+    # A run from before report.json recorded the fingerprint still exports, and says that the
+    # test images themselves could not be verified.
+    copy = copy_run(run, tmp_path / "run")
+    report = read_report(copy)
+    del report["dataset"]["test_fingerprint"]
+    (copy / "report.json").write_text(json.dumps(report))
+    with caplog.at_level(logging.WARNING, logger="kdcli.export"):
+        export.main([str(copy), "--formats", "torchscript", *FAST])
+    assert "no dataset.test_fingerprint (the run predates it): only the number of test images " \
+           "(256) is checked" in caplog.text
+    assert read_export(copy)["test_size"] == 256
+    report = read_report(copy)  # now with the export block
+    report["dataset"]["test_size"] -= 1
+    (copy / "report.json").write_text(json.dumps(report))
+    with pytest.raises(DataError, match="256 test images now, the run evaluated 255"):
+        export.main([str(copy), "--formats", "torchscript", *FAST])
 
 
 def test_missing_or_mismatched_checkpoint(run: Path, tmp_path: Path) -> None:
