@@ -140,7 +140,8 @@ def test_decoded_cache_is_reused_and_follows_the_files(folder: Path, tmp_path: P
     ("no_classes", "no class folders"),
     ("empty_class", "no images .* in class folder\\(s\\) zebra"),
     ("class_mismatch", "only in train: zebra; only in val: none"),
-    ("unreadable", "cannot read image {root}/train/cat/broken.jpg"),
+    ("unreadable", "cannot read 1 of 3 images; .*\\n  {root}/train/cat/broken.jpg: "
+                   "UnidentifiedImageError"),
 ])
 def test_errors_name_the_problem(tmp_path: Path, breakage: str, message: str) -> None:
     root = tmp_path / "data"
@@ -167,6 +168,43 @@ def test_errors_name_the_problem(tmp_path: Path, breakage: str, message: str) ->
         (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(DataError, match=message.format(root=re.escape(str(root)))):
         image_folder(str(root), image_size=8)
+
+
+def test_every_unreadable_image_is_listed_in_one_error(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Decoding stopped at the first unreadable image: a folder with many bad downloads took
+    # one run per file to clean up. Now every image is tried and one error lists them.
+    root = tmp_path / "data"
+    write_image_folder(root, train_per_class=2, val_per_class=1)  # 30 good images
+    good = (root / "train" / "cat" / "0001.jpg").read_bytes()
+    broken = {"train/bird/garbage.jpg": b"not an image at all",
+              "train/cat/empty.png": b"",
+              "train/dog/truncated.jpg": good[:len(good) // 2],
+              "val/cat/garbage.jpg": b"\xff\xd8 not really a jpeg",
+              "val/ship/text.webp": b"hello"}
+    for rel, data in broken.items():
+        (root / rel).write_bytes(data)
+    tried = []
+    decode = imagefolder.decode
+    monkeypatch.setattr(imagefolder, "decode", lambda path, *a: tried.append(path) or decode(
+        path, *a))
+    monkeypatch.setattr(imagefolder, "LIST_UNREADABLE", 4, raising=False)
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError) as err:
+        image_folder(str(root), image_size=16, resize=16, cache_dir=str(cache))
+    assert len(tried) == 35  # both splits, to the last image
+    lines = str(err.value).splitlines()
+    assert lines[0] == (f"image folder {root}: cannot read 5 of 35 images; repair, replace or "
+                        f"delete them, then run again:")
+    # The first four in file order (train, then val), each with PIL's reason; then a count.
+    listed = [line.split(": ", 1) for line in lines[1:5]]
+    assert [path for path, _ in listed] == [f"  {root / rel}" for rel in list(broken)[:4]]
+    assert [reason.split(":")[0] for _, reason in listed] == [
+        "UnidentifiedImageError", "UnidentifiedImageError", "OSError",
+        "UnidentifiedImageError"]
+    assert "truncated" in listed[2][1]
+    assert lines[5:] == ["  and 1 more"]
+    assert not cache.exists() or not list(cache.glob("imagefolder-*"))  # nothing cached
 
 
 def test_root_is_required(tmp_path: Path) -> None:

@@ -10,6 +10,10 @@ Decoding is the slow part, so the decoded arrays are cached on disk (`cache_dir`
 `kdcli.data.decoded`), keyed by the file list (relative path, size, mtime of every image) and
 the decode settings: a re-run maps them in seconds, and an added, removed or edited image gives
 a new key.
+
+An unreadable image does not stop decoding: every image is tried, and one DataError then lists
+the unreadable ones (the first `LIST_UNREADABLE`, each with its reason), so a folder with a batch
+of truncated downloads is fixed in one go, not one file per run.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Bump when decoding changes (resampling, crop rule): old caches go stale.
 CACHE_VERSION = 1
+# How many unreadable images the error lists by name; the rest are counted.
+LIST_UNREADABLE = 20
 
 
 def image_folder(
@@ -69,7 +75,8 @@ def image_folder(
 
     Raises:
         DataError: missing root or split folder, no classes, an empty class, class folders
-            that differ between the splits, an unreadable image (named).
+            that differ between the splits, unreadable images (every one tried; the first
+            LIST_UNREADABLE named with their reasons).
     """
     base = Path(root).expanduser()
     if not base.is_dir():
@@ -103,9 +110,13 @@ def image_folder(
         threads = int(workers) if workers else min(8, os.cpu_count() or 1)
         log.info("image folder %s: decoding %d images (%d classes) to %dpx (resize %d, centre "
                  "crop), %d thread(s)", base, n, len(classes), size, short, threads)
-        splits = {split: Split(torch.from_numpy(decode_images(base, files[split], size, short,
-                                                              threads)),
-                               torch.from_numpy(labels[split]))
+        images, unreadable = {}, []
+        for split in SPLITS:
+            images[split], failed = decode_images(base, files[split], size, short, threads)
+            unreadable += failed
+        if unreadable:
+            raise DataError(unreadable_error(base, unreadable, n))
+        splits = {split: Split(torch.from_numpy(images[split]), torch.from_numpy(labels[split]))
                   for split in SPLITS}
         log.info("image folder: decoded %d images in %.1fs", n, time.perf_counter() - t0)
         if cached is not None:
@@ -157,8 +168,22 @@ def shorter_side(image_size: int, resize: int | None) -> int:
     return int(resize) if resize is not None else round(int(image_size) / 0.875)
 
 
+class UnreadableImage(DataError):
+    """An image PIL cannot decode: `path` and PIL's `reason` (without the path, which PIL's
+    "cannot identify image file '<path>'" repeats)."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason.replace(f" {str(path)!r}", "")
+        super().__init__(f"cannot read image {path}: {self.reason}")
+
+
 def decode(path: Path, size: int, short: int) -> np.ndarray:
-    """One image as uint8 HWC: shorter side resized to `short`, centre crop `size` x `size`."""
+    """One image as uint8 HWC: shorter side resized to `short`, centre crop `size` x `size`.
+
+    Raises:
+        UnreadableImage: PIL cannot open or decode it, or it is a floating-point image.
+    """
     from PIL import Image
 
     try:
@@ -175,7 +200,7 @@ def decode(path: Path, size: int, short: int) -> np.ndarray:
             left, top = (out_w - size) // 2, (out_h - size) // 2
             return np.asarray(img.crop((left, top, left + size, top + size)))
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for a damaged file
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+        raise UnreadableImage(path, f"{type(exc).__name__}: {exc}") from exc
 
 
 def _eight_bit(img):
@@ -194,18 +219,40 @@ def _eight_bit(img):
 
 
 def decode_images(base: Path, files: list[tuple[str, int]], size: int, short: int,
-                  threads: int) -> np.ndarray:
+                  threads: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """A split's images as uint8 (N, 3, size, size), decoded in parallel threads (PIL releases
-    the GIL while decoding)."""
+    the GIL while decoding), and `(path relative to base, reason)` of each that could not be
+    read (its slot in the array left unset). The split's first such image is logged when met:
+    decoding a large folder takes a while, and it goes on to find the others."""
     images = np.empty((len(files), 3, size, size), dtype=np.uint8)
 
-    def one(i: int) -> None:
-        images[i] = decode(base / files[i][0], size, short).transpose(2, 0, 1)
+    def one(i: int) -> tuple[str, str] | None:
+        try:
+            images[i] = decode(base / files[i][0], size, short).transpose(2, 0, 1)
+        except UnreadableImage as exc:
+            return files[i][0], exc.reason
+        return None
 
+    unreadable: list[tuple[str, str]] = []
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        for _ in pool.map(one, range(len(files))):
-            pass
-    return images
+        for failed in pool.map(one, range(len(files))):
+            if failed is not None:
+                if not unreadable:
+                    log.warning("image folder %s: cannot read %s (%s); decoding goes on, to "
+                                "list every unreadable image", base, *failed)
+                unreadable.append(failed)
+    return images, unreadable
+
+
+def unreadable_error(base: Path, unreadable: list[tuple[str, str]], total: int) -> str:
+    """The error for the images that could not be read: the first LIST_UNREADABLE by path, each
+    with its reason, then how many more."""
+    shown = [f"  {base / rel}: {reason}" for rel, reason in unreadable[:LIST_UNREADABLE]]
+    more = len(unreadable) - len(shown)
+    return "\n".join([
+        f"image folder {base}: cannot read {len(unreadable)} of {total} images; repair, replace "
+        f"or delete them, then run again:", *shown,
+        *([f"  and {more} more"] if more else [])])
 
 
 def cache_key(base: Path, files: dict[str, list[tuple[str, int]]], size: int, short: int
