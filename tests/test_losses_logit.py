@@ -179,6 +179,19 @@ def test_dkd_warmup_longer_than_the_run_is_reported(caplog):
         DKD(warmup_epochs=-1)
 
 
+@pytest.mark.parametrize("rank, warns", [("0", True), ("1", False)])
+def test_dkd_warmup_warning_comes_from_rank_0_alone(caplog, monkeypatch, rank, warns):
+    # Under torchrun every rank builds the loss and starts its epochs: each logged the warning
+    # (the other ranks keep their warnings), once per process.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    with caplog.at_level("WARNING", logger="kdcli.losses.dkd"):
+        loss = DKD(warmup_epochs=20)
+        loss.start_epoch(0, 10)
+    assert ("loss.warmup_epochs=20 is longer than the run" in caplog.text) is warns
+    assert loss.ramp == pytest.approx(1 / 20)  # every rank ramps the term alike
+
+
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_dist_matches_manual_formula(temperature):
     out, _, _ = run(DIST(ce_weight=0.5, beta=2.0, gamma=3.0, temperature=temperature),

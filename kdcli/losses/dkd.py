@@ -16,7 +16,7 @@ As in the official code, the DKD term is ramped in linearly over the first `warm
 epochs: times min(e / warmup_epochs, 1) in epoch e = 1, 2, ... The official runs warm up for
 20 of 240 epochs; `warmup_epochs=auto` keeps that share of a shorter run (epochs / 12, at most
 20), a number is taken as given (0: no ramp; one longer than the run is reported, as the term
-then never reaches its full weight).
+then never reaches its full weight; under torchrun by rank 0 alone, not once per rank).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from kdcli import distributed
 from kdcli.losses.base import DistillationLoss, Outputs, check_temperature, check_weights
 
 # The target logit (after dividing by T) is set this far below the row's smallest to drop it from
@@ -93,7 +94,7 @@ class DKD(DistillationLoss):
         warmup = (min(OFFICIAL_WARMUP, epochs * OFFICIAL_WARMUP / OFFICIAL_EPOCHS)
                   if self.warmup_epochs == "auto" else float(self.warmup_epochs))
         self.ramp = min((epoch + 1) / warmup, 1.0) if warmup else 1.0
-        if epoch == 0 and warmup > epochs:
+        if epoch == 0 and warmup > epochs and distributed.is_main():
             log.warning("loss.warmup_epochs=%g is longer than the run (%d epochs): the DKD term "
                         "reaches only %.2f of its weight; lower it, or use auto", warmup, epochs,
                         epochs / warmup)
