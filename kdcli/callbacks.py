@@ -1,22 +1,31 @@
 """Hydra callbacks (registered under ``hydra.callbacks`` in ``configs/kd.yaml``) for what fails
 outside kd's jobs, where Hydra would print a traceback: kd reports it in its own one line.
 
-``OutputDirCallback`` makes the run or sweep folder before Hydra does. ``OptunaCallback`` lets an
-Optuna search whose every trial failed end with kd's list of failed jobs.
+``OutputDirCallback`` makes the run or sweep folder before Hydra does, and holds the run folder's
+lock (each sweep job's, under Hydra's basic launcher) while the run writes there.
+``OptunaCallback`` lets an Optuna search whose every trial failed end with kd's list of failed
+jobs.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from kdcli import runfolder
 from kdcli.cli import FAILED_JOBS, os_error_line
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 __all__ = ["OptunaCallback", "OutputDirCallback"]
 
@@ -27,26 +36,105 @@ OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweepe
 
 class OutputDirCallback(Callback):
     """Makes `hydra.run.dir` (`hydra.sweep.dir`) before Hydra does: Hydra makes it outside any
-    error handling of kd's, so a path that cannot be a folder (a file) ended in a traceback."""
+    error handling of kd's, so a path that cannot be a folder (a file) ended in a traceback.
+
+    Then takes the run folder's lock (kdcli.runfolder) before Hydra opens its log there, so a
+    second run into a folder another kd process is writing stops before it touches anything.
+    A sweep's jobs are locked one by one as they start (`locking_job_folders`).
+    """
+
+    def __init__(self) -> None:
+        self.held: FileLock | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        make_output_dir(config, "hydra.run.dir")
+        self.held = claim(make_output_dir(config, "hydra.run.dir"), "hydra.run.dir")
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # Not reached when the run exits (kd's errors): the lock goes with the process.
+        if self.held is not None:
+            self.held.release()
+            self.held = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         make_output_dir(config, "hydra.sweep.dir")
+        # Hydra makes a job's folder and opens its log there just before the job, with no hook
+        # in between: kd wraps the basic launcher's (and so the Optuna sweeper's) `run_job`.
+        # Other launchers run jobs in other processes, unlocked.
+        from hydra._internal.core_plugins import basic_launcher
+
+        if not hasattr(basic_launcher.run_job, "__wrapped__"):  # once per process
+            basic_launcher.run_job = locking_job_folders(basic_launcher.run_job)
 
 
-def make_output_dir(config: DictConfig, key: str) -> None:
-    """Makes the folder at `key`, or exits 1 with one line saying why it cannot be made."""
+def make_output_dir(config: DictConfig, key: str) -> Path | None:
+    """Makes the folder at `key` and returns it, or exits 1 with one line saying why it cannot
+    be made; None when `key` does not resolve yet."""
     try:
         path = Path(str(OmegaConf.select(config, key)))
     except Exception:  # noqa: BLE001 - e.g. ${hydra:...} before Hydra set it: Hydra reports it
-        return
+        return None
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         sys.stderr.write(f"error: {output_dir_error(key, path, exc)}\n")
         sys.exit(1)
+    return path
+
+
+def claim(folder: Path | None, key: str) -> FileLock | None:
+    """The lock of run folder `folder` (runfolder.lock), held by this process; exits 1 with
+    kd's one line if another process holds it. Under torchrun rank 0 alone takes it, for all
+    ranks (they share the folder). None for no folder, another rank, or a folder that cannot be
+    locked (the run's first write there then names the problem)."""
+    if folder is None or os.environ.get("RANK", "0") != "0":
+        return None
+    try:
+        return runfolder.lock(folder, key)
+    except runfolder.FolderInUse as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(1)
+    except OSError as exc:
+        log.warning("cannot lock the run folder %s (%s); going on without the lock", folder,
+                    os_error_line(exc))
+        return None
+
+
+def locking_job_folders(run_job):
+    """Wraps Hydra's `run_job` for sweep jobs: kd makes the job's folder and holds its lock
+    for as long as the job runs."""
+    signature = inspect.signature(run_job)
+
+    @functools.wraps(run_job)
+    def wrapper(*args, **kwargs):
+        job = signature.bind(*args, **kwargs).arguments
+        folder = job_folder(job["config"], job["job_dir_key"], job.get("job_subdir_key"))
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        held = claim(folder, "hydra.sweep.dir")
+        try:
+            return run_job(*args, **kwargs)
+        finally:
+            if held is not None:
+                held.release()
+
+    return wrapper
+
+
+def job_folder(config: DictConfig, dir_key: str, subdir_key: str | None) -> Path | None:
+    """A sweep job's folder, `<dir_key>/<subdir_key>`, resolved as Hydra's `run_job` does (with
+    the job's config as HydraConfig); None when it does not resolve (Hydra then reports it)."""
+    hydra_config = HydraConfig.instance()
+    previous = hydra_config.cfg
+    try:
+        hydra_config.set_config(config)
+        folder = Path(str(OmegaConf.select(config, dir_key)))
+        if subdir_key is not None:
+            folder = folder / str(OmegaConf.select(config, subdir_key))
+    except Exception:  # noqa: BLE001 - Hydra's own run_job reports it, as before
+        return None
+    finally:
+        hydra_config.cfg = previous
+    return folder
 
 
 def output_dir_error(key: str, path: Path, exc: OSError) -> str:

@@ -260,7 +260,7 @@ def run_command(verb: str, cfg):
     if sweep:
         SWEEP_JOBS.append(str(folder))
     try:
-        if first and verb in SETS_ASIDE:
+        if first and verb in SETS_ASIDE:  # this run holds the folder's lock: kdcli.callbacks
             set_aside_earlier_run(folder)
         if first:
             save_run_config(cfg)

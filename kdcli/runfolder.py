@@ -9,16 +9,35 @@ the earlier outputs, its `.hydra/` config included (so `kd export` still reads i
 
 Folders of stage-by-stage runs (`kd teacher`, then `kd student` into the same folder) hold no
 report or failure of their own and are left alone: the stages' outputs belong together.
+
+Two runs started into one folder at the same time cannot be told apart that way: each would set
+aside, overwrite and report the other's files. So a run holds the folder's lock (`.kd.lock`)
+while it writes there (taken in kdcli.callbacks, before Hydra opens its log there), and a second
+one fails at once, before it has touched anything. It is an OS-level lock (filelock): the kernel
+releases it when its holder dies, so a killed run never blocks the next. The file stays, naming
+its last holder (removing a lock file breaks the lock for processes that opened it already); it
+is hidden, and neither an output nor a sign of a run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import socket
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kdcli.errors import KDError
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 log = logging.getLogger(__name__)
+
+LOCK = ".kd.lock"  # held by the process writing the folder
 
 REPORT = "report.json"
 FAILED = "failed.json"  # written into a failed sweep job's folder
@@ -49,3 +68,38 @@ def set_aside_earlier_run(folder: Path) -> Path | None:
     log.warning("%s held the outputs of an earlier run (%s): moved to %s", folder,
                 ", ".join(p.name for p in found), dest)
     return dest
+
+
+class FolderInUse(KDError):
+    """Another process holds the run folder's lock."""
+
+
+def lock(folder: Path, key: str = "hydra.run.dir") -> FileLock:
+    """Takes `folder`'s lock for this process, or raises FolderInUse at once when another
+    process holds it (`key` is the setting that named the folder, for the message). The caller
+    keeps the returned lock referenced (filelock releases a lock it garbage-collects) and
+    releases it when the run ends.
+    """
+    from filelock import FileLock, Timeout  # not at import time: `kd --help` stays fast
+
+    path = folder / LOCK
+    held = FileLock(str(path))
+    try:
+        held.acquire(timeout=0)
+    except Timeout:
+        raise FolderInUse(
+            f"run folder {folder} is in use: another kd process{_holder(path)} is writing to it; "
+            f"wait for that run to end, or give this one a folder of its own ({key}=...)"
+        ) from None
+    with contextlib.suppress(OSError):  # who holds it, for the message above; not needed
+        path.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    return held
+
+
+def _holder(path: Path) -> str:
+    """` (pid N on HOST)` as the holder wrote it into the lock file, or "" if not (yet)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return ""
+    return f" ({text})" if text.startswith("pid ") and "\n" not in text else ""

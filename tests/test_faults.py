@@ -12,6 +12,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdcli import checkpoint, softlabels
+from kdcli import checkpoint, runfolder, softlabels
 from kdcli.errors import CorruptArtifact
 from kdcli.stages import cache as cache_stage
 from kdcli.stages.common import reuse_if_valid
@@ -187,6 +188,64 @@ def test_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path: Path) -> No
     # Entry.lock logs this after waiting 30 s for a lock it cannot take.
     assert "being built by another process" not in (tmp_path / "next" / "teacher.log").read_text()
     assert (store / "teacher" / lock.stem / "meta.json").exists()
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_a_run_into_a_folder_another_run_is_writing_stops_at_once(tmp_path: Path,
+                                                                   sweep: bool) -> None:
+    # Two runs given one folder at the same time mixed their outputs: each set aside, overwrote
+    # or reported the other's files. The second now stops before it touches the folder: not
+    # even Hydra's log of its own is opened there (teacher.log beside the first run's
+    # train.log). This test process holds the lock, as the first run would.
+    top = tmp_path / "out"
+    run = top / "0" if sweep else top
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("the first run's config\n")
+    (run / "report.json").write_text("{}\n")  # a finished run's: set aside if the folder is free
+    (run / "train.log").write_text("the first run's log\n")
+    held = runfolder.lock(run)
+    before = _stats(tmp_path)
+    key = "hydra.sweep.dir" if sweep else "hydra.run.dir"
+    try:
+        proc = kd("teacher", *(["-m"] if sweep else []), *NO_BASELINE,
+                  f"store={tmp_path / 'store'}", f"{key}={top}", cwd=tmp_path, check=False)
+    finally:
+        held.release()
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"error: run folder {run} is in use: another kd process (pid {os.getpid()} on "
+        f"{socket.gethostname()}) is writing to it; wait for that run to end, or give this one a "
+        f"folder of its own ({key}=...)\n")
+    if sweep:  # the sweep folder gets Hydra's multirun.yaml, before any job starts
+        before[str(Path("out") / "multirun.yaml")] = _stats(tmp_path)["out/multirun.yaml"]
+    assert _stats(tmp_path) == before
+
+
+def _stats(root: Path) -> dict[str, tuple[int, int, bytes]]:
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size, p.read_bytes())
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_run_folder_lock_of_a_killed_run_does_not_block_and_is_no_output(tmp_path: Path
+                                                                         ) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from kdcli import runfolder; held = runfolder.lock(Path(sys.argv[1])); print('held', "
+         "flush=True); time.sleep(600)", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(runfolder.FolderInUse, match=f"pid {holder.pid} on "):
+            runfolder.lock(tmp_path)
+    finally:
+        holder.kill()  # SIGKILL: no clean-up of any kind
+        holder.communicate()
+    runfolder.lock(tmp_path).release()  # the kernel released the dead process's lock
+    # The lock file stays; it is not a run's output, nor a sign of a finished run.
+    assert not runfolder.holds_a_run(tmp_path)
+    (tmp_path / "report.json").write_text("{}\n")
+    aside = runfolder.set_aside_earlier_run(tmp_path)
+    assert [p.name for p in aside.iterdir()] == ["report.json"]
+    assert (tmp_path / runfolder.LOCK).is_file()
 
 
 # --- kill -9 in the cache and student stages (the teacher's: test_pipeline) --------------------

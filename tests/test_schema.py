@@ -260,9 +260,11 @@ def test_wrong_value_on_the_command_line_stops_before_any_work(
     assert proc.returncode == 1
     assert proc.stderr == f"error: config: {message}\n"
     assert not (tmp_path / "store").exists()
-    # Only what Hydra writes before handing over: the composed config and the log.
+    # Only what Hydra writes before handing over: the composed config and the log (and the
+    # run folder's lock, kdcli.runfolder).
     assert _only_hydra_files(tmp_path / "run") == {
-        ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log"}
+        ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log",
+        ".kd.lock"}
     assert "dataset" not in (tmp_path / "run" / "train.log").read_text()  # not even loaded
 
 
