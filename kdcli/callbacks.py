@@ -101,7 +101,8 @@ def claim(folder: Path | None, key: str) -> FileLock | None:
 
 def locking_job_folders(run_job):
     """Wraps Hydra's `run_job` for sweep jobs: kd makes the job's folder and holds its lock
-    for as long as the job runs."""
+    for as long as the job runs. A folder that cannot be made (a file in the way) ends the sweep
+    with kd's one line, as the sweep folder's own does: Hydra's traceback came from there."""
     signature = inspect.signature(run_job)
 
     @functools.wraps(run_job)
@@ -109,7 +110,11 @@ def locking_job_folders(run_job):
         job = signature.bind(*args, **kwargs).arguments
         folder = job_folder(job["config"], job["job_dir_key"], job.get("job_subdir_key"))
         if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                sys.stderr.write(f"error: {job_folder_error(folder, exc)}\n")
+                sys.exit(1)
         held = claim(folder, "hydra.sweep.dir")
         try:
             return run_job(*args, **kwargs)
@@ -140,11 +145,27 @@ def job_folder(config: DictConfig, dir_key: str, subdir_key: str | None) -> Path
 def output_dir_error(key: str, path: Path, exc: OSError) -> str:
     """The one line for a folder that could not be made; a file in the way is named as such
     (the OSError's own text, `File exists` or `Not a directory`, does not say which path)."""
-    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
-    if blocker is not None and not blocker.is_dir():
+    blocker = file_in_the_way(path)
+    if blocker is not None:
         where = "" if blocker == path else f": {blocker}"
         return f"{key}={path}{where} is a file, not a folder"
     return f"{key}={path}: {os_error_line(exc)}"
+
+
+def job_folder_error(folder: Path, exc: OSError) -> str:
+    """`output_dir_error` for a sweep job's folder, which no setting names alone."""
+    blocker = file_in_the_way(folder)
+    if blocker is None:
+        return f"sweep job folder {folder}: {os_error_line(exc)}"
+    where = "" if blocker == folder else f": {blocker}"
+    return (f"sweep job folder {folder}{where} is a file, not a folder; move it away, or give "
+            f"the sweep another folder (hydra.sweep.dir=...)")
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The nearest of `path` and its parents that exists, if it is not a folder."""
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    return blocker if blocker is not None and not blocker.is_dir() else None
 
 
 class OptunaCallback(Callback):

@@ -394,6 +394,29 @@ def test_output_folder_that_is_a_file_is_one_line(tmp_path: Path, key: str,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.parametrize("subdir, taken", [("${hydra.job.num}", "0"),
+                                           ("a/${hydra.job.num}", "a")])
+def test_sweep_job_folder_that_is_a_file_is_one_line(tmp_path: Path, subdir: str, taken: str
+                                                     ) -> None:
+    # Hydra makes each job's folder just before the job, outside kd's jobs: a file there ended
+    # the sweep in Hydra's traceback (FileExistsError, naming no setting).
+    sweep = tmp_path / "multi"
+    sweep.mkdir()
+    (sweep / taken).write_text("keep me\n")
+    proc = kd("train", "-m", "loss.temperature=2,4", *NO_BASELINE, f"store={tmp_path / 'store'}",
+              f"hydra.sweep.dir={sweep}", f"hydra.sweep.subdir={subdir}", cwd=tmp_path,
+              check=False)
+    assert proc.returncode == 1
+    job = sweep / "0" if taken == "0" else sweep / "a" / "0"
+    where = "" if taken == "0" else f": {sweep / taken}"
+    assert proc.stderr == (f"error: sweep job folder {job}{where} is a file, not a folder; move "
+                           f"it away, or give the sweep another folder (hydra.sweep.dir=...)\n")
+    assert (sweep / taken).read_text() == "keep me\n"
+    # The sweep ends there: no later job runs, nothing is trained.
+    assert sorted(p.name for p in sweep.iterdir()) == sorted([taken, "multirun.yaml"])
+    assert not (tmp_path / "store").exists()
+
+
 @pytest.mark.parametrize("override, limit, failing", [
     # Teacher and cache reused; the student's first checkpoint (~100 KB) does not fit.
     ("loss.temperature=8", 50_000, r"student/tiny_cnn-[0-9a-f]{16}/best\.pt"),
