@@ -267,3 +267,21 @@ def test_student_stage_warns_of_a_topk_cache(caplog, storage, temperature, warns
         assert (f"at loss.temperature={temperature:g}" if temperature else "reads them as logits"
                 ) in caplog.text
 
+
+
+def test_topk_cache_warning_comes_from_rank_0_alone(caplog, monkeypatch):
+    # Under torchrun every rank starts the student stage: each logged the warning.
+    from types import SimpleNamespace
+
+    from kdcli.losses.hinton import HintonKD
+    from kdcli.stages.student import warn_if_approximate
+
+    lookup = SimpleNamespace(storage="topk", k=20, num_classes=1000)
+    ctx = SimpleNamespace(choice=lambda group: "hinton")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, warns in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kdcli.stages.student"):
+            warn_if_approximate(ctx, SimpleNamespace(lookup=lookup), HintonKD())
+        assert ("keeps the top 20 of 1000 teacher logits" in caplog.text) is warns

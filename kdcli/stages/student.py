@@ -90,7 +90,7 @@ def warn_if_approximate(ctx: Context, source: CachedTeacher, loss: DistillationL
     evenly (softlabels.densify): the rest's own spread is lost, which the KL and its gradient
     read, more so the higher the temperature. Says so when the student trains from one."""
     lookup = source.lookup
-    if lookup.storage != "topk":
+    if lookup.storage != "topk" or not distributed.is_main():  # once, not from every rank
         return
     temperature = getattr(loss, "temperature", None)
     at = f"at loss.temperature={temperature:g}" if temperature is not None else "as logits"
