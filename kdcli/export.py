@@ -265,7 +265,7 @@ def _require(module: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ConfigError(f"kd export needs `{module}` for this format: "
-                          "pip install 'kdcli[export]'") from exc
+                          "pip install -e '.[export]' in the kd repository") from exc
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor) -> tuple[bytes, str]:

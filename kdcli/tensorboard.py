@@ -83,5 +83,5 @@ def epoch_callback(run_dir: Path, stage: str, enabled: bool
         import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
     except ImportError as exc:
         raise ConfigError("logging.tensorboard=true needs the tensorboard package: "
-                          "pip install 'kdcli[tensorboard]'") from exc
+                          "pip install -e '.[tensorboard]' in the kd repository") from exc
     return EpochWriter(stage_dir(run_dir, stage))

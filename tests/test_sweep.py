@@ -1,5 +1,5 @@
-"""Optional Hydra plugins: the Optuna search (`kdcli[sweep]`) and the Slurm launcher
-(`kdcli[slurm]`). Skipped when the plugin is not installed."""
+"""Optional Hydra plugins: the Optuna search (the `sweep` extra) and the Slurm launcher
+(the `slurm` extra). Skipped when the plugin is not installed."""
 
 from __future__ import annotations
 
