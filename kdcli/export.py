@@ -127,8 +127,12 @@ def load_run(run_dir: Path) -> tuple[DictConfig, dict[str, Any]]:
     cfg_path, report_path = run_dir / ".hydra" / "config.yaml", run_dir / "report.json"
     for path in (cfg_path, report_path):
         if not path.is_file():
+            # `kd student` (and the other stages run alone) write no report: `kd train` does.
+            stage = next((f"a `kd {f.stem}` run's folder; " for f in run_dir.glob("*.log")
+                          if f.stem in ("teacher", "cache", "student")), "")
             raise ConfigError(f"{run_dir} is not a finished kd run: {path.relative_to(run_dir)} "
-                              "is missing")
+                              f"is missing ({stage}`kd train` with the run's overrides reuses "
+                              "the stages it finds done and writes the report)")
     try:
         cfg = OmegaConf.load(cfg_path)
         report = json.loads(report_path.read_text())

@@ -291,6 +291,17 @@ def test_not_a_run_is_one_line(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("error:") and str(target) in lines[0]
 
 
+def test_a_stage_run_alone_is_pointed_at_kd_train(tmp_path: Path) -> None:
+    # `kd student` writes no report; the error said only "report.json is missing".
+    folder = tmp_path / "student-run"
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text("student: {}\ndataset: {}\n")
+    (folder / "student.log").write_text("")
+    proc = kd("export", str(folder), cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "a `kd student` run's folder; `kd train` with the run's overrides" in proc.stderr
+
+
 def test_changed_test_data_is_refused(run: Path, tmp_path: Path) -> None:
     # The table would set top-1 on other images beside the report's teacher top-1.
     copy = copy_run(run, tmp_path / "run")
