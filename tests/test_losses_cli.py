@@ -67,6 +67,7 @@ def test_wrong_layer_name_lists_the_valid_ones(shared: Path) -> None:
               f"hydra.run.dir={shared / 'bad'}", cwd=shared, check=False)
     assert proc.returncode == 1
     assert "has no layer 'layer9'" in proc.stderr and "block2" in proc.stderr
+    assert "set loss.student_layer to block1, block1.conv" in proc.stderr  # the key to change
 
 
 def test_losses_reading_no_cached_logits_need_no_cache(tmp_path: Path) -> None:

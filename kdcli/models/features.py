@@ -18,14 +18,17 @@ from kdcli.errors import ConfigError
 class FeatureTap:
     """Captures the outputs of `layers` of `model` on every forward pass."""
 
-    def __init__(self, model: nn.Module, layers: list[str], role: str = "model") -> None:
+    def __init__(self, model: nn.Module, layers: list[str], role: str = "model",
+                 setting: str | None = None) -> None:
+        """`setting`: the config key that named `layers`, for the error on a wrong name."""
         modules = dict(model.named_modules())
         for name in layers:
             if name not in modules or name == "":
                 close = difflib.get_close_matches(name, modules, n=3)
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
                 valid = ", ".join(n for n in modules if n)
-                raise ConfigError(f"{role} has no layer {name!r}{hint}; valid layers: {valid}")
+                fix = f"set {setting} to" if setting else "valid layers:"
+                raise ConfigError(f"{role} has no layer {name!r}{hint}; {fix} {valid}")
         self.layers = list(layers)
         self.captured: dict[str, torch.Tensor] = {}
         self._handles = [modules[name].register_forward_hook(self._hook(name)) for name in layers]

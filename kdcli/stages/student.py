@@ -158,8 +158,16 @@ def preflight(ctx: Context) -> str:
         for role, model, c, layers in (
                 ("student", student, ctx, loss.student_layers),
                 ("teacher", teacher_models[0], teachers[0], loss.teacher_layers)):
-            FeatureTap(model, list(layers), role=f"{role}={c.choice(role)}").remove()
+            FeatureTap(model, list(layers), role=f"{role}={c.choice(role)}",
+                       setting=layer_setting(ctx, role)).remove()
     return mode
+
+
+def layer_setting(ctx: Context, role: str) -> str | None:
+    """The loss setting naming the `role`'s layers (`loss.student_layer`, or `..._layers` for
+    several), for the error on a wrong name; None for a loss of the user's with other keys."""
+    return next((f"loss.{key}" for key in (f"{role}_layer", f"{role}_layers")
+                 if key in ctx.cfg.loss), None)
 
 
 def initializer(ctx: Context, teachers: list[dict[str, Any]], pretrained: dict[str, Any] | None
