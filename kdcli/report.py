@@ -431,14 +431,22 @@ def _summary(report: Mapping[str, Any]) -> str:
     costs = []
     params_ratio, speedup = comp.get("params_ratio"), comp.get("latency_speedup")
     if _is_finite(params_ratio) and float(params_ratio) > 0:
-        r = float(params_ratio)
-        costs.append(f"{r:.1f}× fewer parameters" if r >= 1 else f"{1 / r:.1f}× more parameters")
+        costs.append(_times(float(params_ratio), "fewer parameters", "more parameters",
+                            "as many parameters"))
     if _is_finite(speedup) and float(speedup) > 0:
-        r = float(speedup)
-        costs.append(f"{r:.1f}× lower latency" if r >= 1 else f"{1 / r:.1f}× higher latency")
+        costs.append(_times(float(speedup), "lower latency", "higher latency",
+                            "about the same latency"))
     if costs:
         text += ", with " + " and ".join(costs)
     return text + "."
+
+
+def _times(r: float, better: str, worse: str, same: str) -> str:
+    """`5.0× fewer parameters`, `2.0× more parameters`, or `same` for a ratio that prints as
+    1.0 (a student of the teacher's own architecture read "1.0× fewer parameters")."""
+    if f"{max(r, 1 / r):.1f}" == "1.0":
+        return same
+    return f"{r:.1f}× {better}" if r >= 1 else f"{1 / r:.1f}× {worse}"
 
 
 def _table(header: list[str], rows: list[list[str]], align: str | None = None) -> list[str]:

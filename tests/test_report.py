@@ -215,6 +215,15 @@ def test_report_of_a_run_that_needed_no_cache(tmp_path, mode, says):
     assert says in md and "No soft-label cache was recorded" not in md
 
 
+def test_a_student_of_the_teachers_size_is_not_called_smaller(tmp_path: Path) -> None:
+    # teacher=resnet8 student=resnet8 read "with 1.0× fewer parameters and 1.1× higher latency".
+    rep = sample_report()
+    rep["compression"].update({"params_ratio": 1.0, "latency_speedup": 0.97})
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "with as many parameters and about the same latency." in md
+
+
 def test_report_with_almost_nothing(tmp_path):
     write_report({"teacher": {"name": "resnet20", "top1": 50.0}, "student": None}, tmp_path)
     md = (tmp_path / "report.md").read_text()
