@@ -165,6 +165,9 @@ class Dataset:
     augment: str
     train_size: int | None = at_least(1)  # null = the whole split
     test_size: int | None = at_least(1)
+    # Held out of train for per-epoch evaluation and best.pt; null or 0 = none (the test
+    # split). Whether it leaves every class a training image is checked once the data is loaded.
+    val_size: int | None = at_least(0)
 
 
 # Settings nodes that may hold more keys than they declare: a dataset option may carry values

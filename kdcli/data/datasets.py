@@ -11,6 +11,7 @@ a `Dataset`.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import logging
 import pickle
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdcli.errors import DataError
+from kdcli.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class Split:
 
 @dataclass
 class Dataset:
-    """A classification dataset with a train and a test split, decoded in memory."""
+    """A classification dataset with a train and a test split, decoded in memory, and with
+    `dataset.val_size` a validation split held out of train (`hold_out`; None without)."""
 
     name: str
     train: Split
@@ -71,6 +73,7 @@ class Dataset:
     classes: list[str]
     mean: tuple[float, ...] = CIFAR_MEAN
     std: tuple[float, ...] = CIFAR_STD
+    val: Split | None = None
     _fingerprint: str | None = field(default=None, repr=False)
 
     @property
@@ -91,6 +94,10 @@ class Dataset:
                 h.update(np.ascontiguousarray(split.images.numpy()).data)
                 h.update(np.ascontiguousarray(split.labels.numpy()).data)
             h.update("\n".join(self.classes).encode())
+            if self.val is not None:  # after the rest: without one the hash is what it was
+                h.update(b"\0val\0")
+                h.update(np.ascontiguousarray(self.val.images.numpy()).data)
+                h.update(np.ascontiguousarray(self.val.labels.numpy()).data)
             self._fingerprint = h.hexdigest()
         return self._fingerprint
 
@@ -217,3 +224,62 @@ def subsample(ds: Dataset, train_size: int | None, test_size: int | None, seed: 
 
     return Dataset(ds.name, cut(ds.train, train_size), cut(ds.test, test_size), ds.classes,
                    ds.mean, ds.std)
+
+
+def hold_out(ds: Dataset, val_size: int, seed: int = 0) -> Dataset:
+    """`ds` with `val_size` of its train images moved into a validation split (`ds.val`).
+
+    Stratified: each class gives its share of `val_size` (largest remainders round it), but
+    always keeps one training image, the classes with more to spare giving the difference.
+    Which images go is drawn per class from `seed`, so the split is the same in every run and
+    on every torchrun rank with that seed. Both splits keep the train split's order, so a
+    training sample's index is its row in the reduced train split (what the soft-label cache
+    is indexed by). Raises ConfigError when `val_size` would leave a class (present in train)
+    without a training image.
+    """
+    labels = ds.train.labels
+    n = len(labels)
+    counts = torch.bincount(labels, minlength=ds.num_classes).tolist()
+    present = sum(1 for c in counts if c)
+    if val_size >= n:
+        raise ConfigError(f"dataset.val_size={val_size} would hold out the whole train split "
+                          f"({n} images); choose at most {n - present}, so every class keeps "
+                          "a training image")
+    if val_size > n - present:
+        raise ConfigError(f"dataset.val_size={val_size} leaves {n - val_size} training images "
+                          f"for {present} classes; choose at most {n - present}, so every "
+                          "class keeps a training image")
+    quota = _stratified_quota(counts, val_size)
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for cls, k in enumerate(quota):
+        if k:
+            rows = torch.nonzero(labels == cls).flatten()
+            chosen.append(rows[torch.randperm(len(rows), generator=g)[:k]])
+    val_rows = torch.cat(chosen).sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val_rows] = False
+    train_rows = torch.nonzero(keep).flatten()
+
+    def take(rows: torch.Tensor) -> Split:
+        return Split(ds.train.images[rows].contiguous(), labels[rows].contiguous())
+
+    return Dataset(ds.name, take(train_rows), ds.test, ds.classes, ds.mean, ds.std,
+                   val=take(val_rows))
+
+
+def _stratified_quota(counts: list[int], total: int) -> list[int]:
+    """How many of each class's `counts[c]` images go to a split of `total`: the floor of the
+    class's proportional share, capped so it keeps one image, then one more at a time to the
+    class furthest below its share that can still spare one."""
+    n = sum(counts)
+    share = [total * c / n for c in counts]
+    quota = [min(int(s), max(c - 1, 0)) for s, c in zip(share, counts, strict=True)]
+    heap = [(quota[k] - share[k], k) for k, c in enumerate(counts) if quota[k] < c - 1]
+    heapq.heapify(heap)
+    for _ in range(total - sum(quota)):
+        _, k = heapq.heappop(heap)  # never empty: total <= n - (classes present)
+        quota[k] += 1
+        if quota[k] < counts[k] - 1:
+            heapq.heappush(heap, (quota[k] - share[k], k))
+    return quota

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kdcli import checkpoint, distributed, engine, tensorboard
-from kdcli.data.datasets import Dataset, subsample
+from kdcli.data.datasets import Dataset, hold_out, subsample
 from kdcli.data.loader import BatchLoader
 from kdcli.data.transforms import ViewTable, build_augment
 from kdcli.device import Runtime, resolve, seed_everything
@@ -182,8 +182,9 @@ def build_context(cfg: DictConfig, run_dir: Path | None = None) -> Context:
     run_dir = distributed.shared_run_dir(Path(run_dir))
     t0 = time.perf_counter()
     dataset = load_dataset(cfg.dataset, int(cfg.seed))
-    log.info("dataset %s: %d train / %d test images, %d classes (%.1fs); device %s",
-             dataset.name, len(dataset.train), len(dataset.test), dataset.num_classes,
+    held = f" / {len(dataset.val)} val (held out of train)" if dataset.val is not None else ""
+    log.info("dataset %s: %d train%s / %d test images, %d classes (%.1fs); device %s",
+             dataset.name, len(dataset.train), held, len(dataset.test), dataset.num_classes,
              time.perf_counter() - t0, runtime.describe())
     return Context(cfg, runtime, dataset, store, Path(run_dir))
 
@@ -221,6 +222,8 @@ def _load_dataset(node: DictConfig, seed: int) -> Dataset:
                           f"{ds.num_classes} classes")
     if node.get("train_size") or node.get("test_size"):
         ds = subsample(ds, node.get("train_size"), node.get("test_size"), seed)
+    if node.get("val_size"):  # from what train_size left: train_size counts train and val
+        ds = hold_out(ds, int(node.val_size), seed)
     return ds
 
 
@@ -275,9 +278,14 @@ def build_model(ctx: Context, role: str) -> nn.Module:
 
 
 def dataset_inputs(ctx: Context) -> dict[str, Any]:
+    """The dataset's part of every stage's store key. `val_size` enters it only when set, so
+    the keys of runs without a validation split are what they were before the setting."""
     node = ctx.cfg.dataset
-    return {"fingerprint": ctx.dataset.fingerprint(), "augment": node.augment,
-            "train_size": node.get("train_size"), "test_size": node.get("test_size")}
+    inputs = {"fingerprint": ctx.dataset.fingerprint(), "augment": node.augment,
+              "train_size": node.get("train_size"), "test_size": node.get("test_size")}
+    if node.get("val_size"):
+        inputs["val_size"] = int(node.val_size)
+    return inputs
 
 
 def train_inputs(ctx: Context, role: str, optimizer: str, scheduler: str, budget: DictConfig

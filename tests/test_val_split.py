@@ -1,0 +1,187 @@
+"""`dataset.val_size`: a validation split held out of train, so best.pt is not chosen on test.
+
+Without it every epoch is evaluated, and best.pt chosen, on the test split the report then
+measures: the figures of best.pt are chosen on the data they are measured on. These tests pin
+what the held-out split is (stratified, disjoint, deterministic, after `train_size`), that the
+cache and the student agree on the training rows, and that a run without it keeps every store
+key it had, so existing store entries are reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from kdcli.data.datasets import Dataset, Split, cifar10_subset, hold_out, subsample
+from kdcli.errors import ConfigError
+from kdcli.schema import validate
+from kdcli.stages import cache as cache_stage
+from kdcli.stages import student as student_stage
+from kdcli.stages import teacher as teacher_stage
+from kdcli.stages.common import Context, build_context, dataset_inputs, load_dataset
+from tests.conftest import SMOKE, TINY, kd
+
+# Small enough to train in seconds: 128 train images (val is held out of these), 64 test.
+SMALL = ["trainer.teacher.epochs=1", "trainer.student.epochs=1", "dataset.train_size=128",
+         "dataset.test_size=64"]
+
+
+def _config(tmp: Path, *overrides: str) -> DictConfig:
+    with initialize_config_module(config_module="kdcli.configs", version_base="1.3"):
+        return compose(config_name="kd_train", overrides=[
+            *SMOKE, f"store={tmp / 'store'}", *overrides])
+
+
+def _context(tmp: Path, *overrides: str) -> Context:
+    return build_context(_config(tmp, *overrides), run_dir=tmp / "run")
+
+
+def _rows(images: torch.Tensor) -> list[bytes]:
+    return [hashlib.sha256(img.numpy().tobytes()).digest() for img in images]
+
+
+# --- the split --------------------------------------------------------------------------------
+
+def test_held_out_split_is_stratified_disjoint_and_deterministic(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "dataset.val_size=64")
+    held = load_dataset(cfg.dataset, seed=0)
+    # Held out of what train_size left (the smoke preset's 512 images), not of all 5,000.
+    before = subsample(cifar10_subset(), 512, 256, seed=0)
+    assert (len(held.train), len(held.val), len(held.test)) == (448, 64, 256)
+    assert torch.equal(held.test.images, before.test.images)
+    index = {row: i for i, row in enumerate(_rows(before.train.images))}
+    assert len(index) == 512  # no duplicate images, so a row's bytes name it
+    train_rows = [index[r] for r in _rows(held.train.images)]
+    val_rows = [index[r] for r in _rows(held.val.images)]
+    assert not set(train_rows) & set(val_rows)
+    assert sorted(train_rows + val_rows) == list(range(512))
+    # Both keep the train split's order, and every image its label.
+    assert train_rows == sorted(train_rows) and val_rows == sorted(val_rows)
+    assert held.train.labels.tolist() == before.train.labels[train_rows].tolist()
+    assert held.val.labels.tolist() == before.train.labels[val_rows].tolist()
+    # Stratified: each class gives its proportional share, rounded one way or the other.
+    counts = torch.bincount(before.train.labels, minlength=10).tolist()
+    taken = torch.bincount(held.val.labels, minlength=10).tolist()
+    for c, k in zip(counts, taken, strict=True):
+        assert int(64 * c / 512) <= k <= int(64 * c / 512) + 1
+    # Deterministic given the seed; another seed holds out other images.
+    again = load_dataset(cfg.dataset, seed=0)
+    assert torch.equal(again.val.images, held.val.images)
+    assert torch.equal(again.train.images, held.train.images)
+    other = hold_out(before, 64, seed=1)
+    assert set(_rows(other.val.images)) != set(_rows(held.val.images))
+
+
+def test_every_class_keeps_a_training_image() -> None:
+    # Class 0 has one image, class 1 two: a proportional share would take some of each.
+    labels = torch.tensor([0] + [1] * 2 + [2] * 20)
+    images = torch.arange(23, dtype=torch.uint8).view(23, 1, 1, 1).expand(23, 3, 2, 2)
+    ds = Dataset("d", Split(images.contiguous(), labels), Split(images[:3].contiguous(),
+                 labels[:3]), ["a", "b", "c"])
+    held = hold_out(ds, 20)
+    assert torch.bincount(held.train.labels).tolist() == [1, 1, 1]
+    assert torch.bincount(held.val.labels, minlength=3).tolist() == [0, 1, 19]
+
+
+@pytest.mark.parametrize("val_size, message", [
+    (128, "dataset.val_size=128 would hold out the whole train split (128 images); choose at "
+          "most 118, so every class keeps a training image"),
+    (119, "dataset.val_size=119 leaves 9 training images for 10 classes; choose at most 118, "
+          "so every class keeps a training image"),
+])
+def test_a_val_size_that_leaves_a_class_without_training_images_is_refused(
+        tmp_path: Path, val_size: int, message: str) -> None:
+    cfg = _config(tmp_path, *SMALL, f"dataset.val_size={val_size}")
+    with pytest.raises(ConfigError) as err:
+        load_dataset(cfg.dataset, seed=0)
+    assert str(err.value) == message
+
+
+def test_a_negative_val_size_is_refused_by_the_config_check(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(_config(tmp_path, "dataset.val_size=-1"))
+    assert str(err.value) == "config: dataset.val_size: must be null or >= 0, got -1"
+    validate(_config(tmp_path, "dataset.val_size=0"))  # 0 = off, e.g. in a sweep
+
+
+def test_a_too_large_val_size_fails_the_run_before_any_stage(tmp_path: Path) -> None:
+    proc = kd("train", *TINY, "dataset.val_size=128", f"store={tmp_path / 'store'}",
+              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.endswith("error: dataset.val_size=128 would hold out the whole train "
+                                "split (128 images); choose at most 118, so every class keeps "
+                                "a training image\n")
+    stages = ("teacher", "cache", "pretrain", "student", "baseline")
+    assert [s for s in stages if (tmp_path / "store" / s).exists()] == []
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+
+
+
+
+def test_cache_rows_are_the_training_rows(tmp_path: Path) -> None:
+    """The cache covers the reduced train split: row i holds the teacher's logits for the
+    training sample with index i, the index the student's loader looks them up by."""
+    ctx = _context(tmp_path, *SMALL, "dataset.val_size=40", "cache.views=2")
+    assert len(ctx.dataset.train) == 88
+    teachers = teacher_stage.run_all(ctx)
+    cache = cache_stage.run(ctx, teachers)
+    assert cache["meta"]["num_samples"] == 88
+    assert cache_stage.open_split(cache, "test").num_samples == 64
+    # Every cached (sample, view), replayed through the teacher from the reduced train split.
+    cache_stage.check(ctx, teachers, cache, samples=88)
+    served = student_stage.CachedTeacher(cache, ctx.runtime)
+    loader = ctx.loader("train", 32, train=True, views=served.views)
+    assert loader.num_samples == 64  # 88 in whole batches of 32
+
+
+
+
+# --- store keys ---------------------------------------------------------------------------------
+
+def _stage_keys(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The store keys of the teacher, cache, student and baseline, nothing trained or read."""
+    monkeypatch.setattr(student_stage, "train_entry", lambda ctx, entry, **_: {"entry": entry})
+    monkeypatch.setattr(student_stage, "CachedTeacher", lambda cache, runtime: SimpleNamespace(
+        views=None, lookup=SimpleNamespace(storage="full")))
+    teacher = teacher_stage.entry_for(ctx)
+    teachers = [{"entry": teacher, "meta": {"files": {"last.pt": "0" * 64}}, "ctx": ctx}]
+    cache = cache_stage.entry_for(ctx, teachers)
+    student = student_stage.run(ctx, {"entry": cache}, teachers)["entry"]
+    baseline = student_stage.run_baseline(ctx, teachers)["entry"]
+    return {"teacher": teacher.key, "cache": cache.key, "student": student.key,
+            "baseline": baseline.key}
+
+
+def test_without_val_size_every_store_key_is_what_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plain, zero = _context(tmp_path), _context(tmp_path, "dataset.val_size=0")
+    held = _context(tmp_path, "dataset.val_size=64")
+    # The dataset's part of every key, as kd wrote it before val_size existed: the fingerprint
+    # hashes train then test (images, labels) then the class names.
+    ds = plain.dataset
+    h = hashlib.blake2b(digest_size=16)
+    for split in (ds.train, ds.test):
+        h.update(split.images.numpy().tobytes())
+        h.update(split.labels.numpy().tobytes())
+    h.update("\n".join(ds.classes).encode())
+    before = {"fingerprint": h.hexdigest(), "augment": "crop_flip", "train_size": 512,
+              "test_size": 256}
+    assert dataset_inputs(plain) == dataset_inputs(zero) == before
+    assert plain.dataset.val is None and zero.dataset.val is None
+    keys = _stage_keys(plain, monkeypatch)
+    assert _stage_keys(zero, monkeypatch) == keys
+    # With a validation split every stage trains on other data: each gets a key of its own.
+    assert dataset_inputs(held)["val_size"] == 64
+    assert dataset_inputs(held)["fingerprint"] != before["fingerprint"]
+    held_keys = _stage_keys(held, monkeypatch)
+    assert all(held_keys[stage] != keys[stage] for stage in keys)
