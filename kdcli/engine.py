@@ -264,11 +264,14 @@ def fit(
     nan_retries: int = 0,
     nan_lr_factor: float = 0.5,
     on_row: Callable[[dict[str, float]], None] | None = None,
+    val_split: str = "val",
 ) -> FitResult:
     """Trains `model` for `epochs`, resuming from `out_dir/last.pt` when present.
 
     Writes `out_dir/last.pt` (full state, every epoch), `out_dir/best.pt` (weights with the best
-    val/top1) and `out_dir/metrics.csv`. `student_taps` adds the named feature maps to the
+    val/top1) and `out_dir/metrics.csv`. `val/top1` is measured on `val_loader`, whose split
+    `val_split` names in each row and in best.pt (kd evaluates on the test split when the
+    dataset has no validation split). `student_taps` adds the named feature maps to the
     student's Outputs for feature losses; the loss's own state (e.g. a FitNets adapter) is saved
     and restored with the model. Raises TrainingDiverged on a non-finite loss, leaving the last
     good checkpoint in place, unless `nan_retries` allows going back to that checkpoint with
@@ -350,6 +353,7 @@ def fit(
 
             logits, labels = predict(model, val_loader, runtime)
             row["val/top1"] = classification_metrics(logits, labels, name=label)["top1"]
+            row["val_split"] = val_split  # not a number: TensorBoard skips it, the CSV keeps it
         row.update(time_s=stats.time_s, images_per_s=stats.images_per_s)
         history.append(row)
         if on_row is not None:
@@ -359,14 +363,15 @@ def fit(
         # latest one stands as best.pt: the stage's outputs must include one.
         if top1 > best_top1 or (best_top1 < 0 and not math.isfinite(top1)):
             best_top1 = top1 if math.isfinite(top1) else best_top1
-            checkpoint.save({"model": model.state_dict(), "epoch": epoch,
-                             "val_top1": top1, **(checkpoint_extra or {})}, best_path)
+            chosen_on = val_split if "val/top1" in row else "train"
+            checkpoint.save({"model": model.state_dict(), "epoch": epoch, "val_top1": top1,
+                             "val_split": chosen_on, **(checkpoint_extra or {})}, best_path)
         checkpoint.save(snapshot(epoch), last_path)
         _write_history(out_dir / "metrics.csv", history)
         bar.end_epoch(task, row)
         log.info("%s epoch %d/%d  loss %.4f  train/top1 %.2f%s  %.0f img/s", label,
                  epoch + 1, epochs, row["train/loss"], row["train/top1"],
-                 f"  val/top1 {row['val/top1']:.2f}" if "val/top1" in row else "",
+                 f"  val/top1 {row['val/top1']:.2f} ({val_split})" if "val/top1" in row else "",
                  row["images_per_s"])
         return row, best_top1
 

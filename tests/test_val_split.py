@@ -2,13 +2,15 @@
 
 Without it every epoch is evaluated, and best.pt chosen, on the test split the report then
 measures: the figures of best.pt are chosen on the data they are measured on. These tests pin
-what the held-out split is (stratified, disjoint, deterministic, after `train_size`), that the
-cache and the student agree on the training rows, and that a run without it keeps every store
-key it had, so existing store entries are reused.
+what the held-out split is (stratified, disjoint, deterministic, after `train_size`), that each
+epoch is evaluated on it and best.pt chosen by it, that the cache and the student agree on the
+training rows, and that a run without it keeps every store key it had, so existing store
+entries are reused.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,8 +18,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from hydra import compose, initialize_config_module
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from kdcli import checkpoint, device, engine
 from kdcli.data.datasets import Dataset, Split, cifar10_subset, hold_out, subsample
 from kdcli.errors import ConfigError
 from kdcli.schema import validate
@@ -25,6 +28,7 @@ from kdcli.stages import cache as cache_stage
 from kdcli.stages import student as student_stage
 from kdcli.stages import teacher as teacher_stage
 from kdcli.stages.common import Context, build_context, dataset_inputs, load_dataset
+from kdcli.store import Store
 from tests.conftest import SMOKE, TINY, kd
 
 # Small enough to train in seconds: 128 train images (val is held out of these), 64 test.
@@ -123,9 +127,46 @@ def test_a_too_large_val_size_fails_the_run_before_any_stage(tmp_path: Path) -> 
 
 # --- training ---------------------------------------------------------------------------------
 
+def _split_of(ds: Dataset, labels: torch.Tensor) -> str:
+    for name in ("val", "test", "train"):
+        split = getattr(ds, name)
+        if split is not None and torch.equal(split.labels, labels.cpu()):
+            return name
+    raise AssertionError("a loader over no split of the dataset")
 
 
+@pytest.mark.parametrize("overrides, per_epoch", [
+    (["dataset.val_size=40"], "val"),
+    ([], "test"),  # as before val_size: the test split
+])
+def test_each_epoch_is_evaluated_and_best_pt_chosen_on_the_val_split(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str],
+        per_epoch: str) -> None:
+    ctx = _context(tmp_path, *SMALL, "trainer.teacher.epochs=2", *overrides)
+    ds = ctx.dataset
+    seen: list[str] = []
+    real = engine.predict
 
+    def predict(model, loader, runtime, view=None):
+        seen.append(_split_of(ds, loader.labels))
+        logits, labels = real(model, loader, runtime, view)
+        if len(seen) <= 2:  # each epoch's evaluation: all right in epoch 1, all wrong in 2
+            logits = torch.nn.functional.one_hot((labels + len(seen) - 1) % 10, 10).float()
+        return logits, labels
+
+    monkeypatch.setattr(engine, "predict", predict)
+    result = teacher_stage.run(ctx)
+    # Two epochs evaluated on the selection split, then the final metrics on the test split.
+    assert seen == [per_epoch, per_epoch, "test"]
+    best = checkpoint.load(result["entry"].file("best.pt"))
+    assert (best["epoch"], best["val_top1"], best["val_split"]) == (0, 100.0, per_epoch)
+    with open(result["entry"].file("metrics.csv")) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["val_split"], float(r["val/top1"])) for r in rows] == [(per_epoch, 100.0),
+                                                                      (per_epoch, 0.0)]
+    # The stage's own metrics stay the test split's.
+    saved = checkpoint.load(result["entry"].file("test_logits.pt"))
+    assert torch.equal(saved["labels"], ds.test.labels)
 
 
 def test_cache_rows_are_the_training_rows(tmp_path: Path) -> None:
@@ -144,6 +185,24 @@ def test_cache_rows_are_the_training_rows(tmp_path: Path) -> None:
     assert loader.num_samples == 64  # 88 in whole batches of 32
 
 
+def test_torchrun_ranks_share_the_reduced_train_split_and_rank0_evaluates_val(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cfg = OmegaConf.create({"seed": 0, "dataset": {"augment": "crop_flip"},
+                            "trainer": {"eval_batch_size": 16}})
+    runtime = device.resolve(OmegaConf.create({"type": "cpu", "precision": "fp32",
+                                               "channels_last": False, "threads": None}))
+    labels = torch.arange(40) % 4
+    ds = Dataset("d", Split(torch.zeros(40, 3, 4, 4, dtype=torch.uint8), labels),
+                 Split(torch.zeros(8, 3, 4, 4, dtype=torch.uint8), labels[:8]), list("abcd"))
+    ctx = Context(cfg, runtime, hold_out(ds, 8), Store(tmp_path), tmp_path)
+    assert ctx.selection_split == "val"
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.setenv(name, "4")
+    monkeypatch.setenv("RANK", "1")
+    train = ctx.loader("train", 8, train=True)
+    assert (len(train.labels), train.batch_size, train.rank, train.world_size) == (32, 2, 1, 4)
+    val = ctx.eval_loader("val")  # whole, as the test split is
+    assert (len(val.labels), val.world_size, val.rank) == (8, 1, 0)
 
 
 # --- store keys ---------------------------------------------------------------------------------

@@ -64,13 +64,17 @@ class Context:
                ) -> BatchLoader:
         """`batch_size` is the global batch: under torchrun a training loader yields this
         rank's share of it (evaluation runs whole, on rank 0). `views`: replay these cached
-        augmented views (with `train=False`, in order, for the cache stage)."""
+        augmented views (with `train=False`, in order, for the cache stage). `split`: train,
+        test, or val (held out of train, with `dataset.val_size`)."""
         ds = self.dataset
         world = distributed.world_size() if train else 1
         if batch_size % world:
             raise ConfigError(f"batch size {batch_size} does not split evenly over {world} "
                               "data-parallel ranks; choose a multiple of the world size")
         data = getattr(ds, split)
+        if data is None:
+            raise ConfigError(f"dataset {ds.name} has no {split} split; set dataset.val_size=N "
+                              "to hold N images out of train")
         return BatchLoader(
             data, batch_size // world, device=self.runtime.device, mean=ds.mean,
             std=ds.std, shuffle=train,
@@ -82,6 +86,12 @@ class Context:
 
     def eval_loader(self, split: str = "test") -> BatchLoader:
         return self.loader(split, int(self.cfg.trainer.eval_batch_size), train=False)
+
+    @property
+    def selection_split(self) -> str:
+        """The split each epoch is evaluated on and best.pt chosen by: the validation split
+        held out of train when there is one, else the test split."""
+        return "val" if self.dataset.val is not None else "test"
 
     def choice(self, group: str) -> str:
         """The option picked for a config group (e.g. "resnet20" for teacher)."""
@@ -395,20 +405,26 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         opt = build(ctx.cfg[optimizer], optimizer, params=params)
         sched = build(ctx.cfg[scheduler], scheduler, optimizer=opt, epochs=int(tcfg.epochs),
                       steps_per_epoch=len(train_loader))
-        # Rank 0 alone evaluates: the other ranks keep no copy of the test split.
-        test_loader = ctx.eval_loader("test") if distributed.is_main() else None
-        log.info("%s: %s %s (%d epochs) -> %s", label, "resuming" if status == RESUMED
-                 else "training", ctx.choice(role), int(tcfg.epochs), entry.path)
+        # Rank 0 alone evaluates: the other ranks keep no copy of the evaluation splits. Each
+        # epoch is evaluated, and best.pt chosen, on the validation split when there is one;
+        # the final metrics are the test split's either way.
+        split = ctx.selection_split
+        val_loader = ctx.eval_loader(split) if distributed.is_main() else None
+        log.info("%s: %s %s (%d epochs, best.pt by %s top-1) -> %s", label,
+                 "resuming" if status == RESUMED else "training", ctx.choice(role),
+                 int(tcfg.epochs), split, entry.path)
         result = engine.fit(
-            model=model, train_loader=train_loader, val_loader=test_loader, loss_fn=loss_fn,
-            optimizer=opt, scheduler=sched, runtime=ctx.runtime, epochs=int(tcfg.epochs),
-            out_dir=entry.path, teacher=teacher, label=label, student_taps=taps,
+            model=model, train_loader=train_loader, val_loader=val_loader, val_split=split,
+            loss_fn=loss_fn, optimizer=opt, scheduler=sched, runtime=ctx.runtime,
+            epochs=int(tcfg.epochs), out_dir=entry.path, teacher=teacher, label=label,
+            student_taps=taps,
             nan_retries=int(ctx.cfg.trainer.get("nan_retries", 0)),
             nan_lr_factor=float(ctx.cfg.trainer.get("nan_lr_factor", 0.5)),
             on_row=tensorboard.epoch_callback(ctx.run_dir, label, bool(OmegaConf.select(
                 ctx.cfg, "logging.tensorboard", default=False))),
         )
         def finish() -> dict[str, Any]:
+            test_loader = val_loader if split == "test" else ctx.eval_loader("test")
             logits, labels = engine.predict(model, test_loader, ctx.runtime)
             checkpoint.save({"logits": logits, "labels": labels}, entry.file("test_logits.pt"))
             metrics = classification_metrics(logits, labels, name=label)

@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 def main(cfg) -> dict[str, Any]:
     if cfg.arch not in ("student", "teacher"):
         raise ConfigError(f"arch={cfg.arch!r}; choose student or teacher")
-    if cfg.split not in ("train", "test"):
-        raise ConfigError(f"split={cfg.split!r}; choose test or train")
+    if cfg.split not in ("train", "val", "test"):
+        raise ConfigError(f"split={cfg.split!r}; choose test, train or val (the split "
+                          "dataset.val_size holds out of train)")
     ctx = build_context(cfg)
     path = Path(str(cfg.checkpoint)).expanduser()
     hint = (f"it was loaded as arch={cfg.arch} {cfg.arch}={ctx.choice(cfg.arch)}; set arch= and "
