@@ -5,8 +5,10 @@ The report dict has the blocks ``kd_version``, ``versions``, ``wall_time_s``, ``
 ``train_time_s``), ``baseline`` (the student architecture trained without KD),
 ``compression`` (see :func:`compression`), ``distillation_gain``, ``cache`` (soft-label cache
 footprint; ``None`` when the loss reads no cached logits), ``stages`` (stage ->
-trained/reused/resumed, or "not needed" for a cache nothing reads) and ``config`` (resolved,
-plain dict).
+trained/reused/resumed, or "not needed" for a cache nothing reads), ``best_pt`` (the split each
+epoch was evaluated on and ``best.pt`` chosen by: ``{"split": "val" or "test", "images": N}``;
+missing in reports from before ``dataset.val_size``, which read as the test split) and
+``config`` (resolved, plain dict).
 Any block of the report dict may be missing or ``None`` when its stage did not run; the writer
 renders what is there and says "—" for the rest instead of failing at the end of a long run.
 """
@@ -242,7 +244,9 @@ def _curve_colors(stages: Any) -> dict[str, Any]:
     return colors
 
 
-def _plot_training_curves(histories: Mapping[str, Path | str], path: Path) -> bool:
+def _plot_training_curves(histories: Mapping[str, Path | str], path: Path,
+                          split: str = "test") -> bool:
+    """Loss and per-epoch top-1 of each stage; `split`: what the top-1 was measured on."""
     curves = {}
     for stage, csv_path in histories.items():
         try:
@@ -268,7 +272,9 @@ def _plot_training_curves(histories: Mapping[str, Path | str], path: Path) -> bo
                     color=colors.get(stage),
                 )
     axes["train/loss"].set(title="Training loss", xlabel="epoch", ylabel="train/loss")
-    axes["val/top1"].set(title="Test top-1 per epoch", xlabel="epoch", ylabel="test top-1 (%)")
+    measured = "Validation" if split == "val" else "Test"
+    axes["val/top1"].set(title=f"{measured} top-1 per epoch", xlabel="epoch",
+                         ylabel=f"{measured.lower()} top-1 (%)")
     for ax in axes.values():
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -383,7 +389,8 @@ def _make_plots(
         "accuracy_vs_params": lambda p: _plot_accuracy_vs_params(bar_rows, p)
     }
     if histories:
-        jobs["training_curves"] = lambda p: _plot_training_curves(histories, p)
+        split = _block(report, "best_pt").get("split", "test")
+        jobs["training_curves"] = lambda p: _plot_training_curves(histories, p, split)
     if confusion is not None:
         jobs["confusion_matrix"] = lambda p: _plot_confusion(confusion, class_names, p)
 
@@ -638,6 +645,18 @@ def _config_rows(report: Mapping[str, Any]) -> list[list[str]]:
     return rows
 
 
+def _best_pt_text(report: Mapping[str, Any]) -> str:
+    """What chose `best.pt`, from the report's ``best_pt`` block (absent: the test split)."""
+    best = _block(report, "best_pt")
+    if best.get("split") == "val":
+        size = best.get("images")
+        held = f"{int(size)}-image " if _is_finite(size) else ""
+        return (f"`best.pt` is the epoch with the best top-1 on the {held}validation split held "
+                "out of train, so the test split played no part in choosing it")
+    return ("`best.pt` is the epoch with the best test top-1, so its figures are chosen on the "
+            "test split; `dataset.val_size=N` chooses it on N images held out of train instead")
+
+
 def _dataset_line(report: Mapping[str, Any]) -> str | None:
     ds = _block(report, "dataset")
     if not ds:
@@ -647,6 +666,8 @@ def _dataset_line(report: Mapping[str, Any]) -> str | None:
         parts.append(f"{ds['num_classes']} classes")
     if ds.get("train_size") is not None:
         parts.append(f"{ds['train_size']} train")
+    if ds.get("val_size"):
+        parts.append(f"{ds['val_size']} validation (held out of train)")
     if ds.get("test_size") is not None:
         parts.append(f"{ds['test_size']} test images")
     if ds.get("image_size") is not None:
@@ -678,8 +699,7 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
         "",
         (
             "Accuracy metrics in percent on the test split, of each model's final weights "
-            "(`last.pt`; `best.pt` is the epoch with the best test top-1, so its figures are "
-            "chosen on the test split). Latency is the median CPU fp32 "
+            f"(`last.pt`; {_best_pt_text(report)}). Latency is the median CPU fp32 "
             f"batch-1 forward time{_threads(report)}; the from-scratch baseline shares the "
             "student's architecture and costs."
         ),

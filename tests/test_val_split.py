@@ -4,14 +4,15 @@ Without it every epoch is evaluated, and best.pt chosen, on the test split the r
 measures: the figures of best.pt are chosen on the data they are measured on. These tests pin
 what the held-out split is (stratified, disjoint, deterministic, after `train_size`), that each
 epoch is evaluated on it and best.pt chosen by it, that the cache and the student agree on the
-training rows, and that a run without it keeps every store key it had, so existing store
-entries are reused.
+training rows, that the report says which split chose best.pt, and that a run without it keeps
+every store key it had, so existing store entries are reused.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,13 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 from kdcli import checkpoint, device, engine
 from kdcli.data.datasets import Dataset, Split, cifar10_subset, hold_out, subsample
 from kdcli.errors import ConfigError
+from kdcli.report import write_report
 from kdcli.schema import validate
 from kdcli.stages import cache as cache_stage
 from kdcli.stages import student as student_stage
 from kdcli.stages import teacher as teacher_stage
 from kdcli.stages.common import Context, build_context, dataset_inputs, load_dataset
 from kdcli.store import Store
-from tests.conftest import SMOKE, TINY, kd
+from tests.conftest import SMOKE, TINY, kd, read_report
+from tests.test_report import sample_report
 
 # Small enough to train in seconds: 128 train images (val is held out of these), 64 test.
 SMALL = ["trainer.teacher.epochs=1", "trainer.student.epochs=1", "dataset.train_size=128",
@@ -244,3 +247,60 @@ def test_without_val_size_every_store_key_is_what_it_was(
     assert dataset_inputs(held)["fingerprint"] != before["fingerprint"]
     held_keys = _stage_keys(held, monkeypatch)
     assert all(held_keys[stage] != keys[stage] for stage in keys)
+
+
+# --- the report -------------------------------------------------------------------------------
+
+def test_report_says_the_val_split_chose_best_pt(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.test_report import drawn_figures, write_histories
+
+    figures = drawn_figures(monkeypatch)
+    report = {**sample_report(), "best_pt": {"split": "val", "images": 5000}}
+    report["dataset"] = {**report["dataset"], "train_size": 45000, "val_size": 5000}
+    write_report(report, tmp_path, histories=write_histories(tmp_path))
+    md = (tmp_path / "report.md").read_text()
+    assert ("of each model's final weights (`last.pt`; `best.pt` is the epoch with the best "
+            "top-1 on the 5000-image validation split held out of train, so the test split "
+            "played no part in choosing it)") in md
+    assert "best test top-1" not in md
+    assert "45000 train, 5000 validation (held out of train), 1000 test images" in md
+    titles = [ax.get_title() for ax in figures["training_curves.png"].axes]
+    assert titles == ["Training loss", "Validation top-1 per epoch"]
+    assert json.loads((tmp_path / "report.json").read_text())["best_pt"] == {
+        "split": "val", "images": 5000}
+
+
+def test_report_without_val_split_says_the_test_split_chose_best_pt(tmp_path: Path) -> None:
+    write_report({**sample_report(), "best_pt": {"split": "test", "images": 1000}}, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert ("`best.pt` is the epoch with the best test top-1, so its figures are chosen on the "
+            "test split; `dataset.val_size=N` chooses it on N images held out of train "
+            "instead") in md
+
+
+def test_a_run_with_val_size_end_to_end(tmp_path: Path) -> None:
+    run, store = tmp_path / "run", f"store={tmp_path / 'store'}"
+    kd("train", *TINY, "dataset.val_size=32", store, f"hydra.run.dir={run}", cwd=tmp_path)
+    report = read_report(run)
+    assert report["best_pt"] == {"split": "val", "images": 32}
+    assert (report["dataset"]["train_size"], report["dataset"]["val_size"],
+            report["dataset"]["test_size"]) == (96, 32, 64)
+    assert report["cache"]["num_samples"] == 96
+    assert "best top-1 on the 32-image validation split held out of train" in (
+        run / "report.md").read_text()
+    for stage in ("teacher", "student"):
+        with open(run / "metrics" / f"{stage}.csv") as fh:
+            assert [r["val_split"] for r in csv.DictReader(fh)] == ["val"]
+        assert checkpoint.load(run / "checkpoints" / stage / "best.pt")["val_split"] == "val"
+    # kd eval on the validation split gives the figure best.pt was chosen by.
+    best = run / "checkpoints" / "student" / "best.pt"
+    kd("eval", *TINY, "dataset.val_size=32", "split=val", f"checkpoint={best}",
+       f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path)
+    evaluated = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert evaluated["top1"] == pytest.approx(checkpoint.load(best)["val_top1"])
+    proc = kd("eval", *TINY, "split=val", f"checkpoint={best}",
+              f"hydra.run.dir={tmp_path / 'eval2'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert ("error: dataset cifar10_subset has no val split; set dataset.val_size=N to hold N "
+            "images out of train") in proc.stderr

@@ -183,8 +183,12 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
         # test_fingerprint: `kd export` re-evaluates on the test split and checks it still
         # holds these images, not only as many of them.
         "dataset": {"name": ds.name, "num_classes": ds.num_classes, "train_size": len(ds.train),
+                    "val_size": len(ds.val) if ds.val is not None else None,
                     "test_size": len(ds.test), "test_fingerprint": ds.test.fingerprint(),
                     "image_size": ds.image_shape[-1]},
+        # The teacher(s), student and baseline evaluated each epoch, and chose best.pt, on it.
+        "best_pt": {"split": ctx.selection_split,
+                    "images": len(ds.val if ds.val is not None else ds.test)},
         "teacher": t_block,
         "teachers": teacher_blocks,
         "student": s_block,
