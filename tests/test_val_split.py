@@ -94,6 +94,7 @@ def test_every_class_keeps_a_training_image() -> None:
     held = hold_out(ds, 20)
     assert torch.bincount(held.train.labels).tolist() == [1, 1, 1]
     assert torch.bincount(held.val.labels, minlength=3).tolist() == [0, 1, 19]
+    assert hold_out(ds, 0) is ds and ds.val is None
 
 
 @pytest.mark.parametrize("val_size, message", [

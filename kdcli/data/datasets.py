@@ -235,8 +235,10 @@ def hold_out(ds: Dataset, val_size: int, seed: int = 0) -> Dataset:
     on every torchrun rank with that seed. Both splits keep the train split's order, so a
     training sample's index is its row in the reduced train split (what the soft-label cache
     is indexed by). Raises ConfigError when `val_size` would leave a class (present in train)
-    without a training image.
+    without a training image; 0 holds out nothing and returns `ds`.
     """
+    if val_size <= 0:
+        return ds
     labels = ds.train.labels
     n = len(labels)
     counts = torch.bincount(labels, minlength=ds.num_classes).tolist()
