@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -207,6 +208,29 @@ def test_torchrun_ranks_share_the_reduced_train_split_and_rank0_evaluates_val(
     assert (len(train.labels), train.batch_size, train.rank, train.world_size) == (32, 2, 1, 4)
     val = ctx.eval_loader("val")  # whole, as the test split is
     assert (len(val.labels), val.world_size, val.rank) == (8, 1, 0)
+
+
+def test_torchrun_trains_on_the_rest_of_train_and_chooses_best_pt_on_val(tmp_path: Path) -> None:
+    """Two ranks on the CPU: each derives the same split from the seed, they share the 448
+    training images (7 global batches of 64), rank 0 evaluates the 64 held out."""
+    from tests.test_distributed import TORCHRUN_KD, torchrun_env
+
+    cmd = [*TORCHRUN_KD, "train", *SMOKE, "dataset.val_size=64", "baseline=false",
+           "trainer.teacher.epochs=1", "trainer.student.epochs=1", "hydra.run.dir=run",
+           "store=store"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=torchrun_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = read_report(tmp_path / "run")
+    assert report["best_pt"] == {"split": "val", "images": 64}
+    assert report["cache"]["num_samples"] == 448
+    log = (tmp_path / "run" / "train.log").read_text()
+    for stage in ("teacher tiny_cnn-wide", "student"):
+        assert (f"{stage}: data parallel over 2 ranks, 32 images per rank and step (global batch "
+                "64), 7 steps per epoch") in log
+        assert log.count(f"{stage} epoch 1/1") == 1  # rank 0 alone evaluates and logs
+    with open(tmp_path / "run" / "metrics" / "student.csv") as fh:
+        assert [r["val_split"] for r in csv.DictReader(fh)] == ["val"]
 
 
 # --- store keys ---------------------------------------------------------------------------------
