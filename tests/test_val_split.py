@@ -31,6 +31,7 @@ from kdcli.stages import cache as cache_stage
 from kdcli.stages import student as student_stage
 from kdcli.stages import teacher as teacher_stage
 from kdcli.stages.common import Context, build_context, dataset_inputs, load_dataset
+from kdcli.stages.pipeline import objective
 from kdcli.store import Store
 from tests.conftest import SMOKE, TINY, kd, read_report
 from tests.test_report import sample_report
@@ -312,6 +313,13 @@ def test_a_run_with_val_size_end_to_end(tmp_path: Path) -> None:
     assert (report["dataset"]["train_size"], report["dataset"]["val_size"],
             report["dataset"]["test_size"]) == (96, 32, 64)
     assert report["cache"]["num_samples"] == 96
+    # A sweeper maximises the final student's validation top-1, not its test top-1.
+    with open(run / "metrics" / "student.csv") as fh:
+        last = list(csv.DictReader(fh))[-1]
+    assert report["student"]["val_top1"] == pytest.approx(float(last["val/top1"]))
+    assert objective(report) == report["student"]["val_top1"]
+    assert objective({**report, "best_pt": {"split": "test", "images": 64}}) == \
+        report["student"]["top1"]
     assert "best top-1 on the 32-image validation split held out of train" in (
         run / "report.md").read_text()
     for stage in ("teacher", "student"):

@@ -428,6 +428,8 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
             logits, labels = engine.predict(model, test_loader, ctx.runtime)
             checkpoint.save({"logits": logits, "labels": labels}, entry.file("test_logits.pt"))
             metrics = classification_metrics(logits, labels, name=label)
+            if split == "val" and result.history:  # the final weights' score on the split
+                metrics["val_top1"] = result.history[-1].get("val/top1")  # that chooses settings
             log.info("%s: test top-1 %.2f%% (%s)", label, metrics["top1"], status)
             return entry.finish(
                 ["last.pt", "best.pt", "metrics.csv", "test_logits.pt"],

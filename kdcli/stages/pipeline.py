@@ -89,6 +89,8 @@ def _model_block(ctx: Context, role: str, result: dict[str, Any], teacher_logits
     block = {"name": name,
              **classification_metrics(logits, labels, teacher_logits, name=f"{role} {name}"),
              "train_time_s": result["meta"]["train_time_s"], "status": result["status"]}
+    if "val_top1" in result["meta"]["metrics"]:  # with dataset.val_size
+        block["val_top1"] = result["meta"]["metrics"]["val_top1"]
     model = load_weights(build_model(ctx, role), result["entry"].file("last.pt"))
     model = model.float().to(memory_format=torch.contiguous_format)
     block.update(profile_model(model, ctx.dataset.image_shape, latency=False))
@@ -208,15 +210,25 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
 
 
 def main(cfg) -> float:
-    """`kd train`: all stages; returns the student's top-1 for sweepers. A student whose test
-    logits are not finite (top-1 NaN) fails the job after its report is written: a sweeper
+    """`kd train`: all stages; returns the sweepers' objective (`objective`). A student whose
+    test logits are not finite (top-1 NaN) fails the job after its report is written: a sweeper
     given NaN would abort the whole search (Optuna refuses the value), a failed job it skips."""
     started = time.perf_counter()  # the wall time includes the dataset load (ImageFolder decoding)
     ctx = build_context(cfg)
-    top1 = float(run(ctx, started)["student"]["top1"])
-    if not math.isfinite(top1):
+    report = run(ctx, started)
+    if not math.isfinite(float(report["student"]["top1"])):
         raise TrainingDiverged(
             f"the distilled student's test logits are not finite (NaN/inf: an overflow at "
             f"evaluation?), so it has no accuracy; the report is in {ctx.run_dir}; try "
             "device.precision=fp32")
-    return top1
+    return objective(report)
+
+
+def objective(report: dict[str, Any]) -> float:
+    """What a sweeper maximises: the student's top-1 on the validation split held out of
+    train (`dataset.val_size`), else on the test split, which makes the search's best value
+    optimistic."""
+    student = report["student"]
+    value = student.get("val_top1") if (report.get("best_pt") or {}).get("split") == "val" \
+        else None
+    return float(student["top1"] if value is None else value)
