@@ -147,9 +147,23 @@ def test_identical_rerun_reuses_every_stage(sweep: Path) -> None:
 
 def test_eval_reproduces_the_reported_accuracy(sweep: Path) -> None:
     ckpt = sweep / "multi" / "0" / "checkpoints" / "student" / "last.pt"
-    kd("eval", *SMOKE, f"checkpoint={ckpt}", f"hydra.run.dir={sweep / 'eval'}", cwd=sweep)
+    proc = kd("eval", *SMOKE, f"checkpoint={ckpt}", f"hydra.run.dir={sweep / 'eval'}",
+              cwd=sweep)
     result = json.loads((sweep / "eval" / "eval.json").read_text())
     assert result["top1"] == pytest.approx(read_report(sweep / "multi" / "0")["student"]["top1"])
+    assert "differ" not in proc.stdout + proc.stderr
+
+
+def test_eval_with_other_settings_than_the_run_says_so(sweep: Path) -> None:
+    # The figures of another test subset (or precision) are not report.md's: kd eval said
+    # nothing, and the user took them for the run's.
+    ckpt = sweep / "multi" / "0" / "checkpoints" / "student" / "last.pt"
+    proc = kd("eval", *SMOKE, "dataset.test_size=32", "device.precision=bf16",
+              f"checkpoint={ckpt}", f"hydra.run.dir={sweep / 'eval-other'}", cwd=sweep)
+    said = proc.stdout + proc.stderr
+    assert (f"eval: dataset, device.precision differ from the run {sweep / 'multi' / '0'}, so "
+            "the figures will not be report.md's; its overrides were: ") in said
+    assert "loss.temperature=2" in said
 
 
 @pytest.mark.parametrize("saved, message", [

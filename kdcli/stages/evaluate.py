@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from kdcli import distributed, engine
 from kdcli.checkpoint import atomic_write_text
 from kdcli.errors import ConfigError
@@ -23,8 +25,9 @@ def main(cfg) -> dict[str, Any]:
     if cfg.split not in ("train", "val", "test"):
         raise ConfigError(f"split={cfg.split!r}; choose test, train or val (the split "
                           "dataset.val_size holds out of train)")
-    ctx = build_context(cfg)
     path = Path(str(cfg.checkpoint)).expanduser()
+    warn_if_not_as_run(cfg, path)
+    ctx = build_context(cfg)
     hint = (f"it was loaded as arch={cfg.arch} {cfg.arch}={ctx.choice(cfg.arch)}; set arch= and "
             "student=/teacher= to the model the checkpoint was trained as")
     model = load_weights(build_model(ctx, cfg.arch), path, hint)
@@ -39,3 +42,37 @@ def main(cfg) -> dict[str, Any]:
              ctx.dataset.name, cfg.split, result["top1"],
              "— (5 classes or fewer)" if top5 is None else f"{top5:.2f}%", result["macro_f1"])
     return result
+
+
+# What decides the figures report.md shows for a checkpoint, besides the weights.
+_AS_RUN = ("dataset", "seed", "device.precision")
+
+
+def warn_if_not_as_run(cfg: DictConfig, path: Path) -> None:
+    """A checkpoint in a run folder (`<run>/checkpoints/<stage>/<file>.pt`) is evaluated with this
+    command's settings, not the run's: says which of those that decide the figures (the dataset,
+    its subset's seed, the precision, the model) differ, and the run's overrides, which
+    reproduce report.md's figures when given to `kd eval` too."""
+    if path.parent.parent.name != "checkpoints":
+        return
+    run = path.parent.parent.parent
+    try:
+        theirs = OmegaConf.load(run / ".hydra" / "config.yaml")
+        overrides = list(OmegaConf.load(run / ".hydra" / "overrides.yaml"))
+    except Exception:  # noqa: BLE001 - not a kd run folder, or a damaged one: nothing to compare
+        return
+    stage = path.parent.name
+    model = "teacher" if stage == "teacher" else "student" if stage in (
+        "student", "baseline") else None  # `teacher-<name>`: the run config has their merge
+    keys = [*_AS_RUN, *([model] if model else [])]
+    differ = [key for key in keys if _plain(OmegaConf.select(cfg, key)) !=
+              _plain(OmegaConf.select(theirs, key))]
+    if differ:
+        log.warning("eval: %s differ%s from the run %s, so the figures will not be report.md's; "
+                    "its overrides were: %s", ", ".join(differ), "s" if len(differ) == 1 else "",
+                    run, " ".join(map(str, overrides)) or "none")
+
+
+def _plain(node: Any) -> Any:
+    """A config value as plain Python, interpolations as written (both configs hold the same)."""
+    return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
