@@ -10,6 +10,10 @@ share the entry, so a sweep over loss settings trains its teacher once. Layout:
 
 `meta.json` records the key inputs and a sha256 of every file, so a damaged or altered entry
 is detected on reuse instead of silently trusted.
+
+kd's own code is covered by the stages' version number, installed packages (torch, timm, ...)
+are taken as fixed, but a `_target_` naming the user's own code (`mymodels.tiny_mlp`) is only
+text in a config: `user_code` adds a sha256 of its source file, so editing it gives a new key.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import hashlib
 import json
 import logging
 import os
+import sys
+import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,66 @@ from kdcli.errors import ConfigError, CorruptArtifact
 log = logging.getLogger(__name__)
 
 META = "meta.json"
+
+
+def user_code(*nodes: Any) -> dict[str, str]:
+    """The sha256 of the source file of each module of the user's own that a `_target_` in
+    `nodes` (plain dicts and lists, at any depth) names, by module name; {} when every target is
+    kd's, the standard library's or an installed package's (under site-packages).
+
+    The hashed file is the one defining the target: for `mypkg.models.net`, the module `net`
+    was defined in (mypkg/models.py, or wherever `mypkg.models` imported it from). Other files
+    of the user's that this one imports are not hashed: an edit there keeps the key. A target
+    that cannot be imported is skipped here; `kdcli.schema` reports it before any stage runs.
+    """
+    found = {}
+    for target in sorted(set(_targets(nodes))):
+        module = _defining_module(target)
+        source = getattr(module, "__file__", None)
+        if source and _is_users(Path(source)):
+            found[module.__name__] = sha256_file(Path(source))
+    return found
+
+
+def _targets(value: Any) -> Iterable[str]:
+    if isinstance(value, dict):
+        if isinstance(value.get("_target_"), str):
+            yield value["_target_"]
+        for v in value.values():
+            yield from _targets(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _targets(v)
+
+
+def _defining_module(target: str) -> Any:
+    """The module that defines `target` (not one re-exporting it), or None if not importable."""
+    import inspect
+
+    from hydra._internal.utils import _locate  # what instantiate itself uses
+
+    try:
+        obj = _locate(target)
+    except Exception:  # reported by kdcli.schema; the key cannot matter for a run that fails
+        return None
+    module = inspect.getmodule(obj)
+    if module is None:  # an object without __module__ (an instance): the module it is found in
+        parts = target.split(".")
+        names = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
+        module = next((sys.modules[n] for n in names if n in sys.modules), None)
+    return module
+
+
+def _is_users(source: Path) -> bool:
+    """True for a source file outside kd, the standard library and installed packages."""
+    import kdcli
+
+    source = source.resolve()
+    if {"site-packages", "dist-packages"} & set(source.parts):
+        return False
+    fixed = [Path(kdcli.__file__).parent] + [Path(sysconfig.get_paths()[k])
+                                             for k in ("stdlib", "platstdlib")]
+    return not any(source.is_relative_to(d.resolve()) for d in fixed)
 
 
 def key_of(inputs: dict[str, Any]) -> str:

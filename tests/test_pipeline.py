@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -343,6 +344,54 @@ def test_users_own_model_by_target(finished: Path) -> None:
     kd("student", *SMOKE, "student._target_=usermodels.linear", f"store={finished / 'store'}",
        f"hydra.run.dir={finished / 'user'}", cwd=finished, env={"PYTHONPATH": str(finished)})
     assert (finished / "user" / "checkpoints" / "student" / "best.pt").exists()
+
+
+def test_an_edited_model_of_ones_own_is_retrained_not_reused(tmp_path: Path) -> None:
+    """The key of a stage holds the sha256 of the file defining a `_target_` of the user's own:
+    an edit there retrains the student. A file that one imports is not hashed: an edit there
+    that changes a shape fails on reuse, naming the entry to delete."""
+    (tmp_path / "mywidth.py").write_text("HIDDEN = 32\n")
+    model = tmp_path / "mymodels.py"
+    source = ("from torch import nn\n"
+              "from mywidth import HIDDEN\n"
+              "def tiny_mlp(num_classes=10, **_):\n"
+              "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, HIDDEN), nn.ReLU(),\n"
+              "                         nn.Linear(HIDDEN, num_classes))\n")
+    model.write_text(source)
+    store = tmp_path / "store"
+
+    def train(run: str, check: bool = True) -> subprocess.CompletedProcess:
+        # No .pyc: an edit within the same second that keeps a file's size would go unseen.
+        path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+        return kd("train", *TINY, "student._target_=mymodels.tiny_mlp", f"store={store}",
+                  f"hydra.run.dir={tmp_path / run}", cwd=tmp_path, check=check,
+                  env={"PYTHONPATH": path, "PYTHONDONTWRITEBYTECODE": "1"})
+
+    def stages(run: str) -> dict[str, str]:
+        return read_report(tmp_path / run)["stages"]
+
+    train("first")
+    assert set(stages("first").values()) == {"trained"}
+    train("same")
+    assert set(stages("same").values()) == {"reused"}
+    model.write_text(source.replace("nn.ReLU()", "nn.Tanh()"))
+    train("edited")
+    assert stages("edited") == {"teacher": "reused", "cache": "reused", "student": "trained"}
+    [student] = [p for p in (store / "student").iterdir() if (p / "meta.json").exists()
+                 and json.loads((p / "meta.json").read_text())["inputs"].get("code")
+                 == {"mymodels": hashlib.sha256(model.read_bytes()).hexdigest()}]
+    for entry in (store / "teacher").iterdir():  # a shipped model: its key has no code field
+        if entry.is_dir():
+            assert "code" not in json.loads((entry / "meta.json").read_text())["inputs"]
+
+    (tmp_path / "mywidth.py").write_text("HIDDEN = 48\n")
+    proc = train("imported", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "does not fit this architecture" in proc.stderr
+    assert f"delete {student} (or set store= to another folder) to retrain" in proc.stderr
+    shutil.rmtree(student)
+    train("deleted")
+    assert stages("deleted")["student"] == "trained"
 
 
 def test_a_run_into_an_earlier_runs_folder_sets_its_outputs_aside(tmp_path: Path) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+import kdcli.configs
 from kdcli.errors import ConfigError, CorruptArtifact
-from kdcli.store import Entry, Store, key_of
+from kdcli.store import Entry, Store, key_of, user_code
 from tests.conftest import SMOKE
 
 INPUTS = {"model": "resnet20", "epochs": 3, "optimizer": {"lr": 0.1, "momentum": 0.9}}
@@ -56,6 +57,37 @@ def test_key_is_stable_across_dict_order():
 ])
 def test_key_differs_for_different_inputs(change):
     assert key_of({**INPUTS, **change}) != key_of(INPUTS)
+
+
+def test_users_own_target_is_keyed_by_its_source_file(tmp_path, monkeypatch):
+    """A `_target_` of the user's own enters the key as the sha256 of the file defining it:
+    for a target re-exported by a package, the module it was defined in (mypkg/models.py)."""
+    (tmp_path / "keyed_usermodels.py").write_text("def net(num_classes=10):\n    return None\n")
+    (tmp_path / "keyed_pkg").mkdir()
+    (tmp_path / "keyed_pkg" / "__init__.py").write_text("from keyed_pkg.models import net\n")
+    (tmp_path / "keyed_pkg" / "models.py").write_text("def net(num_classes=10):\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    node = {"_target_": "torch.optim.SGD", "inner": [{"_target_": "keyed_usermodels.net"}]}
+    assert user_code(node, {"_target_": "keyed_pkg.net"}) == {
+        "keyed_usermodels": digest(tmp_path / "keyed_usermodels.py"),
+        "keyed_pkg.models": digest(tmp_path / "keyed_pkg" / "models.py")}
+    (tmp_path / "keyed_usermodels.py").write_text("def net(num_classes=10):\n    return 2\n")
+    assert user_code(node)["keyed_usermodels"] == digest(tmp_path / "keyed_usermodels.py")
+
+
+def test_shipped_configs_name_no_user_code():
+    """kd's, torch's and the standard library's targets add no "code" field: the keys of every
+    shipped config stay what they were before user code was hashed (their entries are reused)."""
+    from omegaconf import OmegaConf
+
+    nodes = [OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+             for path in sorted(Path(kdcli.configs.__file__).parent.rglob("*.yaml"))]
+    assert sum(json.dumps(n).count('"_target_"') for n in nodes) > 20
+    assert user_code(*nodes, {"_target_": "collections.OrderedDict"}) == {}
 
 
 def test_meta_is_strict_json_with_nan_metrics_as_null(tmp_path):

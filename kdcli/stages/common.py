@@ -29,7 +29,7 @@ from kdcli.losses.base import DistillationLoss, Outputs
 from kdcli.metrics import classification_metrics
 from kdcli.models.features import FeatureTap
 from kdcli.schema import normalise
-from kdcli.store import Entry, Store
+from kdcli.store import Entry, Store, user_code
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,18 @@ def dataset_inputs(ctx: Context) -> dict[str, Any]:
               "train_size": node.get("train_size"), "test_size": node.get("test_size")}
     if node.get("val_size"):
         inputs["val_size"] = int(node.val_size)
+    # The content hash covers the images and labels a loader of the user's own returns, not the
+    # mean and std it returns with them: the hash of its code does.
+    return with_code(inputs, node.get("loader"))
+
+
+def with_code(inputs: dict[str, Any], *nodes: Any) -> dict[str, Any]:
+    """`inputs` with the sha256 of the user's own code that `nodes` name by `_target_` added
+    under "code" (`kdcli.store.user_code`). Without such code no field is added, so the keys
+    of configs naming only kd's and installed packages' code stay as they were."""
+    code = user_code(*(container(n) for n in nodes))
+    if code:
+        inputs["code"] = {**inputs.get("code", {}), **code}
     return inputs
 
 
@@ -302,13 +314,13 @@ def train_inputs(ctx: Context, role: str, optimizer: str, scheduler: str, budget
                  ) -> dict[str, Any]:
     """Everything that determines a trained model, besides its loss, teacher and init."""
     cfg = ctx.cfg
-    return {
+    return with_code({
         "version": STAGE_VERSION, "model": container(cfg[role]), "dataset": dataset_inputs(ctx),
         "optimizer": container(cfg[optimizer]), "scheduler": container(cfg[scheduler]),
         "budget": {"epochs": int(budget.epochs), "batch_size": int(budget.batch_size)},
         "seed": int(cfg.seed),
         "deterministic": bool(cfg.deterministic), "precision": ctx.runtime.precision,
-    }
+    }, cfg[role], cfg[optimizer], cfg[scheduler])
 
 
 def load_weights(model: nn.Module, path: Path, hint: str = "") -> nn.Module:
@@ -328,6 +340,16 @@ def load_weights(model: nn.Module, path: Path, hint: str = "") -> nn.Module:
                           f"{why or str(exc).splitlines()[0]}" + (f"; {hint}" if hint else "")
                           ) from exc
     return model
+
+
+def load_entry_weights(model: nn.Module, entry: Entry) -> nn.Module:
+    """`load_weights` from a store entry's last.pt. Weights that do not fit mean the model's
+    code changed since the entry was built in a way its key does not see (a file the hashed
+    module imports): the error says how to retrain."""
+    return load_weights(model, entry.file("last.pt"), hint=(
+        f"the store entry was built from other code for this model (only the file defining a "
+        f"model of your own is in its key, not files it imports): delete {entry.path} (or set "
+        f"store= to another folder) to retrain it"))
 
 
 def state_dict_mismatch(own: dict[str, torch.Tensor], other: dict[str, Any]) -> str:

@@ -38,7 +38,7 @@ from kdcli.stages.common import (
     build_context,
     build_model,
     container,
-    load_weights,
+    load_entry_weights,
     publish,
 )
 
@@ -91,7 +91,7 @@ def _model_block(ctx: Context, role: str, result: dict[str, Any], teacher_logits
              "train_time_s": result["meta"]["train_time_s"], "status": result["status"]}
     if "val_top1" in result["meta"]["metrics"]:  # with dataset.val_size
         block["val_top1"] = result["meta"]["metrics"]["val_top1"]
-    model = load_weights(build_model(ctx, role), result["entry"].file("last.pt"))
+    model = load_entry_weights(build_model(ctx, role), result["entry"])
     model = model.float().to(memory_format=torch.contiguous_format)
     block.update(profile_model(model, ctx.dataset.image_shape, latency=False))
     return block, model

@@ -45,6 +45,7 @@ from kdcli.stages.common import (
     publish,
     train_entry,
     train_inputs,
+    with_code,
 )
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ def run(ctx: Context, cache: dict[str, Any] | None, teachers: list[dict[str, Any
     initialize, init_inputs = initializer(ctx, teachers, pretrained)
     inputs = {**train_inputs(ctx, "student", "optimizer", "scheduler", budget), **init_inputs}
     inputs["loss"] = container(ctx.cfg.loss)
+    with_code(inputs, ctx.cfg.loss)
     check_teachers(ctx, mode, len(teachers))
     if mode == "online":
         inputs["teacher_weights"] = teachers[0]["meta"]["files"]["last.pt"]

@@ -19,7 +19,7 @@ from kdcli.stages.common import (
     build_model,
     keyed_overrides,
     list_override,
-    load_weights,
+    load_entry_weights,
     publish,
     recompose,
     reuse_if_valid,
@@ -38,7 +38,7 @@ def entry_for(ctx: Context) -> Entry:
 def frozen(teacher: dict[str, Any]) -> nn.Module:
     """A stored teacher (a result of `run_all` / `require_all`) with its weights, in eval mode
     and without gradients: what the cache stage and the online student run."""
-    model = load_weights(build_model(teacher["ctx"], "teacher"), teacher["entry"].file("last.pt"))
+    model = load_entry_weights(build_model(teacher["ctx"], "teacher"), teacher["entry"])
     return model.eval().requires_grad_(False)
 
 
