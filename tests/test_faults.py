@@ -136,6 +136,56 @@ def _assert_complete_entries_verify(store: Path) -> None:
             assert checkpoint.sha256_file(meta_path.parent / name) == digest, meta_path.parent
 
 
+# --- settings wrong on their face: refused before anything trains ---------------------------
+
+# A user's model that takes 10x10 single-channel images, not the dataset's 3x32x32.
+_SMALL_INPUT = ("from torch import nn\n"
+                "def small_input(num_classes=10, **_):\n"
+                "    return nn.Sequential(nn.Flatten(), nn.Linear(100, num_classes))\n")
+
+
+@pytest.mark.parametrize("verb, overrides, message", [
+    ("train", ["optimizer.lr=-1"], "optimizer: ValueError: Invalid learning rate: -1.0"),
+    ("train", ["teacher_optimizer.momentum=0"], "teacher_optimizer: ValueError: Nesterov "
+     "momentum requires a momentum and zero dampening"),
+    ("train", ["scheduler=multistep", "scheduler.gamma=-1"],
+     "scheduler: ValueError: gamma must be > 0, got -1.0"),
+    ("train", ["student=mlp", "dataset.in_features=100"],
+     "student=mlp cannot take dataset cifar10_subset's images (3, 32, 32): MLP expects 100 "
+     "input features, got input of shape (2, 3, 32, 32) (3072 features); set "
+     "dataset.in_features=3072 (C*H*W), or in_features for a model built outside kd's configs"),
+    ("train", ["student._target_=faultmodels.small_input"],
+     # torch's own words follow ("mat1 and mat2 shapes cannot be multiplied", per version).
+     "student=tiny_cnn cannot take dataset cifar10_subset's images (3, 32, 32): "),
+    ("teacher", ["teacher_optimizer.lr=-1"],
+     "teacher_optimizer: ValueError: Invalid learning rate: -1.0"),
+    ("teacher", ["teacher=mlp", "dataset.in_features=3000"],
+     "teacher=mlp cannot take dataset cifar10_subset's images (3, 32, 32): MLP expects 3000 "
+     "input features, got input of shape (2, 3, 32, 32) (3072 features); set "
+     "dataset.in_features=3072 (C*H*W), or in_features for a model built outside kd's configs"),
+    ("student", ["optimizer=adamw", "optimizer.betas=[0.9,1.5]"],
+     "optimizer: ValueError: Invalid beta parameter at index 1: 1.5"),
+])
+def test_optimizer_and_model_errors_stop_before_anything_trains(
+        tmp_path: Path, verb: str, overrides: list[str], message: str) -> None:
+    """Torch's own checks on the optimizer and scheduler arguments, and a model that cannot take
+    the dataset's images, used to fail only when their stage began: after the teacher trained
+    (hours, on a real config), the latter with a traceback. Now one line, before any epoch."""
+    (tmp_path / "faultmodels.py").write_text(_SMALL_INPUT)  # `python -m` imports from the cwd
+    store, run = tmp_path / "store", tmp_path / "run"
+    proc = kd(verb, *NO_BASELINE, *overrides, f"store={store}", f"hydra.run.dir={run}",
+              cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: {message}") and proc.stderr.count("\n") == 1, \
+        proc.stderr
+    assert "no trained teacher" not in proc.stderr  # `kd student`: checked before the lookup
+    # Nothing trained: no store entry (not even a lock) and no epoch in the log.
+    assert [s for s in ("teacher", "cache", "pretrain", "student", "baseline")
+            if (store / s).exists()] == []
+    assert "epoch" not in (run / f"{verb}.log").read_text()
+
+
 # --- two runs at once, a stale lock -----------------------------------------------------------
 
 

@@ -102,7 +102,8 @@ def test_mlp_named_layers_and_input_check() -> None:
     names = dict(model.named_modules())
     assert {"layers.fc1", "layers.fc2", "layers.dropout2", "classifier"} <= names.keys()
     assert model(torch.randn(2, 3, 2, 2)).shape == (2, 5)
-    with pytest.raises(ValueError, match="in_features"):
+    # It names the key of kd's configs to set, and its value.
+    with pytest.raises(ValueError, match=r"\(48 features\); set dataset\.in_features=48 "):
         model(torch.randn(2, 3, 4, 4))
 
 

@@ -44,9 +44,11 @@ class MLP(nn.Module):
         flat = self.flatten(x)
         if flat.shape[1] != self.in_features:
             # Linear's own error ("mat1 and mat2 shapes cannot be multiplied") hides the cause.
+            # kd's mlp options read in_features from the dataset config: name the key to set.
             raise ValueError(
                 f"MLP expects {self.in_features} input features, got input of shape "
-                f"{tuple(x.shape)}; set in_features to the dataset's C*H*W"
+                f"{tuple(x.shape)} ({flat.shape[1]} features); set dataset.in_features="
+                f"{flat.shape[1]} (C*H*W), or in_features for a model built outside kd's configs"
             )
         x = flat
         return self.classifier(self.layers(x))

@@ -273,18 +273,90 @@ def model_skeleton(ctx: Context, role: str) -> nn.Module:
 
 def build_model(ctx: Context, role: str) -> nn.Module:
     """Builds the `teacher` or `student` model for the dataset and checks its output size."""
-    ds = ctx.dataset
     model = _build_module(ctx, role)
-    with torch.no_grad():
-        probe = torch.zeros(2, *ds.image_shape)
-        was_training = model.training
-        model.eval()
-        out = model(probe)
+    probe(ctx, role, model)
+    return ctx.runtime.prepare(model)
+
+
+def probe(ctx: Context, role: str, model: nn.Module) -> None:
+    """Runs `model` on two blank images of the dataset's shape and checks it gives one logit per
+    class. A model that cannot take the dataset's images (an MLP sized for other images) is a
+    ConfigError naming the option, not a traceback."""
+    ds = ctx.dataset
+    try:
+        out = _forward_blank(model, ds.image_shape, None)
+    except (ValueError, RuntimeError) as exc:  # the model's own check, or torch's shape errors
+        lines = str(exc).strip().splitlines()
+        raise ConfigError(f"{role}={ctx.choice(role)} cannot take dataset {ds.name}'s images "
+                          f"{tuple(ds.image_shape)}: {lines[0] if lines else type(exc).__name__}"
+                          ) from exc
+    _check_logits(ctx, role, out)
+
+
+def _forward_blank(model: nn.Module, shape: tuple[int, ...], device: torch.device | None
+                   ) -> torch.Tensor:
+    """The model's output for two zero images of `shape` on `device` (None: torch's default),
+    in eval mode, without grad."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(torch.zeros(2, *shape, device=device))
+    finally:
         model.train(was_training)
+
+
+def _check_logits(ctx: Context, role: str, out: torch.Tensor) -> None:
+    ds = ctx.dataset
     if out.dim() != 2 or out.shape[1] != ds.num_classes:
         raise ConfigError(f"{role}={ctx.choice(role)} outputs {tuple(out.shape[1:])} classes but "
                           f"dataset {ds.name} has {ds.num_classes}")
-    return ctx.runtime.prepare(model)
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def check_training(ctx: Context, role: str, *, optimizer: str, scheduler: str,
+                   budget: DictConfig) -> nn.Module:
+    """What `train_entry` builds before its first epoch, built before any stage trains (hours
+    sooner, with a real teacher): the model, probed on the dataset's images, and its optimizer
+    and scheduler, so that torch's own argument checks (a negative learning rate, a momentum
+    Nesterov cannot use) fail at once, naming the config group. Returns the model skeleton."""
+    model = model_skeleton(ctx, role)
+    out = None
+    if _on_meta(model):
+        try:
+            with torch.device("meta"):  # tensors the forward makes land on meta too
+                out = _forward_blank(model, ctx.dataset.image_shape, torch.device("meta"))
+        except Exception:  # noqa: BLE001 - an op with no meta kernel, `.item()`: see below
+            out = None
+    if out is not None:
+        _check_logits(ctx, role, out)
+    else:
+        # Run for real on the CPU (one small batch): it tells a model's real error from a meta
+        # limitation. A big model costs about half a second, and only here.
+        probe(ctx, role, model if not _on_meta(model) else _build_module(ctx, role))
+    params = list(model.parameters()) or [nn.Parameter(torch.zeros(1))]
+    try:
+        _build_optimization(ctx, params, optimizer, scheduler, budget)
+    except KDError:
+        if not params[0].is_meta:
+            raise
+        # An optimizer that touches its tensors when built cannot take meta ones: a real
+        # stand-in tells whether the setting itself is wrong.
+        _build_optimization(ctx, [nn.Parameter(torch.zeros(1))], optimizer, scheduler, budget)
+    return model
+
+
+def _build_optimization(ctx: Context, params: list[nn.Parameter], optimizer: str,
+                        scheduler: str, budget: DictConfig) -> None:
+    """Builds the `optimizer` and `scheduler` config nodes as `train_entry` does, for a check."""
+    opt = build(ctx.cfg[optimizer], optimizer, params=params)
+    # As many steps per epoch as the training loader gives (it drops the last partial batch).
+    steps = max(1, len(ctx.dataset.train) // int(budget.batch_size))
+    build(ctx.cfg[scheduler], scheduler, optimizer=opt, epochs=int(budget.epochs),
+          steps_per_epoch=steps)
 
 
 def dataset_inputs(ctx: Context) -> dict[str, Any]:

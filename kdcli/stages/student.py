@@ -40,8 +40,8 @@ from kdcli.stages.common import (
     Context,
     build,
     build_context,
+    check_training,
     container,
-    model_skeleton,
     publish,
     train_entry,
     train_inputs,
@@ -143,8 +143,9 @@ def check_teachers(ctx: Context, mode: str, num_teachers: int) -> None:
 
 def preflight(ctx: Context) -> str:
     """The student stage's checks that need only the config, run before any stage trains or
-    writes to the store: a bad loss setting, init conflict, cache setting or layer name is
-    reported at once, not after hours of teacher training. Returns the student's mode."""
+    writes to the store: a bad loss setting, init conflict, cache setting, layer name, optimizer
+    or scheduler setting, or a model that cannot take the dataset's images, is reported at once,
+    not after hours of teacher training. Returns the student's mode."""
     loss = build_loss(ctx)
     mode = mode_of(loss)
     teachers = teacher_stage.contexts(ctx)
@@ -152,9 +153,12 @@ def preflight(ctx: Context) -> str:
     cache_stage.check_settings(ctx, len(teachers))
     check_teachers(ctx, mode, len(teachers))
     # Every model is built once on the meta device, so a builder that fails (an unreadable
-    # `weights=` file, a bad argument) fails now; feature-loss layer names are checked on them.
-    student = model_skeleton(ctx, "student")
-    teacher_models = [model_skeleton(t, "teacher") for t in teachers]
+    # `weights=` file, a bad argument) fails now; each is probed on the dataset's images and its
+    # optimizer and scheduler are built (the pretraining stage uses the student's), and
+    # feature-loss layer names are checked on them.
+    student = check_training(ctx, "student", optimizer="optimizer", scheduler="scheduler",
+                             budget=ctx.cfg.trainer.student)
+    teacher_models = teacher_stage.preflight(ctx)
     if mode == "online":
         for role, model, c, layers in (
                 ("student", student, ctx, loss.student_layers),

@@ -17,6 +17,7 @@ from kdcli.stages.common import (
     Context,
     build_context,
     build_model,
+    check_training,
     keyed_overrides,
     list_override,
     load_entry_weights,
@@ -58,6 +59,15 @@ def contexts(ctx: Context) -> list[Context]:
             for name in names]
 
 
+def preflight(ctx: Context) -> list[nn.Module]:
+    """Each teacher's training settings, checked before any stage trains: its model probed on
+    the dataset's images, its optimizer and scheduler built (`check_training`). Returns the
+    teachers' model skeletons, in `contexts` order, for checks on their layers."""
+    return [check_training(c, "teacher", optimizer="teacher_optimizer",
+                           scheduler="teacher_scheduler", budget=c.cfg.trainer.teacher)
+            for c in contexts(ctx)]
+
+
 def run(ctx: Context) -> dict[str, Any]:
     """Trains, resumes or reuses one teacher; returns {"status", "entry", "meta", "ctx"}."""
     result = train_entry(ctx, entry_for(ctx), role="teacher", loss_fn=CrossEntropy(),
@@ -93,6 +103,7 @@ def publish_all(teachers: list[dict[str, Any]], run_dir) -> None:
 def main(cfg) -> list[dict[str, Any]]:
     """`kd teacher`: stage 1 alone."""
     ctx = build_context(cfg)
+    preflight(ctx)
     results = run_all(ctx)
     distributed.on_main(lambda: publish_all(results, ctx.run_dir))
     return results
