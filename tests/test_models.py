@@ -13,11 +13,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import kdcli.configs
+from kdcli.errors import ConfigError
 from kdcli.models import cifar
 from kdcli.models.mlp import mlp
 from kdcli.models.small import tiny_cnn
 from kdcli.models.vision import torchvision_model
-from kdcli.stages.common import model_skeleton
+from kdcli.stages.common import check_training, model_skeleton
 
 CONFIGS = Path(kdcli.configs.__file__).parent
 STUDENT_YAMLS = sorted((CONFIGS / "student").glob("*.yaml"))
@@ -207,3 +208,53 @@ def test_model_skeleton_builds_on_meta_or_falls_back(target: str, device: str) -
     model = model_skeleton(ctx, "student")
     assert next(model.parameters()).device.type == device
     assert list(model.parameters())[-1].shape == (7,)  # the classifier's bias
+
+
+class ValueReadingModel(nn.Module):
+    """Reads a tensor's value in forward (`.item()`), which the meta device cannot give."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) * (1.0 if x.abs().sum().item() >= 0 else 0.0)
+
+
+def value_reading_model(num_classes: int = 10) -> nn.Module:
+    return ValueReadingModel(num_classes)
+
+
+@pytest.mark.parametrize("target, overrides, error", [
+    ("kdcli.models.small.tiny_cnn", {}, None),
+    ("tests.test_models.value_reading_model", {}, None),  # meta cannot run it: the CPU does
+    ("kdcli.models.mlp.mlp", {"student.in_features": 100},
+     "student=x cannot take dataset d's images (3, 8, 8): MLP expects 100 input features, got "
+     "input of shape (2, 3, 8, 8) (192 features); set dataset.in_features=192"),
+    ("kdcli.models.small.tiny_cnn", {"optimizer.lr": -1.0},
+     "optimizer: ValueError: Invalid learning rate: -1.0"),
+    ("kdcli.models.small.tiny_cnn", {"scheduler.gamma": 0.0},
+     "scheduler: ValueError: gamma must be > 0, got 0.0"),
+])
+def test_check_training_probes_the_model_and_builds_its_optimizer(
+        target: str, overrides: dict, error: str | None) -> None:
+    cfg = OmegaConf.create({
+        "student": {"_target_": target},
+        "optimizer": {"_target_": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9},
+        "scheduler": {"_target_": "kdcli.schedulers.multistep", "gamma": 0.1},
+        "trainer": {"student": {"epochs": 2, "batch_size": 4}}})
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    dataset = SimpleNamespace(num_classes=7, image_shape=(3, 8, 8), name="d", train=range(16))
+    ctx = SimpleNamespace(cfg=cfg, dataset=dataset, choice=lambda r: "x")
+
+    def check() -> nn.Module:
+        return check_training(ctx, "student", optimizer="optimizer", scheduler="scheduler",
+                              budget=cfg.trainer.student)
+
+    if error is None:
+        check()
+        return
+    with pytest.raises(ConfigError) as err:
+        check()
+    assert str(err.value).startswith(error)
