@@ -268,21 +268,40 @@ def run_command(verb: str, cfg):
         return module.main(cfg)
     except KDError as exc:
         message = str(exc)
-        log.error("%s", message)
+        log_in_file_only(message)
     except OSError as exc:
         message = os_error_line(exc)
         logging.raiseExceptions = False  # the log file may be on the full disk too
-        log.error("%s", message)
+        log_in_file_only(message)
     except Exception as exc:
         if not sweep:
             raise  # a bug: Hydra prints the traceback
-        log.exception("job failed")  # the traceback goes to the job's log
+        log_in_file_only("job failed", exc_info=True)  # the traceback goes to the job's log
         message = f"{type(exc).__name__}: {exc} (traceback in the job's log)"
     sys.stderr.write(f"error: {message}\n")
     if not sweep:
         sys.exit(1)
     record_failure(folder, message)
     return None
+
+
+class NotOnConsole(logging.Filter):
+    """Drops the records marked `console=False` (kd's errors, which stderr shows already)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "console", True)
+
+
+def log_in_file_only(message: str, exc_info: bool = False) -> None:
+    """Logs an ERROR record that the run's log file keeps but the terminal does not show: there
+    the `error:` line on stderr is the one line (Hydra's console handler printed it a second
+    time, on stdout)."""
+    for handler in logging.getLogger().handlers:
+        console = isinstance(handler, logging.StreamHandler) and \
+            getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+        if console and not any(isinstance(f, NotOnConsole) for f in handler.filters):
+            handler.addFilter(NotOnConsole())
+    log.error("%s", message, exc_info=exc_info, extra={"console": False})
 
 
 def record_failure(folder: Path, message: str) -> None:

@@ -464,7 +464,8 @@ def _check_target(node: Any, kind: type[Target], path: str) -> list[str]:
             problems.append(f"{full}: unknown key for {target_name} (valid: {valid})")
     if "_args_" not in node and not node.get("_partial_", False):
         for name, p in named.items():
-            if p.default is p.empty and name not in node and name not in kind.passed:
+            # `name in node` is False for a ??? value too, reported once already as unset.
+            if p.default is p.empty and name not in node.keys() and name not in kind.passed:
                 problems.append(f"{_join(path, name)}: required by {target_name} but not set")
     return problems
 

@@ -238,6 +238,14 @@ def test_every_problem_is_listed_and_unset_values_too() -> None:
     ]
 
 
+def test_an_unset_required_argument_is_reported_once() -> None:
+    # It was also "required by kdcli.data.imagefolder.image_folder but not set".
+    with composed(*SMOKE, "dataset=imagefolder") as cfg, pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value) == ("config: dataset.loader.root: no value given (it is ???); set "
+                              "dataset.loader.root=...")
+
+
 # --- through the CLI: one error line, nothing trained or written -----------------------------
 
 
@@ -259,6 +267,9 @@ def test_wrong_value_on_the_command_line_stops_before_any_work(
               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert proc.stderr == f"error: config: {message}\n"
+    # The one line: the log's ERROR record was echoed on stdout too; the log file keeps it.
+    assert "ERROR" not in proc.stdout and message not in proc.stdout
+    assert f"[ERROR] - config: {message}" in (tmp_path / "run" / "train.log").read_text()
     assert not (tmp_path / "store").exists()
     # Only what Hydra writes before handing over: the composed config and the log (and the
     # run folder's lock, kdcli.runfolder).
