@@ -132,7 +132,7 @@ def dispatch() -> None:
         sys.exit(2)
     sys.argv[0] = f"kd {verb}"
     try:
-        hydra_app(verb)()
+        run_hydra_app(verb)
     finally:  # also when the sweeper itself gives up (Optuna: every trial failed)
         if FAILED_JOBS:
             failed, ran = len(FAILED_JOBS), len(SWEEP_JOBS)  # a failed job is counted when it ran
@@ -198,6 +198,66 @@ def hydra_app(verb: str):
         return run_command(verb, cfg)
 
     return app
+
+
+def run_hydra_app(verb: str) -> None:
+    """Runs a verb's Hydra app, with kd's one line for Hydra's errors that would mislead: a
+    typo'd key (Hydra's advice `+key=value` adds it instead; a real new key still takes `+`)."""
+    import hydra._internal.utils as hydra_utils
+
+    # Hydra composes the config inside run_and_report, which prints its errors and exits:
+    # the error is read here, on its way there.
+    report = hydra_utils.run_and_report
+
+    def run_and_report(func):
+        return report(lambda: with_kd_errors(func))
+
+    hydra_utils.run_and_report = run_and_report
+    try:
+        hydra_app(verb)()
+    finally:
+        hydra_utils.run_and_report = report
+
+
+def with_kd_errors(func):
+    """`func()`, with a key that is not in the config (a typo) reported in kd's one line."""
+    from hydra.errors import ConfigCompositionException
+
+    try:
+        return func()
+    except ConfigCompositionException as exc:
+        line = unknown_key_line(exc)
+        if line is None:
+            raise
+        sys.stderr.write(f"error: config: {line}\n")
+        sys.exit(1)
+
+
+def unknown_key_line(exc: Exception) -> str | None:
+    """`loss.temprature: unknown key (valid: temperature, ...; did you mean temperature?)` for
+    Hydra's refusal of an override of a key that is not in the config, else None."""
+    import difflib
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = exc.__cause__
+    if not (str(exc).startswith("Could not override") and isinstance(
+            cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause)):
+        return None
+    full_key, key, node = str(cause.full_key), str(cause.key), cause.parent_node
+    # The node the key was looked up in: its keys, less _target_ and the like (and at the top
+    # level Hydra's own node, which is set as hydra.KEY, not KEY).
+    valid = [str(k) for k in (node.keys() if node is not None else ())
+             if not (str(k).startswith("_") and str(k).endswith("_"))
+             and not (str(k) == "hydra" and "." not in full_key)]
+    close = difflib.get_close_matches(key, valid)
+    if not close and node is not None:  # trainer.epochs: trainer.teacher.epochs, ...
+        prefix = full_key[:-len(key)]
+        close = [f"{prefix}{k}.{key}" for k in valid
+                 if OmegaConf.is_dict(node._get_node(k)) and key in node._get_node(k).keys()]
+    guess = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"{full_key}: unknown key (valid: {', '.join(valid) or 'none'}{guess})"
 
 
 def run_plain(verb: str, main_fn, argv: list[str]) -> int:

@@ -115,3 +115,30 @@ complete -p kd
     assert "teacher=" in overrides.split()
     assert values.split() == ["teacher=resnet50", "teacher=resnet56"]
     assert registered.endswith(" kd") and "_kd_completion" in registered
+
+
+@pytest.mark.parametrize("override, line", [
+    # Hydra advised `+loss.temprature=2`, which adds the typo as a key.
+    ("loss.temprature=2", "loss.temprature: unknown key (valid: temperature, ce_weight, "
+                          "kd_weight; did you mean temperature?)"),
+    ("trainr.seed=1", "trainr: unknown key (valid: teacher, student, dataset, loss, optimizer, "
+                      "scheduler, teacher_optimizer, teacher_scheduler, trainer, device, seed, "
+                      "deterministic, baseline, store, cache, pretrain, logging; did you mean "
+                      "trainer, pretrain?)"),
+    ("trainer.epochs=3", "trainer.epochs: unknown key (valid: teacher, student, eval_batch_size, "
+                         "nan_retries, nan_lr_factor; did you mean trainer.teacher.epochs, "
+                         "trainer.student.epochs?)"),
+])
+def test_unknown_key_on_the_command_line_is_one_line(tmp_path: Path, override: str,
+                                                     line: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "kdcli.cli", "train", override], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == f"error: config: {line}\n"
+    assert not list(tmp_path.iterdir())  # refused before any folder is made
+
+
+def test_plus_still_adds_a_key() -> None:
+    proc = run_kd("train", "+loss.temprature=2", "--cfg", "job", "-p", "loss")
+    assert proc.returncode == 0, proc.stderr
+    assert "temprature: 2" in proc.stdout
