@@ -215,6 +215,18 @@ def run_hydra_app(verb: str) -> None:
     hydra_utils.run_and_report = run_and_report
     try:
         hydra_app(verb)()
+    except ValueError as exc:  # raised before run_and_report: Hydra's bare traceback
+        if not str(exc).startswith("Only one of --run, --multirun, --cfg"):
+            raise
+        given = {arg.split("=")[0] for arg in sys.argv}  # --cfg=job too
+        if {"-m", "--multirun"} & given and {"-c", "--cfg"} & given:
+            # Without -m a swept value (a=1,2) is refused too: hence one value per key.
+            sys.stderr.write("error: --cfg shows one job's config: drop -m and give each swept "
+                             "key one value (or see the sweeper's settings with --cfg hydra -p "
+                             "hydra.sweeper, without -m)\n")
+        else:
+            sys.stderr.write("error: give one of --run, --multirun (-m), --cfg, --info\n")
+        sys.exit(2)
     finally:
         hydra_utils.run_and_report = report
 

@@ -142,3 +142,13 @@ def test_plus_still_adds_a_key() -> None:
     proc = run_kd("train", "+loss.temprature=2", "--cfg", "job", "-p", "loss")
     assert proc.returncode == 0, proc.stderr
     assert "temprature: 2" in proc.stdout
+
+
+@pytest.mark.parametrize("flags", [["-m", "--cfg", "job"], ["--multirun", "--cfg=hydra"]])
+def test_cfg_with_multirun_is_one_line(flags: list[str]) -> None:
+    # Hydra refused the pair with a bare ValueError traceback.
+    proc = run_kd("train", "loss.temperature=2,4", *flags)
+    assert proc.returncode == 2
+    assert proc.stderr == ("error: --cfg shows one job's config: drop -m and give each swept "
+                           "key one value (or see the sweeper's settings with --cfg hydra -p "
+                           "hydra.sweeper, without -m)\n")
