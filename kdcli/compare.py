@@ -26,7 +26,7 @@ import re
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,7 @@ class Summary:
     base: Path  # the runs' common parent
     keys: list[str]  # the override keys whose values differ between runs
     rows: list[Row]
+    paths: list[str] = field(default_factory=list)  # those given that hold the runs
 
     @property
     def failed(self) -> list[Row]:
@@ -192,16 +193,23 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
     if missing:
         raise KDError(f"no such file or directory: {', '.join(missing)}")
     runs: dict[Path, None] = {}
-    for path in map(Path, paths):
+    empty = []
+    for given in map(Path, paths):
+        path = given
         if path.is_file():
             if path.name != REPORT:
                 raise KDError(f"{path} is a file; give run folders, multirun folders or "
                               f"folders holding runs")
             path = path.parent
-        for run in _runs_under(path):
+        found = _runs_under(path)
+        if not found:
+            empty.append(given)
+        for run in found:
             runs.setdefault(run.resolve(), None)
     if not runs:
         raise NoRunsFound(f"no runs ({REPORT}) found under {', '.join(map(str, paths))}")
+    for path in empty:  # the table would just lack it (a `kd eval` folder, say)
+        log.warning("%s: no %s under it, skipped", path, REPORT)
     return list(runs)
 
 
@@ -283,7 +291,12 @@ def collect(paths: Sequence[Path], sort: str | None = None) -> Summary:
         sign = -1 if next(m for m in METRICS if m.key == column).higher_is_better else 1
         # Runs without the value go last, in path order.
         rows.sort(key=lambda r: (r.metrics[column] is None, sign * (r.metrics[column] or 0)))
-    return Summary(base, keys, rows)
+    # The paths given that hold these runs (the others were warned of as skipped).
+    folders = [Path(p).resolve().parent if Path(p).is_file() else Path(p).resolve()
+               for p in paths]
+    given = [str(p) for p, folder in zip(paths, folders, strict=True)
+             if any(run.is_relative_to(folder) for run in runs)]
+    return Summary(base, keys, rows, given)
 
 
 # --------------------------------------------------------------------------- output
@@ -317,7 +330,7 @@ def to_markdown(summary: Summary) -> str:
     lines = [
         "# Run comparison",
         "",
-        f"{_count_runs(summary)} under `{summary.base}`. Override columns show only the "
+        f"{_count_runs(summary, '`')}. Override columns show only the "
         f"settings that differ between runs ({MISSING}: not set). Accuracies in %; gain = "
         f"student top-1 − baseline (from scratch) top-1; {LATENCY_NOTE} Best student top-1 "
         "in bold.",
@@ -339,15 +352,21 @@ def to_markdown(summary: Summary) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _count_runs(summary: Summary) -> str:
+def _count_runs(summary: Summary, quote: str = "") -> str:
+    """`3 run(s), 1 failed, in A, B`: the paths given, not their common parent (which the user
+    may not have named); none when there are too many to read in a title."""
     failed = len(summary.failed)
-    return f"{len(summary.rows)} run(s)" + (f", {failed} failed," if failed else "")
+    text = f"{len(summary.rows)} run(s)" + (f", {failed} failed" if failed else "")
+    if not summary.paths or len(summary.paths) > 3:
+        return text
+    where = ", ".join(f"{quote}{p}{quote}" for p in summary.paths)
+    return f"{text}{',' if failed else ''} in {where}"
 
 
 def to_table(summary: Summary) -> Table:
     best = summary.best()
     failed = bool(summary.failed)
-    table = Table(title=f"{_count_runs(summary).rstrip(',')} under {summary.base}",
+    table = Table(title=_count_runs(summary),
                   caption=f"gain = student top-1 − baseline top-1 (points); {LATENCY_NOTE}")
     for key in summary.keys:
         table.add_column(key, style="cyan")
@@ -383,12 +402,15 @@ def _console() -> Console:
 
 
 def summarize(paths: Sequence[Path], out_dir: Path | None = None, sort: str | None = None,
-              console: Console | None = None) -> Summary:
+              console: Console | None = None, named: Sequence[Path] | None = None) -> Summary:
     """Collects the runs under `paths`, prints the table and writes the summary files.
 
-    `out_dir` defaults to the single folder given, else the current directory.
+    `out_dir` defaults to the single folder given, else the current directory. The title
+    names `named` if given (a sweep's folder, for its jobs), else the paths holding the runs.
     """
     summary = collect(paths, sort)
+    if named is not None:
+        summary.paths = [str(p) for p in named]
     if out_dir is None:
         out_dir = Path(paths[0]) if len(paths) == 1 and Path(paths[0]).is_dir() else Path.cwd()
     (console or _console()).print(to_table(summary))
@@ -437,7 +459,7 @@ class SummaryCallback(Callback):
         # This sweep's jobs only: not the folders an earlier, larger sweep left there.
         jobs = [Path(job) for job in SWEEP_JOBS if Path(job).exists()] or [sweep_dir]
         try:
-            summarize(jobs, out_dir=sweep_dir)
+            summarize(jobs, out_dir=sweep_dir, named=[sweep_dir])
         except NoRunsFound:
             # Only `kd train` writes report.json; a `kd teacher -m` sweep has nothing to compare.
             log.info("No %s under %s: no sweep summary written", REPORT, sweep_dir)

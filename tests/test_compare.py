@@ -80,7 +80,7 @@ def test_a_failed_job_does_not_end_the_sweep_and_is_listed(tmp_path: Path, capsy
         ("0", "0", error), ("1", "4", "")]
     assert rows[0]["student/top1"] == "" and float(rows[1]["student/top1"]) >= 0
     md = (sweep / "summary.md").read_text()
-    assert "2 run(s), 1 failed, under" in md and f"| `0` | {error} |" in md
+    assert f"2 run(s), 1 failed, in `{sweep}`." in md and f"| `0` | {error} |" in md
     # kd report reads the same folder the same way.
     assert run_plain("report", compare.main, [str(sweep), "--out", str(tmp_path)]) == 0
     assert _rows(tmp_path / "summary.csv") == rows
@@ -93,7 +93,11 @@ def test_report_gives_same_rows_for_multirun_and_job_dirs(sweep: Path, tmp_path:
     auto = (sweep / "summary.csv").read_text()
     assert (tmp_path / "whole" / "summary.csv").read_text() == auto
     assert (tmp_path / "jobs" / "summary.csv").read_text() == auto
-    assert (tmp_path / "jobs" / "summary.md").read_text() == (sweep / "summary.md").read_text()
+    # The same table; only the title differs, naming the paths given.
+    def table(md: Path) -> list[str]:
+        return [line for line in md.read_text().splitlines() if line.startswith("|")]
+
+    assert table(tmp_path / "jobs" / "summary.md") == table(sweep / "summary.md")
 
 
 def test_report_on_parent_folder_skips_store(sweep: Path) -> None:
@@ -212,3 +216,20 @@ def test_outputs_set_aside_by_a_later_run_are_not_runs_of_the_sweep(tmp_path: Pa
     multi = tmp_path / "multi"
     assert compare.find_runs([multi]) == [(multi / "1").resolve(),
                                           (multi / "earlier-baseline").resolve()]  # a user's
+
+
+def test_report_warns_of_a_path_without_runs_and_names_the_paths_given(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A `kd eval` folder among the paths was left out without a word, and the title named
+    # their common parent, which the user had not given.
+    _fake_run(tmp_path / "day" / "a", ["loss=dkd"], 60.0)
+    (tmp_path / "day" / "evaluated" / ".hydra").mkdir(parents=True)
+    a, evaluated = str(tmp_path / "day" / "a"), str(tmp_path / "day" / "evaluated")
+    assert run_plain("report", compare.main, [a, evaluated, "--out", str(tmp_path)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{evaluated}: no report.json under it, skipped"]
+    md = (tmp_path / "summary.md").read_text()
+    assert f"1 run(s) in `{a}`." in md
+    assert f"under `{tmp_path / 'day'}`" not in md
+    summary = collect([tmp_path / "day" / "a"])
+    assert compare.to_table(summary).title == f"1 run(s) in {tmp_path / 'day' / 'a'}"
