@@ -49,9 +49,16 @@ def test_train_help_shows_groups_options_and_examples() -> None:
     assert "dataset: cifar10, cifar10_subset, imagefolder" in out
     assert "loss: attention, ce, dist, dkd, fitnets, hinton, mse" in out
     assert "hydra/sweeper=kd_optuna" in out and "hydra/launcher=kd_slurm" in out
-    assert "--multirun,-m" in out  # Hydra's flags
+    assert "-m, --multirun" in out  # the flags
     assert "temperature: 4.0" in out  # the composed config
     assert run_kd("help", "train").stdout == out  # `kd help train` is the same
+
+
+def test_help_lists_kds_flags_not_hydras_version_and_completion() -> None:
+    # Hydra's block offered `--version` (Hydra's) and its own -sc completion next to kd's.
+    out = run_kd("train", "--help").stdout
+    assert "-m, --multirun" in out and "-c, --cfg job|hydra|all" in out and "--hydra-help" in out
+    assert "Show Hydra's version" not in out and "-sc install" not in out
 
 
 def test_eval_help_has_its_own_header() -> None:
