@@ -148,6 +148,7 @@ class Device:
 class Pretrain:
     dataset: str | None
     epochs: int = at_least(0)  # 0 = no pretraining
+    root: str | None  # the pretraining set's dataset.loader.root; null = its option's default
 
 
 @dataclass
@@ -299,11 +300,19 @@ def _check_pretrain(cfg: DictConfig) -> list[str]:
         return []
     if not isinstance(name, str) or not isinstance(epochs, int) or epochs <= 0:
         return []
-    sub, problem = _recompose([f"dataset={name}"], ("dataset",), f"pretrain.dataset={name}")
+    from kdcli.stages.pretrain import dataset_overrides
+
+    sub, problem = _recompose(dataset_overrides(cfg), ("dataset",), f"pretrain.dataset={name}")
     if problem:
         return [problem]
-    return [f"{p} (pretrain.dataset={name})" for p in _check_key(sub, "dataset", Dataset,
-                                                                 "dataset")]
+    # Its `???` values too: the main pass lists the main config's alone.
+    problems = [f"{key}: no value given (it is ???); set {key}=..." for key in sorted(
+        _missing_keys(OmegaConf.to_container(sub.dataset, resolve=False), "dataset"))]
+    problems += _check_key(sub, "dataset", Dataset, "dataset")
+    # The pretraining set's own root is set as pretrain.root, not dataset.loader.root (the
+    # main dataset's): say so where a problem names it.
+    return [f"{p.replace('set dataset.loader.root=', 'set pretrain.root=')} "
+            f"(pretrain.dataset={name})" for p in problems]
 
 
 def _recompose(extra: list[str], groups: tuple[str, ...], label: str

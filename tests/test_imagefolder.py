@@ -22,7 +22,7 @@ from kdcli.data.transforms import CropFlip, RandomResizedCrop, ViewTable, build_
 from kdcli.errors import ConfigError, DataError
 from kdcli.stages import cache as cache_stage
 from kdcli.stages.common import build_context, build_model
-from tests.conftest import SMOKE, kd, read_report
+from tests.conftest import SMOKE, TINY, kd, read_report
 
 
 def write_image_folder(root: Path, train_per_class: int, val_per_class: int) -> list[str]:
@@ -321,6 +321,19 @@ def test_kd_train_on_an_image_folder(folder: Path, tmp_path: Path) -> None:
     assert report["dataset"]["num_classes"] == 10 and report["dataset"]["image_size"] == 32
     assert report["dataset"]["train_size"] == 80 and report["dataset"]["test_size"] == 30
     assert 0 <= report["student"]["top1"] <= 100
+    assert list((tmp_path / "store" / "datasets").glob("imagefolder-*/meta.json"))
+
+
+def test_pretraining_on_an_image_folder_through_pretrain_root(folder: Path,
+                                                             tmp_path: Path) -> None:
+    # dataset.loader.root names the main dataset's folder and never reached the pretraining
+    # set, so pretrain.dataset=imagefolder could not be used at all.
+    run = tmp_path / "run"
+    kd("train", *TINY, "pretrain.dataset=imagefolder", f"pretrain.root={folder}",
+       "pretrain.epochs=1", f"store={tmp_path / 'store'}", f"hydra.run.dir={run}", cwd=tmp_path)
+    report = read_report(run)
+    assert report["stages"]["pretrain"] == "trained"
+    assert report["dataset"]["name"] == "cifar10_subset"  # the main dataset is untouched
     assert list((tmp_path / "store" / "datasets").glob("imagefolder-*/meta.json"))
 
 

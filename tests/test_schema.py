@@ -195,6 +195,30 @@ def test_values_at_the_edge_of_their_range_validate(overrides: list[str]) -> Non
         validate(cfg)
 
 
+def test_pretraining_set_takes_its_root_from_pretrain_root() -> None:
+    # The main dataset's dataset.loader.root does not reach the pretraining set: the error
+    # named it all the same.
+    with composed("pretrain.dataset=imagefolder", "pretrain.epochs=1") as cfg, \
+            pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert "set pretrain.root=... (pretrain.dataset=imagefolder)" in str(err.value)
+    with composed("pretrain.dataset=imagefolder", "pretrain.epochs=1",
+                  "pretrain.root=/data/pool") as cfg:
+        validate(cfg)
+
+
+def test_pretrain_root_is_passed_on_as_written() -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from kdcli.stages.pretrain import dataset_overrides
+
+    root = "/data/a,b=c/it's here"
+    cfg = OmegaConf.create({"pretrain": {"dataset": "imagefolder", "root": root}})
+    option, setting = OverridesParser.create().parse_overrides(dataset_overrides(cfg))
+    assert option.value() == "imagefolder" and setting.key_or_group == "dataset.loader.root"
+    assert setting.value() == root
+
+
 def test_pretrain_epochs_without_a_dataset_is_refused() -> None:
     # Pretraining needs both: epochs alone was skipped without a word.
     with composed(*SMOKE, "pretrain.epochs=2") as cfg, pytest.raises(ConfigError) as err:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from kdcli.losses.ce import CrossEntropy
 from kdcli.stages.common import Context, load_dataset, recompose, train_entry, train_inputs
@@ -24,12 +24,23 @@ def enabled(ctx: Context) -> bool:
     return bool(node and node.get("dataset") and int(node.get("epochs") or 0) > 0)
 
 
+def dataset_overrides(cfg: DictConfig) -> list[str]:
+    """The overrides that compose the pretraining set in place of the main dataset: its option
+    and, with `pretrain.root`, its loader's root (quoted: a path may hold `,` or `=`)."""
+    node = cfg.pretrain
+    overrides = [f"dataset={node.dataset}"]
+    if node.get("root") is not None:
+        root = str(node.root).replace("'", "\\'")
+        overrides.append(f"dataset.loader.root='{root}'")
+    return overrides
+
+
 def run(ctx: Context) -> dict[str, Any] | None:
     """Pretrains (or reuses) the student on the pretraining set; None when not configured."""
     if not enabled(ctx):
         return None
     name = str(ctx.cfg.pretrain.dataset)
-    cfg = recompose([f"dataset={name}"], ("dataset",))
+    cfg = recompose(dataset_overrides(ctx.cfg), ("dataset",))
     pctx = ctx.variant(cfg, {"dataset": name}, load_dataset(cfg.dataset, int(cfg.seed)))
     budget = OmegaConf.create({"epochs": int(ctx.cfg.pretrain.epochs),
                                "batch_size": int(ctx.cfg.trainer.student.batch_size)})
