@@ -193,7 +193,10 @@ def test_two_runs_at_once_train_each_stage_once(tmp_path: Path) -> None:
     store = tmp_path / "store"
     # Default run folders: started together, both runs name theirs in the same second; the
     # folder's time carries microseconds, so each gets its own (they used to share one).
-    procs = [_start("train", *SMOKE, f"store={store}", cwd=tmp_path) for _ in range(2)]
+    # The teacher trains for a few seconds, so the second run reaches its lock while the first
+    # still trains it even when the two start up (imports, data) a second apart on a busy CPU.
+    procs = [_start("train", *SMOKE, "trainer.teacher.epochs=6", f"store={store}", cwd=tmp_path)
+             for _ in range(2)]
     try:
         errors = [proc.communicate(timeout=1200)[1] for proc in procs]
     finally:
@@ -219,7 +222,8 @@ def test_two_runs_at_once_train_each_stage_once(tmp_path: Path) -> None:
     # the teacher's lock) before the other had finished training it.
     logs = {r["stages"]["teacher"]: (run / "train.log").read_text()
             for r, run in zip(reports, runs, strict=True)}
-    assert _log_time(logs["reused"], "dataset ") < _log_time(logs["trained"], "teacher .*top-1")
+    assert _log_time(logs["reused"], "dataset ") < _log_time(logs["trained"],
+                                                            "teacher .*: test top-1")
 
 
 def test_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path: Path) -> None:
