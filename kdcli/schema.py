@@ -212,8 +212,7 @@ def validate(cfg: DictConfig) -> None:
     Under Hydra (a real run) the configs the run composes later are checked too: each teacher of
     `teacher=[a,b]` as if chosen alone, and the `pretrain.dataset` option.
     """
-    problems = [f"{key}: no value given (it is ???); set {key}=..."
-                for key in sorted(_missing_keys(OmegaConf.to_container(cfg, resolve=False)))]
+    problems = _unset(cfg)
     lists = _check_group_lists()
     if lists:  # the rest of the config is a merge of the listed options: its problems mislead
         raise ConfigError("\n".join(f"config: {p}" for p in lists))
@@ -234,6 +233,12 @@ def normalise(cfg: DictConfig) -> DictConfig:
     which `validate` checked without keeping. Problems are not reported here."""
     _check_settings(cfg, Run, "")
     return cfg
+
+
+def _unset(node: DictConfig, path: str = "") -> list[str]:
+    """One problem per `???` value under `node` (at `path`), in key order."""
+    return [f"{key}: no value given (it is ???); set {key}=..." for key in
+            sorted(_missing_keys(OmegaConf.to_container(node, resolve=False), path))]
 
 
 def _missing_keys(node: Any, path: str = "") -> Iterator[str]:
@@ -306,8 +311,7 @@ def _check_pretrain(cfg: DictConfig) -> list[str]:
     if problem:
         return [problem]
     # Its `???` values too: the main pass lists the main config's alone.
-    problems = [f"{key}: no value given (it is ???); set {key}=..." for key in sorted(
-        _missing_keys(OmegaConf.to_container(sub.dataset, resolve=False), "dataset"))]
+    problems = _unset(sub.dataset, "dataset")
     problems += _check_key(sub, "dataset", Dataset, "dataset")
     # The pretraining set's own root is set as pretrain.root, not dataset.loader.root (the
     # main dataset's): say so where a problem names it.

@@ -338,25 +338,28 @@ def check_training(ctx: Context, role: str, *, optimizer: str, scheduler: str,
         # limitation. A big model costs about half a second, and only here.
         probe(ctx, role, model if not _on_meta(model) else _build_module(ctx, role))
     params = list(model.parameters()) or [nn.Parameter(torch.zeros(1))]
+    # As many steps per epoch as the training loader gives (it drops the last partial batch).
+    steps = max(1, len(ctx.dataset.train) // int(budget.batch_size))
     try:
-        _build_optimization(ctx, params, optimizer, scheduler, budget)
+        build_optimization(ctx, params, optimizer, scheduler, int(budget.epochs), steps)
     except KDError:
         if not params[0].is_meta:
             raise
         # An optimizer that touches its tensors when built cannot take meta ones: a real
         # stand-in tells whether the setting itself is wrong.
-        _build_optimization(ctx, [nn.Parameter(torch.zeros(1))], optimizer, scheduler, budget)
+        build_optimization(ctx, [nn.Parameter(torch.zeros(1))], optimizer, scheduler,
+                           int(budget.epochs), steps)
     return model
 
 
-def _build_optimization(ctx: Context, params: list[nn.Parameter], optimizer: str,
-                        scheduler: str, budget: DictConfig) -> None:
-    """Builds the `optimizer` and `scheduler` config nodes as `train_entry` does, for a check."""
+def build_optimization(ctx: Context, params: list[nn.Parameter], optimizer: str,
+                       scheduler: str, epochs: int, steps_per_epoch: int) -> tuple[Any, Any]:
+    """The optimizer and scheduler the config nodes `optimizer` and `scheduler` build for
+    `params`: what `train_entry` trains with, and what `check_training` builds beforehand."""
     opt = build(ctx.cfg[optimizer], optimizer, params=params)
-    # As many steps per epoch as the training loader gives (it drops the last partial batch).
-    steps = max(1, len(ctx.dataset.train) // int(budget.batch_size))
-    build(ctx.cfg[scheduler], scheduler, optimizer=opt, epochs=int(budget.epochs),
-          steps_per_epoch=steps)
+    sched = build(ctx.cfg[scheduler], scheduler, optimizer=opt, epochs=epochs,
+                  steps_per_epoch=steps_per_epoch)
+    return opt, sched
 
 
 def dataset_inputs(ctx: Context) -> dict[str, Any]:
@@ -496,9 +499,8 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         inject_nan_for_tests(loss_fn, label)
         # A loss may own parameters (a FitNets adapter): they train with the student.
         params = list(model.parameters()) + list(loss_fn.parameters())
-        opt = build(ctx.cfg[optimizer], optimizer, params=params)
-        sched = build(ctx.cfg[scheduler], scheduler, optimizer=opt, epochs=int(tcfg.epochs),
-                      steps_per_epoch=len(train_loader))
+        opt, sched = build_optimization(ctx, params, optimizer, scheduler, int(tcfg.epochs),
+                                        len(train_loader))
         # Rank 0 alone evaluates: the other ranks keep no copy of the evaluation splits. Each
         # epoch is evaluated, and best.pt chosen, on the validation split when there is one;
         # the final metrics are the test split's either way.
