@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -63,6 +64,8 @@ def test_held_out_split_is_stratified_disjoint_and_deterministic(tmp_path: Path)
     # Held out of what train_size left (the smoke preset's 512 images), not of all 5,000.
     before = subsample(cifar10_subset(), 512, 256, seed=0)
     assert (len(held.train), len(held.val), len(held.test)) == (448, 64, 256)
+    # Views of one base, the loaded train images: rows selected, no pixel copied.
+    assert held.val.base is held.train.base and held.train.rows is not None
     assert torch.equal(held.test.images, before.test.images)
     index = {row: i for i, row in enumerate(_rows(before.train.images))}
     assert len(index) == 512  # no duplicate images, so a row's bytes name it
@@ -129,6 +132,55 @@ def test_a_too_large_val_size_fails_the_run_before_any_stage(tmp_path: Path) -> 
                                 "a training image\n")
     stages = ("teacher", "cache", "pretrain", "student", "baseline")
     assert [s for s in stages if (tmp_path / "store" / s).exists()] == []
+
+
+# --- views: the held-out split selects rows, no pixel is copied ---------------------------------
+
+def _hashes_before_views(ds: Dataset) -> dict[str, str]:
+    """Dataset.fingerprint and Split.fingerprint as kd computed them when subsample and
+    hold_out copied the selected rows: each split's copied images hashed whole."""
+    def copy(split: Split) -> tuple[np.ndarray, np.ndarray]:
+        return np.ascontiguousarray(split.images.numpy()), split.labels.numpy()
+
+    h = hashlib.blake2b(digest_size=16)
+    for split in (ds.train, ds.test):
+        images, labels = copy(split)
+        h.update(images.data)
+        h.update(np.ascontiguousarray(labels).data)
+    h.update("\n".join(ds.classes).encode())
+    if ds.val is not None:
+        images, labels = copy(ds.val)
+        h.update(b"\0val\0")
+        h.update(images.data)
+        h.update(np.ascontiguousarray(labels).data)
+    hashes = {"dataset": h.hexdigest()}
+    for name in ("train", "val", "test"):
+        if getattr(ds, name) is not None:
+            images, labels = copy(getattr(ds, name))
+            s = hashlib.sha256(f"kd-split\0{images.dtype}\0{images.shape}\n".encode())
+            s.update(images.data)
+            s.update(np.ascontiguousarray(labels, dtype=np.int64).data)
+            hashes[name] = s.hexdigest()
+    return hashes
+
+
+@pytest.mark.parametrize("train_size, val_size", [(None, 600), (4500, 300), (4500, 0)])
+def test_views_hash_as_the_copies_they_replaced(train_size: int | None, val_size: int) -> None:
+    """Store keys (the dataset fingerprint) and report.json's test fingerprint of a run with
+    dataset.val_size or train_size are what they were when the splits were copies, so the
+    store entries of earlier such runs are reused."""
+    from kdcli.data.datasets import CHUNK_ROWS
+
+    ds = cifar10_subset()
+    if train_size is not None:
+        ds = subsample(ds, train_size, 700, seed=0)
+    ds = hold_out(ds, val_size, seed=0)
+    assert ds.train.rows is not None and len(ds.train) > CHUNK_ROWS  # hashed in two chunks
+    before = _hashes_before_views(ds)
+    assert ds.fingerprint() == before["dataset"]
+    for name in ("train", "val", "test"):
+        if getattr(ds, name) is not None:
+            assert getattr(ds, name).fingerprint() == before[name], name
 
 
 # --- training ---------------------------------------------------------------------------------
