@@ -354,6 +354,32 @@ def test_a_views_fingerprint_is_its_copys(monkeypatch):
     assert held.fingerprint() != ds.fingerprint()
 
 
+@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("views, world", [(False, 1), (True, 1), (False, 2)])
+def test_a_loader_over_a_view_gives_its_copys_batches_without_copying(resident, views, world):
+    from kdcli.data.transforms import ViewTable
+
+    base = images(40, 8, 8)
+    view = Split(base, torch.arange(40) % 10).select(
+        torch.randperm(40, generator=torch.Generator().manual_seed(1))[:27].sort().values)
+    copied = Split(view.images.contiguous(), view.labels.clone())
+    augment = CropFlip(2)
+    table = ViewTable.sample(augment, 27, 3, seed=5) if views else None
+    kw = dict(device=CPU, shuffle=True, seed=3, augment=augment, drop_last=True, views=table,
+              mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), resident=resident, world_size=world)
+    for rank in range(world):
+        over_view = BatchLoader(view, 4, rank=rank, **kw)
+        assert over_view.images is base  # indexed through the rows, not gathered
+        over_copy = BatchLoader(copied, 4, rank=rank, **kw)
+        for epoch in (0, 1):
+            pairs = list(zip(over_view.epoch(epoch), over_copy.epoch(epoch), strict=True))
+            assert len(pairs) == 27 // world // 4
+            for a, b in pairs:
+                # index: positions in the split (what soft labels are looked up by), not rows
+                assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)
+                assert torch.equal(a.images, b.images)
+
+
 def test_fingerprint_changes_with_one_pixel():
     a, b = small_dataset(), small_dataset()
     assert a.fingerprint() == b.fingerprint()

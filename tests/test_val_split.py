@@ -183,6 +183,55 @@ def test_views_hash_as_the_copies_they_replaced(train_size: int | None, val_size
             assert getattr(ds, name).fingerprint() == before[name], name
 
 
+def test_held_out_splits_keep_the_memory_mapped_images(tmp_path: Path) -> None:
+    """subsample then hold_out on a dataset memory-mapped from the decoded-image cache: every
+    split reads the mapped file itself (rows of rows), as do the loaders over them, so the
+    pages stay shared between torchrun ranks; the pixels are those of the in-memory chain."""
+    from kdcli.data import decoded
+    from kdcli.data.loader import BatchLoader
+    from tests.conftest import mapped_files
+
+    ds = cifar10_subset()
+    decoded.write(tmp_path / "cache", {"train": ds.train, "test": ds.test}, {})
+    splits, _ = decoded.load(tmp_path / "cache")
+    mapped = {name: split.base for name, split in splits.items()}
+    assert str(tmp_path / "cache" / "train_images.npy") in mapped_files(
+        mapped["train"].data_ptr())
+    held = hold_out(subsample(Dataset("m", splits["train"], splits["test"], ds.classes), 4000,
+                              500, seed=0), 400, seed=0)
+    for name, split in (("train", held.train), ("val", held.val), ("test", held.test)):
+        assert split.base is mapped["test" if name == "test" else "train"], name
+        assert (split.base.untyped_storage().data_ptr()
+                == mapped["test" if name == "test" else "train"].untyped_storage().data_ptr())
+    expected = hold_out(subsample(ds, 4000, 500, seed=0), 400, seed=0)
+    for name in ("train", "val", "test"):
+        assert torch.equal(getattr(held, name).images, getattr(expected, name).images), name
+        assert torch.equal(getattr(held, name).labels, getattr(expected, name).labels), name
+    kw = {"device": torch.device("cpu"), "mean": ds.mean, "std": ds.std, "shuffle": True}
+    for resident in (True, False):
+        loader = BatchLoader(held.val, 64, resident=resident, **kw)
+        assert loader.images is mapped["train"]
+        batch = next(iter(loader))
+        again = next(iter(BatchLoader(expected.val, 64, resident=resident, **kw)))
+        assert torch.equal(batch.index, again.index) and torch.equal(batch.images, again.images)
+
+
+def test_a_run_with_val_size_never_gathers_a_held_out_split_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every reader of the train, val and test views (the loaders, the cache and its check,
+    the fingerprints, the report) goes through their rows: none gathers a view into a copy."""
+    from kdcli.stages import pipeline
+    from tests.conftest import forbid_gathering_views
+
+    ctx = _context(tmp_path, *SMALL, "dataset.val_size=40", "cache.views=2", "cache.check=8")
+    assert all(s.rows is not None for s in (ctx.dataset.train, ctx.dataset.val,
+                                            ctx.dataset.test))
+    forbid_gathering_views(monkeypatch)
+    report = pipeline.run(ctx)
+    assert report["best_pt"] == {"split": "val", "images": 40}
+    assert report["cache"]["num_samples"] == 88
+
+
 # --- training ---------------------------------------------------------------------------------
 
 def _split_of(ds: Dataset, labels: torch.Tensor) -> str:
