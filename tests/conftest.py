@@ -58,6 +58,7 @@ def forbid_gathering_views(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(Split, "images", property(images))
 
+
 def read_report(run_dir: Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())
 
