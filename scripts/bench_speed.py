@@ -109,7 +109,7 @@ class PlainTrain:
         self.model = model.to(device, memory_format=self.fmt).train()
         if compile:  # like for like with kd's device.compile=<mode>
             self.model = torch.compile(self.model, mode=compile)
-        self.padded = F.pad(split.images.to(device), (4, 4, 4, 4))  # padded once, up front
+        self.padded = F.pad(split.gather_to(device), (4, 4, 4, 4))  # padded once, up front
         self.labels = split.labels.to(device)
         self.teacher = None if teacher_logits is None else teacher_logits.to(device)
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
@@ -120,8 +120,8 @@ class PlainTrain:
                                    weight_decay=5e-4)
         self.t, self.ce_w, self.kd_w = temperature, ce_weight, kd_weight
         self.perm = torch.empty(0, dtype=torch.long, device=device)
-        self.h, self.w = split.images.shape[-2:]
-        self.channels = torch.arange(split.images.shape[1], device=device)[None, :, None, None]
+        self.h, self.w = split.image_shape[-2:]
+        self.channels = torch.arange(split.image_shape[0], device=device)[None, :, None, None]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if len(self.perm) < self.batch:
@@ -224,7 +224,7 @@ class PlainInference:
         self.model = model.to(device, memory_format=self.fmt).eval()
         if compile:
             self.model = torch.compile(self.model, mode=compile)
-        self.images = [s.images.to(device) for s in splits]
+        self.images = [s.gather_to(device) for s in splits]
         self.batch, self.device = batch, device
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
@@ -394,7 +394,7 @@ def bench_precision(args, precision: str, base: Context, memory: bool
                          "images; raise --cache-images or lower --steps")
     # Training phases run `steps` steps per round on the first n_train images: an epoch of kd's
     # loader is exactly one round, and its sample indices are rows of the cache built below.
-    prefix = Split(ds.train.images[:n_train], ds.train.labels[:n_train])
+    prefix = ds.train.select(torch.arange(n_train))
     tctx = ctx.variant(cfg, {}, dataset=dataclasses.replace(ds, train=prefix))
     kw = {"batch": args.batch, "device": runtime.device, "precision": precision,
           "channels_last": runtime.channels_last, "mean": ds.mean, "std": ds.std,

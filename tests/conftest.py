@@ -43,6 +43,22 @@ def mapped_files(ptr: int) -> list[str]:
     return found
 
 
+def forbid_gathering_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes `Split.images` fail on a view (rows of a base, from subsample or hold_out): it
+    gathers the view's rows into a new tensor, what kd's own readers must never do (an image
+    folder's train split can be a hundred gigabytes, memory-mapped)."""
+    from kdcli.data.datasets import Split
+
+    whole = Split.images.fget
+
+    def images(split: Split):
+        if split.rows is not None:
+            raise AssertionError("a view's images were gathered whole (Split.images)")
+        return whole(split)
+
+    monkeypatch.setattr(Split, "images", property(images))
+
+
 def read_report(run_dir: Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())
 

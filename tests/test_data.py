@@ -304,6 +304,82 @@ def test_subsample_sizes():
     assert len(untouched.train) == 30 and len(untouched.test) == 12
 
 
+# --- Split views: rows of a base tensor (subsample, hold_out), no pixel copied ---------------
+
+def test_a_view_is_its_rows_of_the_base_and_rows_of_rows_compose():
+    base = images(30, 4, 4)
+    split = Split(base, torch.arange(30) % 3)
+    assert split.images is base and split.rows is None and split.nbytes == base.nbytes
+    view = split.select(torch.tensor([3, 5, 8, 13, 21, 29]))
+    inner = view.select(torch.tensor([1, 4, 5]))  # rows 5, 21 and 29 of the base
+    assert view.base is base and inner.base is base  # neither copied the pixels
+    assert inner.rows.tolist() == [5, 21, 29] and inner.labels.tolist() == [2, 0, 2]
+    assert torch.equal(inner.images, base[[5, 21, 29]])
+    assert torch.equal(inner.take(torch.tensor([2, 0])), base[[29, 5]])
+    # Its size is its own rows', not the base's (what decides whether it fits on a GPU).
+    assert (len(inner), inner.image_shape, inner.nbytes) == (3, (3, 4, 4), 3 * 3 * 4 * 4)
+    with pytest.raises(ValueError, match="one per label"):
+        Split(base, torch.arange(3), rows=torch.tensor([1, 2]))
+
+
+def test_a_views_chunks_and_device_copy_are_its_rows(monkeypatch):
+    from kdcli.data import datasets
+
+    monkeypatch.setattr(datasets, "CHUNK_ROWS", 4)
+    base = images(30, 4, 4)
+    whole = Split(base, torch.arange(30))
+    rows = torch.arange(29, 0, -3)  # 10 rows, backwards
+    view = whole.select(rows)
+    chunks = list(view.chunks())
+    assert [len(c) for c in chunks] == [4, 4, 2] and all(c.flags.c_contiguous for c in chunks)
+    assert np.array_equal(np.concatenate(chunks), base[rows].numpy())
+    # A base's chunks are its own memory, not copies.
+    assert all(np.shares_memory(c, base.numpy()) for c in whole.chunks())
+    gathered = view.gather_to(CPU)
+    assert torch.equal(gathered, base[rows]) and gathered.data_ptr() != base.data_ptr()
+    assert whole.gather_to(CPU) is base
+
+
+def test_a_views_fingerprint_is_its_copys(monkeypatch):
+    from kdcli.data import datasets
+
+    monkeypatch.setattr(datasets, "CHUNK_ROWS", 4)  # several chunks per split
+    ds = small_dataset()
+    held = subsample(ds, 20, 7, seed=1)
+    copied = Dataset("tiny", *(Split(s.images.contiguous(), s.labels.clone())
+                               for s in (held.train, held.test)), ds.classes)
+    assert held.train.rows is not None and held.test.rows is not None
+    assert held.fingerprint() == copied.fingerprint()
+    assert held.test.fingerprint() == copied.test.fingerprint()
+    assert held.fingerprint() != ds.fingerprint()
+
+
+@pytest.mark.parametrize("resident", [True, False])
+@pytest.mark.parametrize("views, world", [(False, 1), (True, 1), (False, 2)])
+def test_a_loader_over_a_view_gives_its_copys_batches_without_copying(resident, views, world):
+    from kdcli.data.transforms import ViewTable
+
+    base = images(40, 8, 8)
+    view = Split(base, torch.arange(40) % 10).select(
+        torch.randperm(40, generator=torch.Generator().manual_seed(1))[:27].sort().values)
+    copied = Split(view.images.contiguous(), view.labels.clone())
+    augment = CropFlip(2)
+    table = ViewTable.sample(augment, 27, 3, seed=5) if views else None
+    kw = dict(device=CPU, shuffle=True, seed=3, augment=augment, drop_last=True, views=table,
+              mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), resident=resident, world_size=world)
+    for rank in range(world):
+        over_view = BatchLoader(view, 4, rank=rank, **kw)
+        assert over_view.images is base  # indexed through the rows, not gathered
+        over_copy = BatchLoader(copied, 4, rank=rank, **kw)
+        for epoch in (0, 1):
+            pairs = list(zip(over_view.epoch(epoch), over_copy.epoch(epoch), strict=True))
+            assert len(pairs) == 27 // world // 4
+            for a, b in pairs:
+                # index: positions in the split (what soft labels are looked up by), not rows
+                assert torch.equal(a.index, b.index) and torch.equal(a.labels, b.labels)
+                assert torch.equal(a.images, b.images)
+
+
 def test_fingerprint_changes_with_one_pixel():
     a, b = small_dataset(), small_dataset()
     assert a.fingerprint() == b.fingerprint()

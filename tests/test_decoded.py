@@ -18,7 +18,7 @@ from kdcli import distributed
 from kdcli.data import datasets, decoded
 from kdcli.data.datasets import cifar10
 from kdcli.stages.common import load_dataset
-from tests.conftest import mapped_files
+from tests.conftest import forbid_gathering_views, mapped_files
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
@@ -184,6 +184,27 @@ def test_write_leaves_the_first_finished_copy(tmp_path: Path) -> None:
     # Labels that disagree with the inputs' make the cache stale: None, and it is removed.
     assert decoded.load(path, {"train": np.array([1, 0]), "test": np.array([0, 1])}) is None
     assert not list(tmp_path.iterdir())
+
+
+def test_a_view_is_written_as_the_copy_of_its_rows(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A view (rows of a base, as subsample and hold_out give) is written a chunk at a time,
+    # never gathered whole, into exactly the files np.save writes for the copy of its rows.
+    monkeypatch.setattr(datasets, "CHUNK_ROWS", 2)
+    base = torch.randint(0, 256, (9, 3, 4, 4), dtype=torch.uint8)
+    whole = datasets.Split(base, torch.arange(9))
+    views = {"train": whole.select(torch.tensor([7, 2, 4, 8, 0])),
+             "test": whole.select(torch.tensor([1]))}
+    copies = {s: datasets.Split(v.images.contiguous(), v.labels) for s, v in views.items()}
+    with monkeypatch.context() as patch:
+        forbid_gathering_views(patch)
+        decoded.write(tmp_path / "views", views, {})
+    decoded.write(tmp_path / "copies", copies, {})
+    for name in ("train_images.npy", "test_images.npy", "train_labels.npy", "meta.json"):
+        assert ((tmp_path / "views" / name).read_bytes()
+                == (tmp_path / "copies" / name).read_bytes())
+    loaded, _ = decoded.load(tmp_path / "views")
+    assert torch.equal(loaded["train"].images, base[[7, 2, 4, 8, 0]])
 
 
 def test_under_torchrun_rank0_decodes_first_and_the_others_load_its_cache(

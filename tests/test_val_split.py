@@ -17,6 +17,7 @@ import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -63,6 +64,8 @@ def test_held_out_split_is_stratified_disjoint_and_deterministic(tmp_path: Path)
     # Held out of what train_size left (the smoke preset's 512 images), not of all 5,000.
     before = subsample(cifar10_subset(), 512, 256, seed=0)
     assert (len(held.train), len(held.val), len(held.test)) == (448, 64, 256)
+    # Views of one base, the loaded train images: rows selected, no pixel copied.
+    assert held.val.base is held.train.base and held.train.rows is not None
     assert torch.equal(held.test.images, before.test.images)
     index = {row: i for i, row in enumerate(_rows(before.train.images))}
     assert len(index) == 512  # no duplicate images, so a row's bytes name it
@@ -129,6 +132,104 @@ def test_a_too_large_val_size_fails_the_run_before_any_stage(tmp_path: Path) -> 
                                 "a training image\n")
     stages = ("teacher", "cache", "pretrain", "student", "baseline")
     assert [s for s in stages if (tmp_path / "store" / s).exists()] == []
+
+
+# --- views: the held-out split selects rows, no pixel is copied ---------------------------------
+
+def _hashes_before_views(ds: Dataset) -> dict[str, str]:
+    """Dataset.fingerprint and Split.fingerprint as kd computed them when subsample and
+    hold_out copied the selected rows: each split's copied images hashed whole."""
+    def copy(split: Split) -> tuple[np.ndarray, np.ndarray]:
+        return np.ascontiguousarray(split.images.numpy()), split.labels.numpy()
+
+    h = hashlib.blake2b(digest_size=16)
+    for split in (ds.train, ds.test):
+        images, labels = copy(split)
+        h.update(images.data)
+        h.update(np.ascontiguousarray(labels).data)
+    h.update("\n".join(ds.classes).encode())
+    if ds.val is not None:
+        images, labels = copy(ds.val)
+        h.update(b"\0val\0")
+        h.update(images.data)
+        h.update(np.ascontiguousarray(labels).data)
+    hashes = {"dataset": h.hexdigest()}
+    for name in ("train", "val", "test"):
+        if getattr(ds, name) is not None:
+            images, labels = copy(getattr(ds, name))
+            s = hashlib.sha256(f"kd-split\0{images.dtype}\0{images.shape}\n".encode())
+            s.update(images.data)
+            s.update(np.ascontiguousarray(labels, dtype=np.int64).data)
+            hashes[name] = s.hexdigest()
+    return hashes
+
+
+@pytest.mark.parametrize("train_size, val_size", [(None, 600), (4500, 300), (4500, 0)])
+def test_views_hash_as_the_copies_they_replaced(train_size: int | None, val_size: int) -> None:
+    """Store keys (the dataset fingerprint) and report.json's test fingerprint of a run with
+    dataset.val_size or train_size are what they were when the splits were copies, so the
+    store entries of earlier such runs are reused."""
+    from kdcli.data.datasets import CHUNK_ROWS
+
+    ds = cifar10_subset()
+    if train_size is not None:
+        ds = subsample(ds, train_size, 700, seed=0)
+    ds = hold_out(ds, val_size, seed=0)
+    assert ds.train.rows is not None and len(ds.train) > CHUNK_ROWS  # hashed in two chunks
+    before = _hashes_before_views(ds)
+    assert ds.fingerprint() == before["dataset"]
+    for name in ("train", "val", "test"):
+        if getattr(ds, name) is not None:
+            assert getattr(ds, name).fingerprint() == before[name], name
+
+
+def test_held_out_splits_keep_the_memory_mapped_images(tmp_path: Path) -> None:
+    """subsample then hold_out on a dataset memory-mapped from the decoded-image cache: every
+    split reads the mapped file itself (rows of rows), as do the loaders over them, so the
+    pages stay shared between torchrun ranks; the pixels are those of the in-memory chain."""
+    from kdcli.data import decoded
+    from kdcli.data.loader import BatchLoader
+    from tests.conftest import mapped_files
+
+    ds = cifar10_subset()
+    decoded.write(tmp_path / "cache", {"train": ds.train, "test": ds.test}, {})
+    splits, _ = decoded.load(tmp_path / "cache")
+    mapped = {name: split.base for name, split in splits.items()}
+    assert str(tmp_path / "cache" / "train_images.npy") in mapped_files(
+        mapped["train"].data_ptr())
+    held = hold_out(subsample(Dataset("m", splits["train"], splits["test"], ds.classes), 4000,
+                              500, seed=0), 400, seed=0)
+    for name, split in (("train", held.train), ("val", held.val), ("test", held.test)):
+        assert split.base is mapped["test" if name == "test" else "train"], name
+        assert (split.base.untyped_storage().data_ptr()
+                == mapped["test" if name == "test" else "train"].untyped_storage().data_ptr())
+    expected = hold_out(subsample(ds, 4000, 500, seed=0), 400, seed=0)
+    for name in ("train", "val", "test"):
+        assert torch.equal(getattr(held, name).images, getattr(expected, name).images), name
+        assert torch.equal(getattr(held, name).labels, getattr(expected, name).labels), name
+    kw = {"device": torch.device("cpu"), "mean": ds.mean, "std": ds.std, "shuffle": True}
+    for resident in (True, False):
+        loader = BatchLoader(held.val, 64, resident=resident, **kw)
+        assert loader.images is mapped["train"]
+        batch = next(iter(loader))
+        again = next(iter(BatchLoader(expected.val, 64, resident=resident, **kw)))
+        assert torch.equal(batch.index, again.index) and torch.equal(batch.images, again.images)
+
+
+def test_a_run_with_val_size_never_gathers_a_held_out_split_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every reader of the train, val and test views (the loaders, the cache and its check,
+    the fingerprints, the report) goes through their rows: none gathers a view into a copy."""
+    from kdcli.stages import pipeline
+    from tests.conftest import forbid_gathering_views
+
+    ctx = _context(tmp_path, *SMALL, "dataset.val_size=40", "cache.views=2", "cache.check=8")
+    assert all(s.rows is not None for s in (ctx.dataset.train, ctx.dataset.val,
+                                            ctx.dataset.test))
+    forbid_gathering_views(monkeypatch)
+    report = pipeline.run(ctx)
+    assert report["best_pt"] == {"split": "val", "images": 40}
+    assert report["cache"]["num_samples"] == 88
 
 
 # --- training ---------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ import hashlib
 import heapq
 import io
 import logging
+import math
 import pickle
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,29 +35,105 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 PACK_DECODE_VERSION = 1
 
 
-@dataclass
-class Split:
-    """One split: `images` uint8 (N, C, H, W), `labels` int64 (N,)."""
+# Rows per chunk when a split is hashed, written or gathered onto a device piece by piece: a
+# 224 px chunk is 600 MB, and a view's rows are never gathered whole.
+CHUNK_ROWS = 4096
 
-    images: torch.Tensor
-    labels: torch.Tensor
-    _fingerprint: str | None = field(default=None, repr=False, compare=False)
+
+class Split:
+    """One split: `len(split)` uint8 (C, H, W) images and their int64 `labels`.
+
+    Its images are `base`, or with `rows` (int64, one per label) the rows `base[rows]`: a view.
+    `subsample` and `hold_out` select rows that way instead of copying pixels: an image folder
+    at 224 px is ~190 GB memory-mapped from the decoded-image cache, and a copy would exhaust
+    memory or give every torchrun rank its own instead of sharing the page cache. kd reads a
+    split through `take`, `chunks`, `gather_to`, `nbytes` and `image_shape`, which touch only
+    its rows. `images` is the whole split as one tensor: `base` itself, or for a view its rows
+    gathered into a new one, so a reader that does not know views (a test, a script) still
+    gets the split's pixels, never the base's other rows, at the cost of a copy.
+
+    Args:
+        images: uint8 (N, C, H, W); left untouched (e.g. a memory-mapped file).
+        labels: int64, one per image of the split (per row of `rows` for a view).
+        rows: None for all of `images`, else the split's rows of it, in the split's order.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 rows: torch.Tensor | None = None) -> None:
+        if rows is not None and (rows.dtype != torch.int64 or rows.shape != labels.shape):
+            raise ValueError(f"Split rows must be int64 with one per label, got {rows.dtype} "
+                             f"{tuple(rows.shape)} for {tuple(labels.shape)} labels")
+        self.base = images
+        self.labels = labels
+        self.rows = rows
+        # Computed once by `fingerprint` (the tensors are never written in place).
+        self._fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __repr__(self) -> str:
+        view = f", view of {len(self.base)} rows" if self.rows is not None else ""
+        return f"Split({len(self)} x {self.image_shape} {self.base.dtype}{view})"
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The split's images as one tensor: `base`, or a view's rows gathered (a copy)."""
+        return self.base if self.rows is None else self.base[self.rows]
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.base.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the split's images (its rows only, not the base's)."""
+        return len(self) * math.prod(self.image_shape) * self.base.element_size()
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The images at positions `index` of the split (a new tensor of just those)."""
+        return self.base[index if self.rows is None else self.rows[index]]
+
+    def select(self, index: torch.Tensor) -> Split:
+        """The split of the images at positions `index`: a view of the same base, rows of rows
+        for a view, so no pixel is copied however often a split is cut."""
+        index = torch.as_tensor(index, dtype=torch.int64)
+        return Split(self.base, self.labels[index].contiguous(),
+                     index if self.rows is None else self.rows[index])
+
+    def chunks(self, size: int | None = None) -> Iterator[np.ndarray]:
+        """The split's images in order, `size` (default CHUNK_ROWS) rows at a time, each a
+        C-contiguous array: for a base, its own memory where it is contiguous already."""
+        size = size or CHUNK_ROWS
+        for start in range(0, len(self), size):
+            part = (self.base[start:start + size] if self.rows is None
+                    else self.base[self.rows[start:start + size]])
+            yield np.ascontiguousarray(part.numpy())
+
+    def gather_to(self, device: torch.device) -> torch.Tensor:
+        """The split's images on `device`, a view's gathered a chunk at a time straight into
+        the device tensor, so they are never copied whole in host memory."""
+        if self.rows is None:
+            return self.base.to(device)
+        out = torch.empty((len(self), *self.image_shape), dtype=self.base.dtype, device=device)
+        for start in range(0, len(self), CHUNK_ROWS):
+            out[start:start + CHUNK_ROWS] = self.base[self.rows[start:start + CHUNK_ROWS]]
+        return out
 
     def fingerprint(self) -> str:
         """sha256 of this split's shape, pixels and labels, computed once (then cached: the
         tensors are never written in place). report.json records the test split's, so `kd
         export` can tell the images a run evaluated from others of the same number; an
         ImageNet-size test split takes seconds. What it hashes must not change: every earlier
-        report's fingerprint would stop matching."""
+        report's fingerprint would stop matching (a view hashes as the copy it replaced)."""
         if self._fingerprint is None:
-            images = np.ascontiguousarray(self.images.numpy())
+            dtype = self.base[:0].numpy().dtype
+            shape = (len(self), *self.image_shape)
             labels = np.ascontiguousarray(self.labels.numpy(), dtype=np.int64)
-            h = hashlib.sha256(f"kd-split\0{images.dtype}\0{images.shape}\n".encode())
-            # The buffers themselves, not copies: a test split can be gigabytes.
-            h.update(images.data)
+            h = hashlib.sha256(f"kd-split\0{dtype}\0{shape}\n".encode())
+            # A chunk at a time: a test split can be gigabytes, and a view is never copied whole.
+            for chunk in self.chunks():
+                h.update(chunk.data)
             h.update(labels.data)
             self._fingerprint = h.hexdigest()
         return self._fingerprint
@@ -82,7 +159,7 @@ class Dataset:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+        return self.train.image_shape
 
     def fingerprint(self) -> str:
         """Content hash of both splits' pixels and labels and the class names: a changed
@@ -90,13 +167,16 @@ class Dataset:
         if self._fingerprint is None:
             h = hashlib.blake2b(digest_size=16)
             for split in (self.train, self.test):
-                # The buffers themselves, not copies: an image folder can be gigabytes.
-                h.update(np.ascontiguousarray(split.images.numpy()).data)
+                # A chunk at a time, each the split's own memory where it can be: an image
+                # folder can be gigabytes, and a view is never copied whole.
+                for chunk in split.chunks():
+                    h.update(chunk.data)
                 h.update(np.ascontiguousarray(split.labels.numpy()).data)
             h.update("\n".join(self.classes).encode())
             if self.val is not None:  # after the rest: without one the hash is what it was
                 h.update(b"\0val\0")
-                h.update(np.ascontiguousarray(self.val.images.numpy()).data)
+                for chunk in self.val.chunks():
+                    h.update(chunk.data)
                 h.update(np.ascontiguousarray(self.val.labels.numpy()).data)
             self._fingerprint = h.hexdigest()
         return self._fingerprint
@@ -213,14 +293,15 @@ def _cifar_batches(folder: Path, name: str) -> Dataset:
 
 
 def subsample(ds: Dataset, train_size: int | None, test_size: int | None, seed: int = 0) -> Dataset:
-    """Class-balanced-ish random subset (used by the smoke preset to shrink any dataset)."""
+    """Class-balanced-ish random subset (used by the smoke preset to shrink any dataset): views
+    of the splits' rows (`Split.select`), no pixel copied."""
     g = torch.Generator().manual_seed(seed)
 
     def cut(split: Split, n: int | None) -> Split:
         if n is None or n >= len(split):
             return split
         idx = torch.randperm(len(split), generator=g)[:n].sort().values
-        return Split(split.images[idx].contiguous(), split.labels[idx].contiguous())
+        return split.select(idx)
 
     return Dataset(ds.name, cut(ds.train, train_size), cut(ds.test, test_size), ds.classes,
                    ds.mean, ds.std)
@@ -234,8 +315,10 @@ def hold_out(ds: Dataset, val_size: int, seed: int = 0) -> Dataset:
     Which images go is drawn per class from `seed`, so the split is the same in every run and
     on every torchrun rank with that seed. Both splits keep the train split's order, so a
     training sample's index is its row in the reduced train split (what the soft-label cache
-    is indexed by). Raises ConfigError when `val_size` would leave a class (present in train)
-    without a training image; 0 holds out nothing and returns `ds`.
+    is indexed by). Both are views of the train split's images (`Split.select`): no pixel is
+    copied, so memory-mapped images stay shared between torchrun ranks. Raises ConfigError
+    when `val_size` would leave a class (present in train) without a training image; 0 holds
+    out nothing and returns `ds`.
     """
     if val_size <= 0:
         return ds
@@ -262,12 +345,8 @@ def hold_out(ds: Dataset, val_size: int, seed: int = 0) -> Dataset:
     keep = torch.ones(n, dtype=torch.bool)
     keep[val_rows] = False
     train_rows = torch.nonzero(keep).flatten()
-
-    def take(rows: torch.Tensor) -> Split:
-        return Split(ds.train.images[rows].contiguous(), labels[rows].contiguous())
-
-    return Dataset(ds.name, take(train_rows), ds.test, ds.classes, ds.mean, ds.std,
-                   val=take(val_rows))
+    return Dataset(ds.name, ds.train.select(train_rows), ds.test, ds.classes, ds.mean, ds.std,
+                   val=ds.train.select(val_rows))
 
 
 def _stratified_quota(counts: list[int], total: int) -> list[int]:

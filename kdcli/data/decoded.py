@@ -115,9 +115,12 @@ def write(path: Path, splits: dict[str, Split], meta: dict) -> None:
         return
     try:
         for split, data in splits.items():
-            for part, tensor in (("images", data.images), ("labels", data.labels)):
+            for part in ("images", "labels"):
                 with open(tmp / f"{split}_{part}.npy", "wb") as fh:
-                    np.save(fh, tensor.numpy())
+                    if part == "images":
+                        _save_images(fh, data)
+                    else:
+                        np.save(fh, data.labels.numpy())
                     fh.flush()
                     os.fsync(fh.fileno())
         counts = {split: len(data) for split, data in splits.items()}
@@ -132,6 +135,17 @@ def write(path: Path, splits: dict[str, Split], meta: dict) -> None:
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         log.warning("%s: cannot cache decoded images in %s (%s)", _what(path), path, exc)
+
+
+def _save_images(fh, split: Split) -> None:
+    """`np.save` of the split's images, the same bytes, written a chunk of rows at a time: a
+    view (`Split.rows`) is never gathered whole."""
+    dtype = split.base[:0].numpy().dtype
+    np.lib.format.write_array_header_1_0(fh, {
+        "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+        "shape": (len(split), *split.image_shape)})
+    for chunk in split.chunks():
+        fh.write(chunk.data)
 
 
 def _what(path: Path) -> str:

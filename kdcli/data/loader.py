@@ -37,7 +37,8 @@ class BatchLoader:
     """Iterates one split in batches.
 
     Args:
-        split: images and labels (moved once to `device`).
+        split: images and labels (moved once to `device`); a view (`Split.rows`) is read
+            through its rows, its base never copied.
         batch_size: samples per batch.
         shuffle: reshuffle every epoch.
         augment: batched augmentation or None.
@@ -76,7 +77,14 @@ class BatchLoader:
             raise ValueError("replaying cached views needs the augmentation that drew them")
         self.views = views
         self.resident = resident
-        self.images = split.images.to(device) if resident else split.images
+        # A view's rows (`Split.rows`) are never copied on the host: images already on
+        # `device` (the CPU's memory, a memory-mapped file) are indexed where they are, through
+        # the rows mapped once per epoch; to another device a resident split gathers just its
+        # own rows, and host batches are gathered from the base.
+        if resident and split.base.device != torch.device(device):
+            self.images, self.rows = split.gather_to(device), None
+        else:
+            self.images, self.rows = split.base, split.rows
         self.labels = split.labels.to(device)
         self.batch_size = batch_size
         self.device = device
@@ -86,7 +94,7 @@ class BatchLoader:
         self.drop_last = drop_last
         self.memory_format = memory_format
         self.rank, self.world_size = rank, world_size
-        c = self.images.shape[1]
+        c = split.image_shape[0]
         self.mean = torch.tensor(mean, device=device).view(1, c, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, c, 1, 1) * 255
 
@@ -148,6 +156,13 @@ class BatchLoader:
         elif self.augment is not None:
             params = _rows(self.augment.sample(n, gen), rows)
         index_all = to_device(order, self.device)
+        # Rows of `self.images` in visiting order: a view's positions mapped through its rows
+        # here, once per epoch, so a step only indexes.
+        if self.rows is None:
+            source = index_all if self.resident else order
+        else:
+            source = self.rows[order]
+            source = to_device(source, self.device) if self.resident else source
         chosen_all = to_device(chosen, self.device) if chosen is not None else None
         if params is not None and self.device.type == "cuda":
             params = _map(params, torch.Tensor.pin_memory)  # so `apply` copies asynchronously
@@ -157,8 +172,8 @@ class BatchLoader:
                 break
             rows_b = slice(start, start + b)
             index = index_all[rows_b]
-            images = self.images[index] if self.resident else to_device(
-                self.images[order[rows_b]], self.device)
+            images = self.images[source[rows_b]] if self.resident else to_device(
+                self.images[source[rows_b]], self.device)
             if params is not None:
                 images = self.augment.apply(images, _rows(params, rows_b))
             yield Batch(index, self.normalise(images), self.labels[index],

@@ -174,7 +174,7 @@ def check(ctx: Context, teachers: list[dict[str, Any]], cache: dict[str, Any], s
     cached = torch.stack([labels.logits(index[i:i + 1], int(view[i]))[0]
                           for i in range(len(index))])
     ds = ctx.dataset
-    images = ds.train.images[index].to(ctx.runtime.device)
+    images = ds.train.take(index).to(ctx.runtime.device)
     if views is not None:
         images = build_augment(ctx.cfg.dataset.augment).apply(images, views.select(index, view))
     mean = torch.tensor(ds.mean, device=images.device).view(1, -1, 1, 1) * 255

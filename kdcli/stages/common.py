@@ -81,7 +81,7 @@ class Context:
             augment=build_augment(self.cfg.dataset.augment) if train or views is not None else None,
             seed=int(self.cfg.seed), drop_last=train, memory_format=self.runtime.memory_format,
             views=views, rank=distributed.rank() if train else 0, world_size=world,
-            resident=self.runtime.data_on_device(data.images.nbytes, f"{ds.name} {split}"),
+            resident=self.runtime.data_on_device(data.nbytes, f"{ds.name} {split}"),
         )
 
     def eval_loader(self, split: str = "test") -> BatchLoader:
