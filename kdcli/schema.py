@@ -212,16 +212,24 @@ def validate(cfg: DictConfig) -> None:
     Under Hydra (a real run) the configs the run composes later are checked too: each teacher of
     `teacher=[a,b]` as if chosen alone, and the `pretrain.dataset` option.
     """
-    problems = _unset(cfg)
     lists = _check_group_lists()
     if lists:  # the rest of the config is a merge of the listed options: its problems mislead
         raise ConfigError("\n".join(f"config: {p}" for p in lists))
     teachers = _teacher_options()
-    problems += _check_settings(cfg, Run, "", skip=("teacher",) if teachers else ())
+    skip = ("teacher",) if teachers else ()  # the merged node: each teacher is checked alone
+    problems = _unset(cfg, skip=skip)
+    problems += _check_settings(cfg, Run, "", skip=skip)
     for name in teachers:
         sub, problem = _recompose([f"teacher={name}"], ("teacher",), f"teacher={name}")
-        problems += [problem] if problem else [
-            f"{p} (teacher={name})" for p in _check_key(sub, "teacher", Model, "teacher")]
+        if problem:
+            problems.append(problem)
+            continue
+        # Its `???` values too. `teacher.<key>=` cannot be given beside teacher=[a,b]
+        # (stages.teacher refuses it: no single node to land on), so the YAML is the place.
+        problems += [f"{key}: no value given (it is ???) in teacher={name}; with several "
+                     "teachers set it in that option's YAML" for key in _missing(sub.teacher,
+                                                                              "teacher")]
+        problems += [f"{p} (teacher={name})" for p in _check_key(sub, "teacher", Model, "teacher")]
     problems += _check_pretrain(cfg)
     if problems:
         raise ConfigError("\n".join(f"config: {p}" for p in problems))
@@ -235,10 +243,16 @@ def normalise(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def _unset(node: DictConfig, path: str = "") -> list[str]:
-    """One problem per `???` value under `node` (at `path`), in key order."""
+def _unset(node: DictConfig, path: str = "", skip: tuple[str, ...] = ()) -> list[str]:
+    """One problem per `???` value under `node` (at `path`), in key order, but for the
+    top-level keys in `skip`."""
     return [f"{key}: no value given (it is ???); set {key}=..." for key in
-            sorted(_missing_keys(OmegaConf.to_container(node, resolve=False), path))]
+            _missing(node, path) if key.split(".", 1)[0].split("[", 1)[0] not in skip]
+
+
+def _missing(node: DictConfig, path: str = "") -> list[str]:
+    """Paths of the `???` values under `node` (at `path`), sorted."""
+    return sorted(_missing_keys(OmegaConf.to_container(node, resolve=False), path))
 
 
 def _missing_keys(node: Any, path: str = "") -> Iterator[str]:

@@ -316,3 +316,29 @@ def test_typo_inside_a_users_yaml_is_reported_before_any_work(tmp_path: Path) ->
                            "kd_weight)\n")
     assert not (tmp_path / "store").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_unset_value_in_one_of_several_teachers_is_reported_before_any_work(
+        tmp_path: Path) -> None:
+    # Each teacher of teacher=[a,b] is composed alone later: a `???` in the first one's YAML
+    # (hidden in the merged node by the second's value) failed only when that teacher was built,
+    # after the other stages' work. `teacher.width=` cannot be given beside a list of teachers,
+    # so the message points at the YAML.
+    (tmp_path / "myconf" / "teacher").mkdir(parents=True)
+    (tmp_path / "myconf" / "teacher" / "needy.yaml").write_text(
+        "_target_: kdcli.models.small.tiny_cnn\nwidth: ???\n")
+    proc = kd("train", "--config-dir", str(tmp_path / "myconf"), *SMOKE,
+              "teacher=[needy,tiny_cnn-wide]", f"store={tmp_path / 'store'}",
+              f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == ("error: config: teacher.width: no value given (it is ???) in "
+                           "teacher=needy; with several teachers set it in that option's YAML\n")
+    assert not (tmp_path / "store").exists()
+    # The last teacher's own `???` is reported once, as that teacher's (not as the merged
+    # node's, whose "set teacher.width=..." would be refused).
+    proc = kd("train", "--config-dir", str(tmp_path / "myconf"), *SMOKE,
+              "teacher=[tiny_cnn-wide,needy]", f"store={tmp_path / 'store'}",
+              f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == ("error: config: teacher.width: no value given (it is ???) in "
+                           "teacher=needy; with several teachers set it in that option's YAML\n")
