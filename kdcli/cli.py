@@ -361,7 +361,11 @@ def run_verb(verb: str, cfg, sweep: bool):
         if first:
             save_run_config(cfg)
         validate(cfg)  # wrong types, unknown keys, ??? values: before any work is done
-        return module.main(cfg)
+        result = module.main(cfg)
+        # A sweep job's value goes back to the sweep's process (pickled, under submitit):
+        # the stage verbs' results hold a Context (locks, open files), which cannot be; only
+        # `kd train`'s objective, a number, is of use there (the Optuna sweeper's).
+        return result if not sweep or isinstance(result, (int, float)) else None
     except KDError as exc:
         message = str(exc)
         log_in_file_only(message)

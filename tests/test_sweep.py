@@ -126,3 +126,17 @@ def test_a_submitit_job_whose_folder_another_run_is_writing_stops(tmp_path: Path
     assert after == {**before, runfolder.LOCK: after[runfolder.LOCK]}
     assert sorted(p.name for p in job.iterdir()) == sorted([*before, ".hydra", runfolder.LOCK])
     assert not list((job / ".hydra").iterdir()) and not (tmp_path / "store").exists()
+
+
+def test_a_stage_verb_sweep_runs_under_the_submitit_launcher(tmp_path: Path) -> None:
+    # `kd teacher -m` returned the stage's result, which holds a Context: submitit could not
+    # pickle it back to the sweep ("cannot pickle '_thread.RLock' object") and the sweep failed
+    # after the job had trained.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "multi"
+    proc = kd("teacher", "-m", "hydra/launcher=submitit_local", *TINY,
+              f"store={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+              check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "pickle" not in proc.stderr and "Traceback" not in proc.stderr
+    assert list((tmp_path / "store" / "teacher").glob("*/last.pt"))
