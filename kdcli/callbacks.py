@@ -2,7 +2,8 @@
 outside kd's jobs, where Hydra would print a traceback: kd reports it in its own one line.
 
 ``OutputDirCallback`` makes the run or sweep folder before Hydra does, and holds the run folder's
-lock (each sweep job's, under Hydra's basic launcher) while the run writes there.
+lock while the run writes there; each sweep job takes its own folder's lock itself
+(`hold_job_folder`, called by kdcli.cli.run_command), in whatever process its launcher runs it.
 ``OptunaCallback`` lets an Optuna search whose every trial failed end with kd's list of failed
 jobs.
 """
@@ -40,7 +41,8 @@ class OutputDirCallback(Callback):
 
     Then takes the run folder's lock (kdcli.runfolder) before Hydra opens its log there, so a
     second run into a folder another kd process is writing stops before it touches anything.
-    A sweep's jobs are locked one by one as they start (`locking_job_folders`).
+    A sweep's jobs lock their folders themselves (`hold_job_folder`); under the basic launcher
+    kd makes each job's folder first (`making_job_folders`).
     """
 
     def __init__(self) -> None:
@@ -57,13 +59,13 @@ class OutputDirCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         make_output_dir(config, "hydra.sweep.dir")
-        # Hydra makes a job's folder and opens its log there just before the job, with no hook
-        # in between: kd wraps the basic launcher's (and so the Optuna sweeper's) `run_job`.
-        # Other launchers run jobs in other processes, unlocked.
+        # Hydra makes a job's folder just before the job, with no hook before: kd wraps the
+        # basic launcher's (and so the Optuna sweeper's) `run_job` to make it first. Other
+        # launchers make it in the job's process, where a file in the way fails that job.
         from hydra._internal.core_plugins import basic_launcher
 
         if not hasattr(basic_launcher.run_job, "__wrapped__"):  # once per process
-            basic_launcher.run_job = locking_job_folders(basic_launcher.run_job)
+            basic_launcher.run_job = making_job_folders(basic_launcher.run_job)
 
 
 def make_output_dir(config: DictConfig, key: str) -> Path | None:
@@ -82,27 +84,77 @@ def make_output_dir(config: DictConfig, key: str) -> Path | None:
 
 
 def claim(folder: Path | None, key: str) -> FileLock | None:
-    """The lock of run folder `folder` (runfolder.lock), held by this process; exits 1 with
-    kd's one line if another process holds it. Under torchrun rank 0 alone takes it, for all
-    ranks (they share the folder). None for no folder, another rank, or a folder that cannot be
-    locked (the run's first write there then names the problem)."""
+    """The lock of run folder `folder` (`take_lock`); exits 1 with kd's one line if another
+    process holds it (a Hydra callback cannot fail the run by raising: Hydra turns that into a
+    warning and goes on)."""
+    try:
+        return take_lock(folder, key)
+    except runfolder.FolderInUse as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(1)
+
+
+def take_lock(folder: Path | None, key: str) -> FileLock | None:
+    """The lock of run folder `folder` (runfolder.lock), held by this process; FolderInUse if
+    another process holds it. Under torchrun rank 0 alone takes it, for all ranks (they share
+    the folder). None for no folder, another rank, or a folder that cannot be locked (the run's
+    first write there then names the problem)."""
     if folder is None or os.environ.get("RANK", "0") != "0":
         return None
     try:
         return runfolder.lock(folder, key)
-    except runfolder.FolderInUse as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        sys.exit(1)
     except OSError as exc:
         log.warning("cannot lock the run folder %s (%s); going on without the lock", folder,
                     os_error_line(exc))
         return None
 
 
-def locking_job_folders(run_job):
-    """Wraps Hydra's `run_job` for sweep jobs: kd makes the job's folder and holds its lock
-    for as long as the job runs. A folder that cannot be made (a file in the way) ends the sweep
-    with kd's one line, as the sweep folder's own does: Hydra's traceback came from there."""
+def hold_job_folder() -> FileLock | None:
+    """The lock of this sweep job's folder, taken by the job itself first thing (the caller,
+    kdcli.cli.run_command, releases it when the job ends, also when it raises), in the process
+    its launcher runs it in: the sweep's own (Hydra's basic launcher, the Optuna sweeper), a
+    submitit one (`submitit_local`, Slurm) or a joblib worker. Not in Hydra's `on_job_start`,
+    which runs there too: a callback cannot fail the job (Hydra turns its exceptions into
+    warnings and runs the job). Before this, Hydra's `run_job` has made the folder and set up
+    the job's logging: kd's hydra/job_logging=kd opens the log file at its first line, and kd
+    sets `hydra.output_subdir: null`, so nothing is written there yet (with Hydra's own job
+    logging an empty log file may be made there, or another run's opened, without a line).
+
+    A folder another kd process is writing: the job logs nothing there and stops. Under the
+    basic launcher kd's one line, exit 1: the sweep ends, as a run does. In another process
+    the job fails with FolderInUse, which the launcher hands back to the sweep's process:
+    Hydra's sweeper raises it there (after its `Error executing job with overrides: [...]`)
+    and kd reports the same line, exit 1 (kdcli.cli.with_kd_errors).
+    """
+    from kdcli.compare import BASIC_LAUNCHER
+
+    hydra = HydraConfig.get()  # the job's: its folder resolves as Hydra's `run_job` made it
+    folder = Path(str(hydra.sweep.dir)) / str(hydra.sweep.subdir)
+    try:
+        return take_lock(folder, "hydra.sweep.dir")
+    except runfolder.FolderInUse as exc:
+        close_logs_in(folder)  # submitit logs the job's end there, after the job
+        if OmegaConf.select(hydra, "launcher._target_") != BASIC_LAUNCHER:
+            raise
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(1)
+
+
+def close_logs_in(folder: Path) -> None:
+    """Closes and drops the root logger's log files in `folder` (Hydra's job log, opened for
+    appending): a job refused the folder must not log into the other run's log."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and \
+                Path(handler.baseFilename).resolve().parent == folder.resolve():
+            root.removeHandler(handler)
+            handler.close()
+
+
+def making_job_folders(run_job):
+    """Wraps Hydra's `run_job` for sweep jobs: kd makes the job's folder first. A folder that
+    cannot be made (a file in the way) ends the sweep with kd's one line, as the sweep folder's
+    own does: Hydra's traceback came from there."""
     signature = inspect.signature(run_job)
 
     @functools.wraps(run_job)
@@ -115,12 +167,7 @@ def locking_job_folders(run_job):
             except OSError as exc:
                 sys.stderr.write(f"error: {job_folder_error(folder, exc)}\n")
                 sys.exit(1)
-        held = claim(folder, "hydra.sweep.dir")
-        try:
-            return run_job(*args, **kwargs)
-        finally:
-            if held is not None:
-                held.release()
+        return run_job(*args, **kwargs)
 
     return wrapper
 

@@ -232,8 +232,12 @@ def run_hydra_app(verb: str) -> None:
 
 
 def with_kd_errors(func):
-    """`func()`, with a key that is not in the config (a typo) reported in kd's one line."""
+    """`func()`, with a key that is not in the config (a typo) reported in kd's one line, and
+    kd's errors that reach it: a sweep job's in another process, which Hydra's sweeper raises
+    here (a folder another kd process is writing: kdcli.callbacks.hold_job_folder)."""
     from hydra.errors import ConfigCompositionException
+
+    from kdcli.errors import KDError
 
     try:
         return func()
@@ -242,6 +246,9 @@ def with_kd_errors(func):
         if line is None:
             raise
         sys.stderr.write(f"error: config: {line}\n")
+        sys.exit(1)
+    except KDError as exc:
+        sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
 
 
@@ -316,16 +323,33 @@ def run_command(verb: str, cfg):
     In a `-m` sweep a failed job does not end the sweep (a diverging trial is a normal event in
     a learning-rate or Optuna search): its error goes to stderr, its log and `failed.json` in
     its folder, the remaining jobs run, and `kd` exits 1 at the end. Such a job returns None,
-    which the Optuna sweeper records as a failed trial.
+    which the Optuna sweeper records as a failed trial. A sweep job holds its folder's lock
+    while it runs, in the process its launcher runs it in (kdcli.callbacks.hold_job_folder);
+    a run's is held by kdcli.callbacks.OutputDirCallback.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return run_verb(verb, cfg, sweep=False)
+    from kdcli.callbacks import hold_job_folder
+
+    held = hold_job_folder()  # first: before the job writes anything there
+    try:
+        return run_verb(verb, cfg, sweep=True)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def run_verb(verb: str, cfg, sweep: bool):
+    """`run_command`'s work: the verb's main, its errors reported (a sweep job's recorded)."""
+    from hydra.core.hydra_config import HydraConfig
 
     from kdcli.errors import KDError
     from kdcli.schema import validate
 
     module = importlib.import_module(COMMANDS[verb][0])
-    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     folder = Path(HydraConfig.get().runtime.output_dir)
     # Under torchrun the first rank alone writes the folder (the process group is not up yet).
     first = os.environ.get("RANK", "0") == "0"
@@ -337,7 +361,11 @@ def run_command(verb: str, cfg):
         if first:
             save_run_config(cfg)
         validate(cfg)  # wrong types, unknown keys, ??? values: before any work is done
-        return module.main(cfg)
+        result = module.main(cfg)
+        # A sweep job's value goes back to the sweep's process (pickled, under submitit):
+        # the stage verbs' results hold a Context (locks, open files), which cannot be; only
+        # `kd train`'s objective, a number, is of use there (the Optuna sweeper's).
+        return result if not sweep or isinstance(result, (int, float)) else None
     except KDError as exc:
         message = str(exc)
         log_in_file_only(message)

@@ -12,8 +12,9 @@ report or failure of their own and are left alone: the stages' outputs belong to
 
 Two runs started into one folder at the same time cannot be told apart that way: each would set
 aside, overwrite and report the other's files. So a run holds the folder's lock (`.kd.lock`)
-while it writes there (taken in kdcli.callbacks, before Hydra opens its log there), and a second
-one fails at once, before it has touched anything. It is an OS-level lock (filelock): the kernel
+while it writes there (kdcli.callbacks: a run's before Hydra opens its log there, a sweep job's
+first thing in the job, whatever process its launcher runs it in), and a second one fails at
+once, before it has touched anything. It is an OS-level lock (filelock): the kernel
 releases it when its holder dies, so a killed run never blocks the next. The file stays, naming
 its last holder (removing a lock file breaks the lock for processes that opened it already); it
 is hidden, and neither an output nor a sign of a run.

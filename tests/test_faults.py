@@ -27,7 +27,7 @@ from kdcli.errors import CorruptArtifact
 from kdcli.stages import cache as cache_stage
 from kdcli.stages.common import reuse_if_valid
 from kdcli.store import Store
-from tests.conftest import SMOKE, kd, read_report
+from tests.conftest import SMOKE, TINY, kd, read_report
 
 NO_BASELINE = [*SMOKE, "baseline=false"]
 
@@ -278,6 +278,22 @@ def test_a_run_into_a_folder_another_run_is_writing_stops_at_once(tmp_path: Path
 def _stats(root: Path) -> dict[str, tuple[int, int, bytes]]:
     return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size, p.read_bytes())
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_sweep_jobs_release_their_folder_when_they_end(tmp_path: Path) -> None:
+    # The basic launcher runs every job in the sweep's process: a job's lock is released when
+    # it ends, failed or not, or the next job into the same folder (one subdir for both here)
+    # would be refused by its own sweep. The second sets the first one's outputs aside.
+    sweep = tmp_path / "multi"
+    proc = kd("train", "-m", "loss.temperature=0,4", *TINY, f"store={tmp_path / 'store'}",
+              f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=same", cwd=tmp_path, check=False)
+    assert proc.returncode == 1  # the first job failed
+    assert "is in use" not in proc.stderr
+    assert "error: 1 of 2 job(s) of the sweep failed (the others ran" in proc.stderr
+    (earlier,) = (sweep / "same").glob("earlier-*")
+    assert "loss.temperature must be > 0" in (earlier / "failed.json").read_text()
+    assert read_report(sweep / "same")["config"]["loss"]["temperature"] == 4
+    runfolder.lock(sweep / "same").release()  # and free for a later run
 
 
 def test_run_folder_lock_of_a_killed_run_does_not_block_and_is_no_output(tmp_path: Path

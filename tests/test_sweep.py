@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
 import yaml
 
+from kdcli import runfolder
 from tests.conftest import TINY, kd, read_report
 
 
@@ -89,3 +92,51 @@ def test_a_job_failed_under_the_submitit_launcher_fails_the_sweep(tmp_path: Path
     assert "error: 1 of 2 job(s) of the sweep failed (the others ran" in proc.stderr
     assert f"{sweep / '0'}: loss=hinton: ValueError: loss.temperature must be > 0" in proc.stderr
     assert read_report(sweep / "1")["config"]["loss"]["temperature"] == 4
+
+
+def test_a_submitit_job_whose_folder_another_run_is_writing_stops(tmp_path: Path) -> None:
+    # Only the basic launcher's jobs took their folder's lock: a job that submitit ran in
+    # another process trained into a folder another kd process was writing, mixing their files.
+    # Now the job stops before it touches the folder (not even its log: submitit logs the job's
+    # end there), and the sweep ends with kd's line. This test process holds the lock.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "multi"
+    job = sweep / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / "report.json").write_text("{}\n")  # a finished run's: set aside if the folder is free
+    (job / "train.log").write_text("the first run's log\n")
+    before = {p.name: p.read_bytes() for p in job.iterdir() if p.is_file()}
+    held = runfolder.lock(job)
+    try:
+        proc = kd("train", "-m", "hydra/launcher=submitit_local", *TINY,
+                  f"store={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+                  check=False)
+    finally:
+        held.release()
+    assert proc.returncode == 1
+    # Hydra's sweeper names the failed job's overrides, then kd's line as under the basic
+    # launcher (tests/test_faults.py), for the job's folder.
+    assert proc.stderr.startswith("Error executing job with overrides: ['experiment=smoke'")
+    assert proc.stderr.endswith(
+        f"\nerror: run folder {job} is in use: another kd process (pid {os.getpid()} on "
+        f"{socket.gethostname()}) is writing to it; wait for that run to end, or give this one "
+        f"a folder of its own (hydra.sweep.dir=...)\n")
+    assert proc.stderr.count("\n") == 2 and "Traceback" not in proc.stderr
+    after = {p.name: p.read_bytes() for p in job.iterdir() if p.is_file()}
+    assert after == {**before, runfolder.LOCK: after[runfolder.LOCK]}
+    assert sorted(p.name for p in job.iterdir()) == sorted([*before, ".hydra", runfolder.LOCK])
+    assert not list((job / ".hydra").iterdir()) and not (tmp_path / "store").exists()
+
+
+def test_a_stage_verb_sweep_runs_under_the_submitit_launcher(tmp_path: Path) -> None:
+    # `kd teacher -m` returned the stage's result, which holds a Context: submitit could not
+    # pickle it back to the sweep ("cannot pickle '_thread.RLock' object") and the sweep failed
+    # after the job had trained.
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "multi"
+    proc = kd("teacher", "-m", "hydra/launcher=submitit_local", *TINY,
+              f"store={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+              check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "pickle" not in proc.stderr and "Traceback" not in proc.stderr
+    assert list((tmp_path / "store" / "teacher").glob("*/last.pt"))
