@@ -5,7 +5,7 @@ outside kd's jobs, where Hydra would print a traceback: kd reports it in its own
 lock while the run writes there; each sweep job takes its own folder's lock itself
 (`hold_job_folder`, called by kdcli.cli.run_command), in whatever process its launcher runs it.
 ``OptunaCallback`` lets an Optuna search whose every trial failed end with kd's list of failed
-jobs.
+jobs, and shows the best trial's floats rounded.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ __all__ = ["OptunaCallback", "OutputDirCallback"]
 log = logging.getLogger("kdcli")
 
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+OPTUNA_LOG = "hydra_plugins.hydra_optuna_sweeper._impl"  # the plugin's logger
 
 
 class OutputDirCallback(Callback):
@@ -218,7 +219,9 @@ def file_in_the_way(path: Path) -> Path | None:
 class OptunaCallback(Callback):
     """When every trial of an Optuna search failed, the plugin still asks Optuna for the best
     trial and ends in its "No trials are completed yet" traceback. Hydra takes a sweeper only
-    from the hydra_plugins package, so kd wraps the plugin's `sweep` rather than subclass it."""
+    from the hydra_plugins package, so kd wraps the plugin's `sweep` rather than subclass it.
+    Its closing lines (`Best parameters: {'loss.temperature': 4.841694527491273, ...}`) are
+    shown with their floats rounded (`RoundedFloats`)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if OmegaConf.select(config, "hydra.sweeper._target_") != OPTUNA_SWEEPER:
@@ -227,6 +230,22 @@ class OptunaCallback(Callback):
 
         if not hasattr(OptunaSweeper.sweep, "__wrapped__"):  # once per process
             OptunaSweeper.sweep = without_best_trial_error(OptunaSweeper.sweep)
+        plugin_log = logging.getLogger(OPTUNA_LOG)
+        if not any(isinstance(f, RoundedFloats) for f in plugin_log.filters):
+            plugin_log.addFilter(RoundedFloats())
+
+
+class RoundedFloats(logging.Filter):
+    """Rounds the floats of the Optuna plugin's `Best parameters` / `Best value` lines to 4
+    significant digits (`kdcli.compare.round_floats`); optimization_results.yaml keeps them
+    exact."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Best "):
+            from kdcli.compare import round_floats
+
+            record.msg, record.args = round_floats(record.getMessage()), ()
+        return True
 
 
 def without_best_trial_error(sweep):

@@ -117,7 +117,9 @@ def dispatch() -> None:
     flag = next((i for i, a in enumerate(sys.argv) if a in COMPLETION_FLAGS), None)
     if flag is not None:  # `kd -sc ...` or `kd <verb> -sc ...`: both mean the whole of kd
         sys.exit(shell_completion(sys.argv[flag + 1:]))
-    if sys.argv[1] in ("-V", "--version"):
+    # `kd train --version` too: Hydra's own flag printed Hydra's version there ("Hydra 1.3.8").
+    if sys.argv[1] in ("-V", "--version") or (sys.argv[1] in COMMANDS
+                                              and "--version" in sys.argv[2:]):
         from kdcli import __version__
 
         sys.stdout.write(f"kd {__version__}\n")

@@ -48,8 +48,11 @@ __all__ = ["NoRunsFound", "Summary", "SummaryCallback", "collect", "find_runs", 
            "summarize", "write_summary"]
 
 OVERRIDES = Path(".hydra") / "overrides.yaml"
+# What the run's config gave each setting: the options picked (hydra.runtime.choices) and the
+# composed config, both written into the run folder when it starts.
+HYDRA_CFG, RUN_CFG = Path(".hydra") / "hydra.yaml", Path(".hydra") / "config.yaml"
 SUMMARY_CSV, SUMMARY_MD = "summary.csv", "summary.md"
-MISSING = "-"  # an override one run has and another has not
+MISSING = "-"  # a setting a run has no value for (no option of an optional group picked)
 _DASH = "—"  # a metric a run did not produce (e.g. baseline=false)
 # Folders that never hold runs: the content-addressed store, and hidden ones (.hydra, .git).
 _SKIP_DIRS = {"store", "kd-store"}
@@ -235,6 +238,50 @@ def read_overrides(run: Path) -> dict[str, str]:
     return out
 
 
+_ABSENT = object()  # a key the config does not hold (None is a value: null)
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _show_value(value: Any) -> str:
+    """A config value as it would be typed on the command line (`[resnet56,vgg8]`, `null`)."""
+    if isinstance(value, (dict, list)):
+        return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip() \
+            .replace(", ", ",").replace(": ", ":")
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) \
+        else str(value)
+
+
+def effective_values(run: Path, keys: Sequence[str], report: Mapping[str, Any] | None
+                     ) -> dict[str, str]:
+    """What the run's config gave each of `keys` (`teacher`, `loss.temperature`): the option a
+    preset or default picked (`.hydra/hydra.yaml`), else the value in its composed config
+    (`.hydra/config.yaml`, else report.json's copy); MISSING for a group no option was picked
+    for (`experiment`) and for what neither file holds (a run from before they were kept)."""
+    hydra = _load_yaml(run / HYDRA_CFG)
+    choices = (((hydra or {}).get("hydra") or {}).get("runtime") or {}).get("choices") or {}
+    config = _load_yaml(run / RUN_CFG)
+    if not isinstance(config, dict):
+        config = (report or {}).get("config")
+    found = {}
+    for key in keys:
+        if key in choices:
+            found[key] = MISSING if choices[key] is None else _show_value(choices[key])
+            continue
+        node: Any = config
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if isinstance(node, dict):  # a group's node, its option unknown: the model's name
+            node = ((report or {}).get(key) or {}).get("name", _ABSENT)
+        found[key] = MISSING if node is _ABSENT else _show_value(node)
+    return found
+
+
 def _read_report(run: Path) -> dict[str, Any] | None:
     try:
         report = json.loads((run / REPORT).read_text())
@@ -278,9 +325,13 @@ def collect(paths: Sequence[Path], sort: str | None = None) -> Summary:
     keys: list[str] = []
     for o in overrides.values():
         keys += [k for k in o if k not in keys]
+    # A column for each setting the command lines differ on; a run that did not set it shows
+    # the value its config gave it (a preset's, the default), not a blank that reads "default".
     keys = [k for k in keys if len({o.get(k, MISSING) for o in overrides.values()}) > 1]
+    effective = {run: effective_values(run, [k for k in keys if k not in overrides[run]],
+                                       reports.get(run)) for run in runs}
     rows = [Row(run=run.relative_to(base).as_posix(), path=run,
-                overrides={k: overrides[run].get(k, MISSING) for k in keys},
+                overrides={k: overrides[run].get(k, effective[run].get(k, MISSING)) for k in keys},
                 metrics={m.key: m.read(reports.get(run, {})) for m in METRICS},
                 error=errors.get(run))
             for run in runs]
@@ -316,6 +367,21 @@ def to_csv(summary: Summary) -> str:
     return buf.getvalue()
 
 
+_FLOAT = re.compile(r"(?<![\w.])[-+]?\d*\.\d+(?:[eE][-+]?\d+)?(?![\w.])")
+
+
+def round_floats(text: str) -> str:
+    """`text` with each float of more than 6 significant digits at 4: what an Optuna search
+    draws (`loss.temperature=4.841694527491273` reads 4.842); values as people type them
+    (`0.05`, `1e-4`) are left alone. For display only: summary.csv and optimization_results.yaml
+    keep the exact values the trials ran with."""
+    def short(match: re.Match[str]) -> str:
+        digits = re.sub(r"[eE].*", "", match[0]).replace(".", "").lstrip("+-0")
+        return f"{float(match[0]):.4g}" if len(digits) > 6 else match[0]
+
+    return _FLOAT.sub(short, text)
+
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -330,8 +396,9 @@ def to_markdown(summary: Summary) -> str:
     lines = [
         "# Run comparison",
         "",
-        f"{_count_runs(summary, '`')}. Override columns show only the "
-        f"settings that differ between runs ({MISSING}: not set). Accuracies in %; gain = "
+        f"{_count_runs(summary, '`')}. Override columns show only the settings whose "
+        "command-line values differ between runs; a run that did not set one shows the value "
+        f"its config gave it (a preset's or the default; {MISSING}: none). Accuracies in %; gain = "
         f"student top-1 − baseline (from scratch) top-1; {LATENCY_NOTE} Best student top-1 "
         "in bold.",
         "",
@@ -339,7 +406,7 @@ def to_markdown(summary: Summary) -> str:
         "| " + " | ".join(align) + " |",
     ]
     for row in summary.rows:
-        cells = [*row.overrides.values()]
+        cells = [round_floats(v) for v in row.overrides.values()]
         for m in METRICS:
             text = m.show(row.metrics[m.key])
             if m.key == BEST and best is not None and row.metrics[m.key] == best:
@@ -382,7 +449,7 @@ def to_table(summary: Summary) -> Table:
             if m.key == BEST and best is not None and row.metrics[m.key] == best:
                 text = f"[bold green]{text}[/]"
             cells.append(text)
-        table.add_row(*row.overrides.values(), *cells, row.run,
+        table.add_row(*map(round_floats, row.overrides.values()), *cells, row.run,
                       *([row.error or ""] if failed else []))
     return table
 

@@ -500,7 +500,12 @@ def bench_precision(args, precision: str, base: Context, memory: bool
              for role in ("teacher", "student")}
     extra = {"rounds": rounds.results, "runtime": runtime.describe(), "flops": flops,
              "threads": torch.get_num_threads(),
+             # The train file's data region per training sample: its logits (every view) and
+             # the alignment padding after them (under 64 bytes per array); the whole entry
+             # adds the files' headers, the test split's logits and meta.json.
              "cache_bytes_per_sample": cache["meta"]["bytes_per_sample"],
+             "cache_disk_bytes": sum(p.stat().st_size for p in cache["entry"].path.rglob("*")
+                                     if p.is_file()),
              "cache_samples": cache["meta"]["num_samples"],
              "train_images_per_round": n_train,
              "cache_images_per_round": len(ds.train) + len(ds.test)}
@@ -581,7 +586,9 @@ def markdown(rows: list[dict], extras: dict, args, rss_base: float) -> str:
               f"{args.rounds} timed rounds (+1 warm-up), interleaved; "
               f"{first['cache_images_per_round']} images per cache round; "
               f"{first['runtime']}, {first['threads']} threads; cache "
-              f"{first['cache_bytes_per_sample']:.0f} bytes per sample; process RSS before the "
+              f"{first['cache_bytes_per_sample']:.2f} bytes per training sample (the train "
+              f"file's logits and alignment padding; the whole store entry "
+              f"{first['cache_disk_bytes'] / first['cache_samples']:.1f}); process RSS before the "
               f"first stage (torch, data) {rss_base:.0f} MiB; torch {torch.__version__}."]
     f_t, f_s = first["flops"]["teacher"], first["flops"]["student"]
     lines[-1] += (f" Forward FLOPs per image: teacher {f_t / 1e6:.0f} M, student "

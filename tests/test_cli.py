@@ -61,6 +61,16 @@ def test_help_lists_kds_flags_not_hydras_version_and_completion() -> None:
     assert "Show Hydra's version" not in out and "-sc install" not in out
 
 
+def test_a_verbs_version_is_kds() -> None:
+    # `kd train --version` reached Hydra's own flag: "Hydra 1.3.8", where `kd --version` says kd's.
+    from kdcli import __version__
+
+    assert run_kd("--version").stdout == f"kd {__version__}\n"
+    for verb in ("train", "eval"):
+        proc = run_kd(verb, "experiment=smoke", "--version")
+        assert (proc.returncode, proc.stdout) == (0, f"kd {__version__}\n")
+
+
 def test_eval_help_has_its_own_header() -> None:
     out = run_kd("eval", "--help").stdout
     assert out.startswith("kd eval: evaluate a checkpoint")

@@ -158,13 +158,22 @@ def test_tensorboard_events_per_trained_stage(sweep: Path) -> None:
 
 
 def _fake_run(path: Path, overrides: list[str], top1: float | None, baseline: float = 50.0,
-              speedup: float | None = 2.0) -> None:
+              speedup: float | None = 2.0, choices: dict | None = None,
+              config: dict | None = None, saved: dict | None = None) -> None:
+    """A finished run's folder. `choices`: the options its config picked (`.hydra/hydra.yaml`),
+    `config`: its composed config (`.hydra/config.yaml`), `saved`: report.json's copy of it."""
     (path / ".hydra").mkdir(parents=True)
     (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if choices is not None:
+        (path / ".hydra" / "hydra.yaml").write_text(OmegaConf.to_yaml(
+            {"hydra": {"runtime": {"choices": choices}}}))
+    if config is not None:
+        (path / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(config))
     student = {"top1": top1, "agreement": 80.0, "params": 1000, "latency_ms": 0.5}
     (path / "report.json").write_text(json.dumps({
         "student": student, "baseline": {"top1": baseline}, "teacher": {"top1": 70.0},
-        "compression": {"latency_speedup": speedup}, "wall_time_s": 12.0}))
+        "compression": {"latency_speedup": speedup}, "wall_time_s": 12.0,
+        **({"config": saved} if saved is not None else {})}))
 
 
 def test_collect_columns_missing_overrides_and_sort(tmp_path: Path) -> None:
@@ -181,6 +190,47 @@ def test_collect_columns_missing_overrides_and_sort(tmp_path: Path) -> None:
     assert summary.rows[2].metrics["gain/top1"] is None
     md = to_markdown(summary)
     assert "**65.00**" in md and "**60.00**" not in md
+
+
+def test_a_setting_a_run_got_from_its_config_shows_its_value(tmp_path: Path) -> None:
+    # Two smoke runs and one with teacher=resnet8 student=resnet8 read `-`, `-`, `resnet8`
+    # under teacher and student: `-` reads as "the default" (resnet20), which hid that the
+    # smoke preset had picked tiny_cnn-wide. Each run now shows what its config gave it.
+    smoke = {"experiment": "smoke", "teacher": "tiny_cnn-wide", "student": "tiny_cnn",
+             "hydra/sweeper": "basic"}
+    config = {"loss": {"temperature": 4.0, "kd_weight": 0.5}, "teacher": {"width": 32}}
+    _fake_run(tmp_path / "a", ["experiment=smoke"], 60.0, choices=smoke, config=config)
+    _fake_run(tmp_path / "b", ["experiment=smoke", "loss.temperature=2"], 61.0, choices=smoke,
+              config={**config, "loss": {"temperature": 2.0, "kd_weight": 0.5}})
+    _fake_run(tmp_path / "c", ["teacher=resnet8", "student=resnet8", "loss.kd_weight=0.9"],
+              62.0, choices={"experiment": None, "teacher": "resnet8", "student": "resnet8"},
+              config=config)
+    # A run whose .hydra/ kept only its overrides: report.json's config, else nothing.
+    _fake_run(tmp_path / "d", ["loss.kd_weight=0.7"], 63.0, saved={
+        "loss": {"kd_weight": 0.5, "temperature": 8.0}, "student": {"width": 16}})
+    _fake_run(tmp_path / "e", ["loss.kd_weight=0.7"], 64.0)
+    summary = collect([tmp_path])
+    assert summary.keys == ["experiment", "loss.temperature", "teacher", "student",
+                            "loss.kd_weight"]
+    assert [list(r.overrides.values()) for r in summary.rows] == [
+        ["smoke", "4.0", "tiny_cnn-wide", "tiny_cnn", "0.5"],
+        ["smoke", "2", "tiny_cnn-wide", "tiny_cnn", "0.5"],
+        [MISSING, "4.0", "resnet8", "resnet8", "0.9"],  # no experiment picked
+        [MISSING, "8.0", MISSING, MISSING, "0.7"],
+        [MISSING, MISSING, MISSING, MISSING, "0.7"]]
+    assert "a run that did not set one shows the value its config gave it" in to_markdown(summary)
+
+
+def test_long_floats_of_a_search_are_rounded_for_people_not_for_programs(tmp_path: Path
+                                                                         ) -> None:
+    drawn = "4.841694527491273"  # as an Optuna trial's override holds it
+    _fake_run(tmp_path / "0", [f"loss.temperature={drawn}", "optimizer.lr=0.05"], 60.0)
+    _fake_run(tmp_path / "1", ["loss.temperature=2.5", "optimizer.lr=0.0123456789"], 61.0)
+    summary = collect([tmp_path])
+    md = to_markdown(summary)
+    assert "| 4.842 | 0.05 |" in md and "| 2.5 | 0.01235 |" in md and drawn not in md
+    assert compare.to_table(summary).columns[0]._cells == ["4.842", "2.5"]
+    assert f"{drawn},0.05," in compare.to_csv(summary)  # exact, for programs
 
 
 def test_summary_shows_the_in_run_speedup_and_says_why(tmp_path: Path) -> None:

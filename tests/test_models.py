@@ -204,7 +204,8 @@ def computing_model(num_classes: int = 10) -> nn.Module:
 ])
 def test_model_skeleton_builds_on_meta_or_falls_back(target: str, device: str) -> None:
     cfg = OmegaConf.create({"student": {"_target_": target, "init": "scratch"}})
-    ctx = SimpleNamespace(cfg=cfg, dataset=SimpleNamespace(num_classes=7), choice=lambda r: "x")
+    ctx = SimpleNamespace(cfg=cfg, dataset=SimpleNamespace(num_classes=7), choice=lambda r: "x",
+                          selected=lambda r: f"{r}=x")
     model = model_skeleton(ctx, "student")
     assert next(model.parameters()).device.type == device
     assert list(model.parameters())[-1].shape == (7,)  # the classifier's bias
@@ -246,7 +247,8 @@ def test_check_training_probes_the_model_and_builds_its_optimizer(
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value)
     dataset = SimpleNamespace(num_classes=7, image_shape=(3, 8, 8), name="d", train=range(16))
-    ctx = SimpleNamespace(cfg=cfg, dataset=dataset, choice=lambda r: "x")
+    ctx = SimpleNamespace(cfg=cfg, dataset=dataset, choice=lambda r: "x",
+                          selected=lambda r: f"{r}=x")
 
     def check() -> nn.Module:
         return check_training(ctx, "student", optimizer="optimizer", scheduler="scheduler",

@@ -372,6 +372,11 @@ def test_an_edited_model_of_ones_own_is_retrained_not_reused(tmp_path: Path) -> 
 
     train("first")
     assert set(stages("first").values()) == {"trained"}
+    # Named after its target, not the smoke preset's student option (tiny_cnn).
+    report = read_report(tmp_path / "first")
+    assert report["student"]["name"] == "tiny_mlp"
+    assert Path(report["store"]["student"]).name.startswith("tiny_mlp-")
+    assert "tiny_cnn-wide → tiny_mlp" in (tmp_path / "first" / "report.md").read_text()
     train("same")
     assert set(stages("same").values()) == {"reused"}
     model.write_text(source.replace("nn.ReLU()", "nn.Tanh()"))

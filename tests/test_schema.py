@@ -103,6 +103,23 @@ def test_an_int_where_a_float_is_declared_becomes_that_float() -> None:
     assert configs[0] == configs[1]
 
 
+def test_kd_evals_keys_are_valid_in_kd_eval_alone() -> None:
+    # `kd train +epochs=3` listed `checkpoint, arch, split` among the valid top-level keys, which
+    # only kd eval's config has (`kd train checkpoint=x` is refused), and `+checkpoint=x` passed.
+    def problem(*overrides: str, config_name: str = "kd_train") -> str:
+        with composed(*SMOKE, *overrides, config_name=config_name) as cfg, \
+                pytest.raises(ConfigError) as err:
+            validate(cfg)
+        return str(err.value)
+
+    message = problem("+epochs=3")
+    assert message.startswith("config: epochs: unknown key (valid: seed, deterministic, ")
+    assert message.endswith(", cache, pretrain, logging)")
+    assert problem("+checkpoint=best.pt").startswith("config: checkpoint: unknown key")
+    assert problem("+epochs=3", "checkpoint=best.pt", config_name="kd_eval").endswith(
+        ", logging, checkpoint, arch, split)")
+
+
 def test_users_own_model_by_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # As in test_pipeline.test_users_own_model_by_target: a builder taking **kwargs gets the
     # option's other keys (tiny_cnn's width) and is not held to a key list.

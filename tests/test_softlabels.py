@@ -69,6 +69,17 @@ def test_bytes_per_sample_full(tmp_path):
     assert data_start(tmp_path / "f.kdsl") % 64 == 0
 
 
+@pytest.mark.parametrize("n, c, data_bytes, per_sample", [
+    (5000, 10, 100_032, 20.0064),  # the README's Speed section: 20 bytes of logits + padding
+    (48, 3, 320, 6.6667),  # the README's tiny example: 6 bytes of logits, padding shows
+])
+def test_bytes_per_sample_counts_the_alignment_padding(tmp_path, n, c, data_bytes, per_sample):
+    header = softlabels.write(tmp_path / "f.kdsl", logits_of(n, c))
+    assert header["data_bytes"] == data_bytes
+    assert softlabels.open(tmp_path / "f.kdsl").bytes_per_sample == pytest.approx(per_sample,
+                                                                                 abs=1e-4)
+
+
 def test_bytes_per_sample_topk(tmp_path):
     # N=4, C=200, k=20: values fp16 4*20*2=160 -> 192; indices int16 160 -> 192;
     # logsumexp fp32 4*4=16 -> 64. Total 448 bytes, 112 per sample.

@@ -283,3 +283,37 @@ def test_taking_the_lock_removes_temp_files_of_a_killed_writer(tmp_path):
     with entry.lock():
         assert not any(p.exists() for p in left)
         assert all(p.read_bytes() == b"whole" for p in kept)
+
+
+def test_a_model_whose_target_is_overridden_is_named_after_it(tmp_path, monkeypatch):
+    """`student._target_=mymodels.tiny_mlp` trains an MLP, not the option's tiny_cnn: its name
+    (report title, log, store entry folder `student/<name>-<key>`) is the target's. A model whose
+    `_target_` is its option's own keeps the option's name, so its entries are reused; this
+    holds for an option of a user's config dir built on a shipped one through its defaults."""
+    from kdcli.stages import teacher as teacher_stage
+    from kdcli.stages.common import Context
+    from tests.test_schema import composed
+
+    (tmp_path / "named_models.py").write_text("def tiny_mlp(num_classes=10, **_):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "mynet.yaml").write_text("defaults: [tiny_cnn, _self_]\nwidth: 8\n")
+    user_dir = f"hydra.searchpath=[file://{tmp_path}]"
+
+    def names(*overrides: str) -> tuple[str, str, str]:
+        with composed(*SMOKE, *overrides) as cfg:
+            ctx = Context(cfg, None, None, None, tmp_path)
+            return ctx.choice("student"), ctx.choice("teacher"), ctx.selected("student")
+
+    assert names() == ("tiny_cnn", "tiny_cnn-wide", "student=tiny_cnn")
+    assert names("student._target_=named_models.tiny_mlp") == (
+        "tiny_mlp", "tiny_cnn-wide", "student._target_=named_models.tiny_mlp")
+    assert names("teacher._target_=named_models.tiny_mlp")[:2] == ("tiny_cnn", "tiny_mlp")
+    assert names("student._target_=kdcli.models.small.tiny_cnn")[0] == "tiny_cnn"  # its own
+    assert names("student=mynet", user_dir)[0] == "mynet"
+    assert names("student=mynet", user_dir, "student._target_=named_models.tiny_mlp")[0] == \
+        "tiny_mlp"
+    with composed(*SMOKE, "teacher=[tiny_cnn-wide,tiny_cnn]") as cfg:
+        ctx = Context(cfg, None, None, None, tmp_path)
+        assert [c.choice("teacher") for c in teacher_stage.contexts(ctx)] == [
+            "tiny_cnn-wide", "tiny_cnn"]

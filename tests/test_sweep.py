@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -17,10 +18,18 @@ from tests.conftest import TINY, kd, read_report
 def test_optuna_search_maximises_student_top1(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "multi"
-    kd("train", "-m", "hydra/sweeper=kd_optuna", "hydra.sweeper.n_trials=2", *TINY,
-       f"store={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = kd("train", "-m", "hydra/sweeper=kd_optuna", "hydra.sweeper.n_trials=2", *TINY,
+              f"store={tmp_path / 'store'}", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     result = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(result["best_params"]) == {"loss.temperature", "loss.kd_weight", "optimizer.lr"}
+    # Drawn floats (4.841694527491273) are shown at 4 significant digits; the files for
+    # programs (optimization_results.yaml, summary.csv) keep them exact.
+    long_float = re.compile(r"\d\.\d{7,}")
+    [best] = [line for line in proc.stdout.splitlines() if "Best parameters:" in line]
+    assert not long_float.search(best), best
+    assert f"{result['best_params']['loss.temperature']:.4g}" in best
+    assert long_float.search((sweep / "summary.csv").read_text())
+    assert not long_float.search((sweep / "summary.md").read_text())
     top1 = {}
     for job in ("0", "1"):
         cfg = read_report(sweep / job)["config"]

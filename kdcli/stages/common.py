@@ -53,6 +53,8 @@ class Context:
     run_dir: Path
     # Option names fixed for this context (a multi-teacher run's per-teacher contexts).
     names: dict[str, str] = field(default_factory=dict)
+    # The `_target_` of each model option's own YAML, by (group, option): shared with variants.
+    own_targets: dict[tuple[str, str], str | None] = field(default_factory=dict, repr=False)
 
     def variant(self, cfg: DictConfig, names: dict[str, str], dataset: Dataset | None = None
                 ) -> Context:
@@ -94,8 +96,38 @@ class Context:
         return "val" if self.dataset.val is not None else "test"
 
     def choice(self, group: str) -> str:
-        """The option picked for a config group (e.g. "resnet20" for teacher)."""
+        """The name of what a config group holds: the option picked (e.g. "resnet20" for
+        teacher). A model whose `_target_` is not its option's (`student._target_=
+        mymodels.tiny_mlp` on the command line, or set by an experiment) is named after that
+        target instead (`tiny_mlp`): the report, the log and its store entry's folder then name
+        the model that was trained. The option's other settings may still apply (tiny_cnn's
+        width), but the name no longer says what the model is."""
+        option = self.option(group)
+        target = self.overridden_target(group)
+        return target.rsplit(".", 1)[-1] if target else option
+
+    def option(self, group: str) -> str:
+        """The option picked for a config group, as the command line or a preset chose it."""
         return self.names.get(group) or option_name(self.cfg, group)
+
+    def selected(self, group: str) -> str:
+        """How the config selects a model, for messages that say what to change:
+        `student=tiny_cnn`, or `student._target_=mymodels.tiny_mlp` for an overridden target."""
+        target = self.overridden_target(group)
+        return f"{group}._target_={target}" if target else f"{group}={self.option(group)}"
+
+    def overridden_target(self, group: str) -> str | None:
+        """The composed `_target_` of model group `group` when it is not the one its option's
+        YAML sets, else None (also for other groups, and outside Hydra)."""
+        if group not in MODEL_GROUPS:
+            return None
+        target = self.cfg[group].get("_target_")
+        option = self.option(group)
+        if (group, option) not in self.own_targets:
+            self.own_targets[group, option] = option_target(group, option)
+        own = self.own_targets[group, option]
+        return str(target) if own is not None and target is not None and str(target) != own \
+            else None
 
 
 def list_override(group: str) -> list[str] | None:
@@ -161,6 +193,28 @@ def recompose(extra: list[str], replace_groups: tuple[str, ...]) -> DictConfig:
             if not any(o.key_or_group == g or o.key_or_group.startswith(g + ".")
                        for g in replace_groups)]
     return normalise(compose(config_name=hc.job.config_name, overrides=keep + extra))
+
+
+# Groups that select a model: named after their `_target_` when it is overridden (Context.choice).
+MODEL_GROUPS = ("teacher", "student")
+
+
+def option_target(group: str, option: str) -> str | None:
+    """The `_target_` that option `group=option` gives on its own (its YAML, with the defaults
+    it lists), composed from this run's config search path (shipped configs, `--config-dir`,
+    `hydra.searchpath`): "" if it sets none; None outside Hydra or if it cannot be composed."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        searchpath = [o for o in HydraConfig.get().overrides.hydra
+                      if o.lstrip("+").startswith("hydra.searchpath")]
+        # Not as the primary config: Hydra looks that up before it adds hydra.searchpath.
+        node = compose(overrides=[f"+{group}={option}", *searchpath])
+    except Exception:  # noqa: BLE001 - outside Hydra, an option Hydra composes differently
+        return None
+    target = OmegaConf.select(node, f"{group}._target_", default=None)
+    return "" if target is None else str(target)
 
 
 def option_name(cfg: DictConfig, group: str) -> str:
@@ -253,7 +307,7 @@ def _build_module(ctx: Context, role: str) -> nn.Module:
         # Resolve first: a detached copy could no longer reach ${dataset.image_size}.
         plain = OmegaConf.to_container(node, resolve=True)
         node = OmegaConf.create({k: v for k, v in plain.items() if k not in _MODEL_SETTINGS})
-    return build(node, f"{role}={ctx.choice(role)}: cannot build model",
+    return build(node, f"{ctx.selected(role)}: cannot build model",
                  num_classes=ctx.dataset.num_classes)
 
 
@@ -287,7 +341,7 @@ def probe(ctx: Context, role: str, model: nn.Module) -> None:
         out = _forward_blank(model, ds.image_shape, None)
     except (ValueError, RuntimeError) as exc:  # the model's own check, or torch's shape errors
         lines = str(exc).strip().splitlines()
-        raise ConfigError(f"{role}={ctx.choice(role)} cannot take dataset {ds.name}'s images "
+        raise ConfigError(f"{ctx.selected(role)} cannot take dataset {ds.name}'s images "
                           f"{tuple(ds.image_shape)}: {lines[0] if lines else type(exc).__name__}"
                           ) from exc
     _check_logits(ctx, role, out)
@@ -309,7 +363,7 @@ def _forward_blank(model: nn.Module, shape: tuple[int, ...], device: torch.devic
 def _check_logits(ctx: Context, role: str, out: torch.Tensor) -> None:
     ds = ctx.dataset
     if out.dim() != 2 or out.shape[1] != ds.num_classes:
-        raise ConfigError(f"{role}={ctx.choice(role)} outputs {tuple(out.shape[1:])} classes but "
+        raise ConfigError(f"{ctx.selected(role)} outputs {tuple(out.shape[1:])} classes but "
                           f"dataset {ds.name} has {ds.num_classes}")
 
 
@@ -576,7 +630,7 @@ def setup_feature_loss(ctx: Context, model: nn.Module, loss_fn: DistillationLoss
     loss_fn.to(ctx.runtime.device)
     if not loss_fn.needs_features:
         return None
-    taps = FeatureTap(model, list(loss_fn.student_layers), role=f"student={ctx.choice('student')}")
+    taps = FeatureTap(model, list(loss_fn.student_layers), role=ctx.selected("student"))
     probe = next(iter(loader.epoch(0)))
     model.eval()
     with torch.no_grad(), ctx.runtime.autocast():

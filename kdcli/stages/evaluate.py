@@ -28,7 +28,7 @@ def main(cfg) -> dict[str, Any]:
     path = Path(str(cfg.checkpoint)).expanduser()
     warn_if_not_as_run(cfg, path)
     ctx = build_context(cfg)
-    hint = (f"it was loaded as arch={cfg.arch} {cfg.arch}={ctx.choice(cfg.arch)}; set arch= and "
+    hint = (f"it was loaded as arch={cfg.arch} {ctx.selected(cfg.arch)}; set arch= and "
             "student=/teacher= to the model the checkpoint was trained as")
     model = load_weights(build_model(ctx, cfg.arch), path, hint)
     logits, labels = engine.predict(model, ctx.eval_loader(cfg.split), ctx.runtime)

@@ -107,7 +107,7 @@ class OnlineTeacher:
     def __init__(self, teacher: dict[str, Any], layers: list[str]) -> None:
         tctx = teacher["ctx"]
         self.model = teacher_stage.frozen(teacher)
-        self.taps = FeatureTap(self.model, layers, role=f"teacher={tctx.choice('teacher')}")
+        self.taps = FeatureTap(self.model, layers, role=tctx.selected("teacher"))
         # It runs on every step, like the student: compiled with it (device.compile).
         self.forward = engine.compiled_as_set(self.model, tctx.runtime)
 
@@ -163,7 +163,7 @@ def preflight(ctx: Context) -> str:
         for role, model, c, layers in (
                 ("student", student, ctx, loss.student_layers),
                 ("teacher", teacher_models[0], teachers[0], loss.teacher_layers)):
-            FeatureTap(model, list(layers), role=f"{role}={c.choice(role)}",
+            FeatureTap(model, list(layers), role=c.selected(role),
                        setting=layer_setting(ctx, role)).remove()
     return mode
 

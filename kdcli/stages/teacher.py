@@ -87,7 +87,7 @@ def require_all(ctx: Context) -> list[dict[str, Any]]:
         entry = entry_for(c)
         meta = distributed.on_main(lambda e=entry: reuse_if_valid(e))  # may set a damaged one aside
         if meta is None:
-            raise ConfigError(f"no trained teacher={c.choice('teacher')} for this config in "
+            raise ConfigError(f"no trained {c.selected('teacher')} for this config in "
                               f"store {c.store.root}; run `kd teacher` (or `kd train`) with the "
                               "same overrides first")
         results.append({"status": "reused", "entry": entry, "meta": meta, "ctx": c})
