@@ -106,6 +106,19 @@ def key_of(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _found(folder: Path, name: str, key: str) -> Path:
+    """`folder / name`, unless only another name holds key `key` there (`<other>-<key>`, a
+    complete entry first): the key alone says what an entry holds, and its name, the model's
+    for a person reading the store, has changed (an inline `_target_` named after its option
+    before); matching by name would orphan the entry and train it again."""
+    preferred = folder / name
+    if preferred.is_dir() or not folder.is_dir():
+        return preferred
+    others = [p for p in folder.glob(f"*-{key}") if p.is_dir()]
+    others.sort(key=lambda p: (not (p / META).exists(), p.name))
+    return others[0] if others else preferred
+
+
 class Entry:
     """One stage output in the store."""
 
@@ -114,7 +127,7 @@ class Entry:
         self.inputs = inputs
         self.key = key_of(inputs)
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        self.path = Path(root) / stage / f"{safe}-{self.key}"
+        self.path = _found(Path(root) / stage, f"{safe}-{self.key}", self.key)
         self._lock = FileLock(str(self.path) + ".lock")
 
     @contextlib.contextmanager

@@ -317,3 +317,25 @@ def test_a_model_whose_target_is_overridden_is_named_after_it(tmp_path, monkeypa
         ctx = Context(cfg, None, None, None, tmp_path)
         assert [c.choice("teacher") for c in teacher_stage.contexts(ctx)] == [
             "tiny_cnn-wide", "tiny_cnn"]
+
+
+def test_an_entry_is_found_by_its_key_under_another_name(tmp_path):
+    # Names are for people (the model's): a rename (an inline _target_ was named after its
+    # option, now after its target) must not orphan an entry and train it again.
+    store = Store(tmp_path)
+    old = store.entry("student", "resnet8", INPUTS)
+    old.path.mkdir(parents=True)
+    (old.path / "last.pt").write_bytes(b"w")
+    old.finish(["last.pt"], {})
+    again = store.entry("student", "small_net", INPUTS)
+    assert again.path == old.path and again.complete and again.verify()["key"] == old.key
+    # Another key is another entry, under the name given; and a name's own folder comes first.
+    other = store.entry("student", "small_net", {**INPUTS, "epochs": 99})
+    assert other.path.name == f"small_net-{other.key}" and not other.started
+    own = tmp_path.resolve() / "student" / f"small_net-{old.key}"
+    own.mkdir()
+    assert store.entry("student", "small_net", INPUTS).path == own
+    # A set-aside (damaged) entry is not found.
+    old.invalidate()
+    own.rmdir()
+    assert store.entry("student", "small_net", INPUTS).path == own
