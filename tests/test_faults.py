@@ -156,7 +156,9 @@ _SMALL_INPUT = ("from torch import nn\n"
      "dataset.in_features=3072 (C*H*W), or in_features for a model built outside kd's configs"),
     ("train", ["student._target_=faultmodels.small_input"],
      # torch's own words follow ("mat1 and mat2 shapes cannot be multiplied", per version).
-     "student=tiny_cnn cannot take dataset cifar10_subset's images (3, 32, 32): "),
+     # Named as the command line set it, not as the smoke preset's tiny_cnn it replaced.
+     "student._target_=faultmodels.small_input cannot take dataset cifar10_subset's images "
+     "(3, 32, 32): "),
     ("teacher", ["teacher_optimizer.lr=-1"],
      "teacher_optimizer: ValueError: Invalid learning rate: -1.0"),
     ("teacher", ["teacher=mlp", "dataset.in_features=3000"],
