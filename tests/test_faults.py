@@ -165,6 +165,14 @@ _SMALL_INPUT = ("from torch import nn\n"
      "dataset.in_features=3072 (C*H*W), or in_features for a model built outside kd's configs"),
     ("student", ["optimizer=adamw", "optimizer.betas=[0.9,1.5]"],
      "optimizer: ValueError: Invalid beta parameter at index 1: 1.5"),
+    # A batch larger than the training split: found when the teacher's first epoch had no
+    # step, after its store entry (folder and lock) was made, and without naming the key.
+    ("train", ["dataset.train_size=100", "trainer.teacher.batch_size=128"],
+     "trainer.teacher.batch_size=128 is larger than the training split (100 images): the last "
+     "partial batch is dropped, so no step would train; set trainer.teacher.batch_size=100 or "
+     "less"),
+    ("student", ["dataset.train_size=100", "trainer.student.batch_size=128"],
+     "trainer.student.batch_size=128 is larger than the training split (100 images): "),
 ])
 def test_optimizer_and_model_errors_stop_before_anything_trains(
         tmp_path: Path, verb: str, overrides: list[str], message: str) -> None:

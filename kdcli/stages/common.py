@@ -391,9 +391,8 @@ def check_training(ctx: Context, role: str, *, optimizer: str, scheduler: str,
         # Run for real on the CPU (one small batch): it tells a model's real error from a meta
         # limitation. A big model costs about half a second, and only here.
         probe(ctx, role, model if not _on_meta(model) else _build_module(ctx, role))
+    steps = check_batch_size(ctx, role, int(budget.batch_size))
     params = list(model.parameters()) or [nn.Parameter(torch.zeros(1))]
-    # As many steps per epoch as the training loader gives (it drops the last partial batch).
-    steps = max(1, len(ctx.dataset.train) // int(budget.batch_size))
     try:
         build_optimization(ctx, params, optimizer, scheduler, int(budget.epochs), steps)
     except KDError:
@@ -404,6 +403,24 @@ def check_training(ctx: Context, role: str, *, optimizer: str, scheduler: str,
         build_optimization(ctx, [nn.Parameter(torch.zeros(1))], optimizer, scheduler,
                            int(budget.epochs), steps)
     return model
+
+
+def check_batch_size(ctx: Context, role: str, batch_size: int) -> int:
+    """Steps per epoch of the `role`'s training loader, which drops the last partial batch.
+    A batch larger than the training split leaves no step: said here, naming the key, not
+    when the stage's first epoch finds nothing to train on (its store entry then started)."""
+    world = distributed.world_size()
+    n = len(ctx.dataset.train)
+    steps = (n // world) // max(1, batch_size // world)
+    if steps == 0:
+        key = f"trainer.{role}.batch_size"
+        ranks = (f"; under torchrun the batch is split over {world} ranks, "
+                 f"{batch_size // world} per rank from {n // world} images each"
+                 if world > 1 else "")
+        raise ConfigError(f"{key}={batch_size} is larger than the training split ({n} images"
+                          f"{ranks}): the last partial batch is dropped, so no step would "
+                          f"train; set {key}={n - n % world} or less")
+    return steps
 
 
 def build_optimization(ctx: Context, params: list[nn.Parameter], optimizer: str,
