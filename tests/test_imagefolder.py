@@ -136,7 +136,16 @@ def test_decoded_cache_is_reused_and_follows_the_files(folder: Path, tmp_path: P
 
 @pytest.mark.parametrize(("breakage", "message"), [
     ("missing_root", "image folder not found: {root}"),
-    ("no_val", "no val/ folder"),
+    ("no_val", "no val/ folder \\(expected {root}/val/<class>/<images>; folders found: train\\)$"),
+    # A train/ + test/ layout: the error names the key that points kd at test/.
+    ("test_not_val", "no val/ folder .*folders found: test, train\\); set "
+                     "dataset.loader.test_dir=test$"),
+    ("other_name", "no val/ folder .*folders found: holdout, train\\); set "
+                   "dataset.loader.test_dir= to one of them$"),
+    # One folder of class folders: kd needs two splits, and says how to make them.
+    ("flat", "image folder {root}: holds class folders \\(cat, dog\\), not the two split "
+             "folders kd reads, .*kd does not split one folder\\): move some images of each "
+             "class to {root}/val/<class>/ and the rest to {root}/train/<class>/"),
     ("no_classes", "no class folders"),
     ("empty_class", "no images .* in class folder\\(s\\) zebra"),
     ("class_mismatch", "only in train: zebra; only in val: none"),
@@ -155,6 +164,14 @@ def test_errors_name_the_problem(tmp_path: Path, breakage: str, message: str) ->
             f.unlink()
         (root / "val" / "cat").rmdir()
         (root / "val").rmdir()
+    elif breakage in ("test_not_val", "other_name"):
+        (root / "val").rename(root / ("test" if breakage == "test_not_val" else "holdout"))
+    elif breakage == "flat":
+        for split in ("train", "val"):
+            (root / split / "cat" / "a.jpg").rename(root / split / "a.jpg")
+            (root / split / "cat").rmdir()
+        (root / "train").rename(root / "cat")
+        (root / "val").rename(root / "dog")
     elif breakage == "no_classes":
         (root / "val" / "cat" / "a.jpg").rename(root / "val" / "a.jpg")
         (root / "val" / "cat").rmdir()

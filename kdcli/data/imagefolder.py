@@ -88,6 +88,7 @@ def image_folder(
     if size < 1 or short < size:
         raise DataError(f"image folder: need 1 <= image_size <= resize, got image_size={size}, "
                         f"resize={short}")
+    check_split_folders(base, train_dir, test_dir)
     folders = dict(zip(SPLITS, (base / train_dir, base / test_dir), strict=True))
     listed = {split: scan_split(folder, base) for split, folder in folders.items()}
     classes = listed["train"][0]
@@ -125,6 +126,43 @@ def image_folder(
                                            "version": CACHE_VERSION})
     return Dataset(name, splits["train"], splits["test"], classes,
                    tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+
+# Names other datasets give their split folders: a missing split folder's error suggests the
+# key that points kd at one of these when it is there.
+SPLIT_NAMES = {"train_dir": ("train", "training", "trn"),
+               "test_dir": ("val", "test", "valid", "validation", "testing", "eval")}
+
+
+def check_split_folders(base: Path, train_dir: str, test_dir: str) -> None:
+    """Both split folders exist under `base`; if not, the error lists the folders found and says
+    what to set: `dataset.loader.test_dir=test` for a `train/` + `test/` layout, or, for one
+    folder of class folders, how to make the two splits (kd does not split one folder)."""
+    wanted = {"train_dir": train_dir, "test_dir": test_dir}
+    missing = [key for key, name in wanted.items() if not (base / name).is_dir()]
+    if not missing:
+        return
+    found = sorted(d.name for d in os.scandir(base) if d.is_dir() and not d.name.startswith("."))
+    if len(missing) == 2 and any(_holds_images(base / d) for d in found):
+        raise DataError(
+            f"image folder {base}: holds class folders ({_few(found)}), not the two split "
+            f"folders kd reads, {train_dir}/<class>/<images> to train on and "
+            f"{test_dir}/<class>/<images> to test on (kd does not split one folder): move some "
+            f"images of each class to {base / test_dir}/<class>/ and the rest to "
+            f"{base / train_dir}/<class>/, or set dataset.loader.train_dir / test_dir")
+    key = missing[0]
+    name = wanted[key]
+    spare = [d for d in found if d not in wanted.values()]
+    guess = next((d for d in spare if d.lower() in SPLIT_NAMES[key]), None)
+    hint = (f"; set dataset.loader.{key}={guess}" if guess
+            else f"; set dataset.loader.{key}= to one of them" if spare else "")
+    raise DataError(f"image folder {base}: no {name}/ folder (expected "
+                    f"{base / name}/<class>/<images>; folders found: {_few(found)}){hint}")
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether `folder` has image files directly in it (a class folder, not a split folder)."""
+    return any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in os.scandir(folder))
 
 
 def scan_split(folder: Path, base: Path) -> tuple[list[str], list[tuple[str, int]]]:
