@@ -102,6 +102,26 @@ def test_upscaling_small_images_is_warned_on_every_load(folder: Path, tmp_path: 
     assert warnings(32) == []
 
 
+def test_skipped_files_are_counted_in_one_warning(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # An image directly in train/ (in no class folder) and a notes.txt were skipped silently.
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / split / "cat" / "a.jpg")
+    Image.new("RGB", (8, 8)).save(root / "train" / "stray.jpg")
+    (root / "train" / "cat" / "notes.txt").write_text("where these came from")
+    (root / "val" / "cat" / "b.gif").write_bytes(b"GIF89a")
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"")  # hidden: expected, not listed
+    with caplog.at_level("WARNING", logger="kdcli.data.imagefolder"):
+        ds = image_folder(str(root), image_size=8)
+    assert len(ds.train) == len(ds.test) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"image folder {root}: skipped 3 file(s) that are not images in a class folder "
+        f"({', '.join(imagefolder.IMG_EXTENSIONS)}): train/stray.jpg, train/cat/notes.txt, "
+        "val/cat/b.gif"]
+
+
 def test_sixteen_bit_images_are_scaled_to_eight_bits_and_float_ones_refused(tmp_path: Path
                                                                           ) -> None:
     # Pillow's convert("RGB") clips 16-bit greyscale at 255: the image came out solid white.

@@ -90,7 +90,12 @@ def image_folder(
                         f"resize={short}")
     check_split_folders(base, train_dir, test_dir)
     folders = dict(zip(SPLITS, (base / train_dir, base / test_dir), strict=True))
-    listed = {split: scan_split(folder, base) for split, folder in folders.items()}
+    skipped: list[str] = []
+    listed = {split: scan_split(folder, base, skipped) for split, folder in folders.items()}
+    if skipped:
+        log.warning("image folder %s: skipped %d file(s) that are not images in a class folder "
+                    "(%s): %s", base, len(skipped), ", ".join(IMG_EXTENSIONS),
+                    _few(skipped, sort=False))
     classes = listed["train"][0]
     if listed["test"][0] != classes:
         train, test = set(classes), set(listed["test"][0])
@@ -180,8 +185,11 @@ def warn_if_upscaled(base: Path, size: int, source_side: int | None) -> None:
                     "own size", base, size, source_side, source_side)
 
 
-def scan_split(folder: Path, base: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted folder names) and `(path relative to base, label)` of every image."""
+def scan_split(folder: Path, base: Path, skipped: list[str] | None = None
+               ) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted folder names) and `(path relative to base, label)` of every image.
+    Files it does not read (directly in `folder`, or without an image extension) are appended
+    to `skipped`, relative to base; hidden ones (.DS_Store) are left out of it."""
     if not folder.is_dir():
         raise DataError(f"image folder {base}: no {folder.name}/ folder (expected "
                         f"{folder}/<class>/<images>)")
@@ -190,14 +198,20 @@ def scan_split(folder: Path, base: Path) -> tuple[list[str], list[tuple[str, int
     if not classes:
         raise DataError(f"image folder {folder}: no class folders (expected "
                         f"{folder}/<class>/<images>)")
+    skipped = [] if skipped is None else skipped
+    skipped += sorted(os.path.relpath(e.path, base) for e in os.scandir(folder)
+                      if not e.is_dir() and not e.name.startswith("."))
     files: list[tuple[str, int]] = []
     empty = []
     for label, cls in enumerate(classes):
         found = []
         for dirpath, dirnames, filenames in os.walk(folder / cls, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [os.path.relpath(os.path.join(dirpath, f), base) for f in sorted(filenames)
-                      if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+            for f in sorted(filenames):
+                if f.startswith("."):
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, f), base)
+                (found if f.lower().endswith(IMG_EXTENSIONS) else skipped).append(rel)
         if not found:
             empty.append(cls)
         files += [(path, label) for path in found]
@@ -207,8 +221,8 @@ def scan_split(folder: Path, base: Path) -> tuple[list[str], list[tuple[str, int
     return classes, files
 
 
-def _few(names: Sequence[str] | set[str], limit: int = 5) -> str:
-    names = sorted(names)
+def _few(names: Sequence[str] | set[str], limit: int = 5, sort: bool = True) -> str:
+    names = sorted(names) if sort else list(names)
     if not names:
         return "none"
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
