@@ -405,15 +405,28 @@ def check_training(ctx: Context, role: str, *, optimizer: str, scheduler: str,
     return model
 
 
+# The share of the training split an epoch may leave out (drop_last) before a warning.
+DROPPED_WARN = 0.1
+
+
 def check_batch_size(ctx: Context, role: str, batch_size: int) -> int:
     """Steps per epoch of the `role`'s training loader, which drops the last partial batch.
     A batch larger than the training split leaves no step: said here, naming the key, not
-    when the stage's first epoch finds nothing to train on (its store entry then started)."""
+    when the stage's first epoch finds nothing to train on (its store entry then started).
+    One that drops more than DROPPED_WARN of the split each epoch (352 images at batch 128
+    train on 256) is warned about: on a small dataset that is data the user thinks is used."""
     world = distributed.world_size()
     n = len(ctx.dataset.train)
-    steps = (n // world) // max(1, batch_size // world)
+    per_rank = max(1, batch_size // world)
+    steps = (n // world) // per_rank
+    key = f"trainer.{role}.batch_size"
+    dropped = n - steps * per_rank * world
+    if steps and dropped > DROPPED_WARN * n:
+        log.warning("%s=%d leaves %d of the %d training images (%.0f%%) out of each epoch "
+                    "(%d step(s); the last partial batch is dropped, other images each epoch): "
+                    "lower %s, or set one that divides the split, to train on more of them",
+                    key, batch_size, dropped, n, 100 * dropped / n, steps, key)
     if steps == 0:
-        key = f"trainer.{role}.batch_size"
         ranks = (f"; under torchrun the batch is split over {world} ranks, "
                  f"{batch_size // world} per rank from {n // world} images each"
                  if world > 1 else "")
