@@ -559,8 +559,11 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 130
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == (
-        "interrupted: run the same command again to go on (each stage resumes from its last "
-        "saved epoch in the store)")
+    line = ("interrupted: run the same command again to go on (each stage resumes from its last "
+            "saved epoch in the store)")
+    assert stderr.strip().splitlines()[-1] == line
+    # The run's log said nothing of it: it stopped at the last epoch line.
+    assert (tmp_path / "first" / "teacher.log").read_text().strip().splitlines()[-1].endswith(
+        f"[WARNING] - {line}")
     kd(*args, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
     assert "resuming from" in (tmp_path / "again" / "teacher.log").read_text()
