@@ -45,7 +45,8 @@ examples:
   kd train                                   # main job on the embedded CIFAR-10 subset
   kd train experiment=smoke                  # seconds on a CPU
   kd train teacher=resnet56 student=resnet20 dataset=cifar10
-  kd train dataset=imagefolder dataset.loader.root=/data/mine student=mobilenet_v3_small
+  kd train dataset=imagefolder dataset.loader.root=/data/mine \\
+      teacher=resnet50 student=mobilenet_v3_small      # your images at 224 px
   kd train -m loss.temperature=2,4,8         # sweep; teacher and cache built once
   kd report multirun/                        # compare finished runs
   kd export outputs/<date>/<time> --int8     # ONNX + TorchScript (+ int8), parity-checked
