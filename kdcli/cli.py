@@ -45,7 +45,8 @@ examples:
   kd train                                   # main job on the embedded CIFAR-10 subset
   kd train experiment=smoke                  # seconds on a CPU
   kd train teacher=resnet56 student=resnet20 dataset=cifar10
-  kd train dataset=imagefolder dataset.loader.root=/data/mine student=mobilenet_v3_small
+  kd train dataset=imagefolder dataset.loader.root=/data/mine \\
+      teacher=resnet50 student=mobilenet_v3_small      # your images at 224 px
   kd train -m loss.temperature=2,4,8         # sweep; teacher and cache built once
   kd report multirun/                        # compare finished runs
   kd export outputs/<date>/<time> --int8     # ONNX + TorchScript (+ int8), parity-checked
@@ -93,6 +94,10 @@ SWEEP_JOBS: list[str] = []
 FAILED_JOBS: list[tuple[str, str]] = []
 
 
+INTERRUPTED = ("interrupted: run the same command again to go on (each stage resumes from its "
+               "last saved epoch in the store)")
+
+
 def main() -> None:
     try:
         dispatch()
@@ -101,8 +106,7 @@ def main() -> None:
         os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout again at exit
         sys.exit(1)
     except KeyboardInterrupt:
-        sys.stderr.write("\ninterrupted: run the same command again to go on (each stage "
-                         "resumes from its last saved epoch in the store)\n")
+        sys.stderr.write(f"\n{INTERRUPTED}\n")
         sys.exit(130)
 
 
@@ -368,6 +372,11 @@ def run_verb(verb: str, cfg, sweep: bool):
         # the stage verbs' results hold a Context (locks, open files), which cannot be; only
         # `kd train`'s objective, a number, is of use there (the Optuna sweeper's).
         return result if not sweep or isinstance(result, (int, float)) else None
+    except KeyboardInterrupt:
+        # Into the run's log too, which otherwise just stops at the last epoch line; stderr gets
+        # the line from `main`, once the interrupt has unwound Hydra.
+        log_in_file_only(INTERRUPTED, level=logging.WARNING)
+        raise
     except KDError as exc:
         message = str(exc)
         log_in_file_only(message)
@@ -394,16 +403,16 @@ class NotOnConsole(logging.Filter):
         return getattr(record, "console", True)
 
 
-def log_in_file_only(message: str, exc_info: bool = False) -> None:
-    """Logs an ERROR record that the run's log file keeps but the terminal does not show: there
-    the `error:` line on stderr is the one line (Hydra's console handler printed it a second
-    time, on stdout)."""
+def log_in_file_only(message: str, exc_info: bool = False, level: int = logging.ERROR) -> None:
+    """Logs a record (ERROR unless `level` says otherwise) that the run's log file keeps but
+    the terminal does not show: there the `error:` line on stderr is the one line (Hydra's
+    console handler printed it a second time, on stdout)."""
     for handler in logging.getLogger().handlers:
         console = isinstance(handler, logging.StreamHandler) and \
             getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
         if console and not any(isinstance(f, NotOnConsole) for f in handler.filters):
             handler.addFilter(NotOnConsole())
-    log.error("%s", message, exc_info=exc_info, extra={"console": False})
+    log.log(level, "%s", message, exc_info=exc_info, extra={"console": False})
 
 
 def record_failure(folder: Path, message: str) -> None:

@@ -25,10 +25,12 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import inspect
+import sys
 import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal, Union
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -463,6 +465,20 @@ def _is_target_node(value: Any) -> bool:
     return isinstance(value, DictConfig) and "_target_" in value
 
 
+def _search_hint(module: str) -> str:
+    """Where kd looked for a `_target_`'s missing top-level module, and how to make it found.
+    The installed `kd` script searches sys.path (PYTHONPATH, installed packages), not the
+    current directory as `python -m` does. kd does not add the current directory itself: an
+    import kd makes of an optional package that is not installed would then run any file of
+    that name in whatever folder kd is started from (README, Trust model)."""
+    here = next((f for f in (f"{module}.py", module) if (Path.cwd() / f).exists()), None)
+    if here is not None and str(Path.cwd()) not in sys.path and "" not in sys.path:
+        return (f"; {here} is in the current directory, which the kd script does not search: "
+                f"put it on PYTHONPATH (PYTHONPATH=. kd ...)")
+    return "; put the folder that holds it on PYTHONPATH: kd searches sys.path, not the " \
+           "current directory"
+
+
 def _check_target(node: Any, kind: type[Target], path: str) -> list[str]:
     """A node with `_target_` against the target's signature."""
     if not _is_target_node(node):
@@ -483,6 +499,8 @@ def _check_target(node: Any, kind: type[Target], path: str) -> list[str]:
         question = str(exc).strip().splitlines()[-1]
         if isinstance(cause, ModuleNotFoundError) and cause.name != str(target_name):
             why = f"no module named {cause.name!r}"
+            if cause.name == str(target_name).split(".")[0]:
+                why += _search_hint(cause.name)
         elif isinstance(cause, (ImportError, AttributeError)) and question.startswith("Are you"):
             why = question  # "Are you sure that 'x' is importable from module 'm'?"
         return [f"{path}._target_: cannot import {target_name!r} ({why})"]

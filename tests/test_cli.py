@@ -54,6 +54,16 @@ def test_train_help_shows_groups_options_and_examples() -> None:
     assert run_kd("help", "train").stdout == out  # `kd help train` is the same
 
 
+def test_image_folder_examples_pick_an_imagenet_teacher() -> None:
+    # The examples kept the default teacher, resnet20, a CIFAR net of 0.27 M parameters, at
+    # 224 px: more FLOPs than the mobilenet_v3_small student and fewer parameters.
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for text in (run_kd("--help").stdout, run_kd("train", "--help").stdout, readme):
+        commands = text.replace("\\\n", " ").splitlines()
+        examples = [c for c in commands if "kd train dataset=imagefolder" in c]
+        assert examples and all("teacher=" in c for c in examples), examples
+
+
 def test_help_lists_kds_flags_not_hydras_version_and_completion() -> None:
     # Hydra's block offered `--version` (Hydra's) and its own -sc completion next to kd's.
     out = run_kd("train", "--help").stdout

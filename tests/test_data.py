@@ -29,6 +29,34 @@ def constant_split(n: int, size: int = 4) -> Split:
     return Split(imgs.contiguous(), torch.arange(n))
 
 
+# --- batch size against the training split ----------------------------------------------------
+
+
+def test_batch_that_drops_much_of_a_small_split_is_warned(caplog: pytest.LogCaptureFixture
+                                                          ) -> None:
+    # 352 images at batch 128: 2 steps, 96 images (27 %) left out of every epoch, unnoticed.
+    from types import SimpleNamespace
+
+    from kdcli.stages.common import check_batch_size
+
+    def warned(n: int, batch_size: int) -> list[str]:
+        caplog.clear()
+        ctx = SimpleNamespace(dataset=SimpleNamespace(train=constant_split(n)))
+        with caplog.at_level("WARNING", logger="kdcli.stages.common"):
+            assert check_batch_size(ctx, "student", batch_size) == n // batch_size
+        return [r.getMessage() for r in caplog.records]
+
+    assert warned(352, 128) == [
+        "trainer.student.batch_size=128 leaves 96 of the 352 training images (27%) out of each "
+        "epoch (2 step(s); the last partial batch is dropped, other images each epoch): lower "
+        "trainer.student.batch_size, or set one that divides the split, to train on more of "
+        "them"]
+    assert warned(352, 88) == []  # divides it
+    assert warned(5000, 128) == []  # 8 images, 0.2 %
+    with pytest.raises(ConfigError, match="trainer.student.batch_size=128 is larger than"):
+        warned(100, 128)
+
+
 # --- CropFlip ---------------------------------------------------------------------------------
 
 def test_crop_equals_manual_crop_of_padded_image():

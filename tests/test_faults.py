@@ -167,6 +167,14 @@ _SMALL_INPUT = ("from torch import nn\n"
      "dataset.in_features=3072 (C*H*W), or in_features for a model built outside kd's configs"),
     ("student", ["optimizer=adamw", "optimizer.betas=[0.9,1.5]"],
      "optimizer: ValueError: Invalid beta parameter at index 1: 1.5"),
+    # A batch larger than the training split: found when the teacher's first epoch had no
+    # step, after its store entry (folder and lock) was made, and without naming the key.
+    ("train", ["dataset.train_size=100", "trainer.teacher.batch_size=128"],
+     "trainer.teacher.batch_size=128 is larger than the training split (100 images): the last "
+     "partial batch is dropped, so no step would train; set trainer.teacher.batch_size=100 or "
+     "less"),
+    ("student", ["dataset.train_size=100", "trainer.student.batch_size=128"],
+     "trainer.student.batch_size=128 is larger than the training split (100 images): "),
 ])
 def test_optimizer_and_model_errors_stop_before_anything_trains(
         tmp_path: Path, verb: str, overrides: list[str], message: str) -> None:
@@ -553,8 +561,11 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 130
     assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == (
-        "interrupted: run the same command again to go on (each stage resumes from its last "
-        "saved epoch in the store)")
+    line = ("interrupted: run the same command again to go on (each stage resumes from its last "
+            "saved epoch in the store)")
+    assert stderr.strip().splitlines()[-1] == line
+    # The run's log said nothing of it: it stopped at the last epoch line.
+    assert (tmp_path / "first" / "teacher.log").read_text().strip().splitlines()[-1].endswith(
+        f"[WARNING] - {line}")
     kd(*args, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
     assert "resuming from" in (tmp_path / "again" / "teacher.log").read_text()

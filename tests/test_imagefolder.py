@@ -84,6 +84,44 @@ def test_resize_then_centre_crop(tmp_path: Path) -> None:
     assert small.train.images[0, 0, 0, 0] == pytest.approx(2 * 9 + 0.5, abs=2)
 
 
+def test_upscaling_small_images_is_warned_on_every_load(folder: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # 64 px images were upscaled to the default 224 px without a word: a run 5x slower, a
+    # decoded cache 12x larger, and no detail gained.
+    def warnings(image_size: int) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kdcli.data.imagefolder"):
+            image_folder(str(folder), image_size=image_size, cache_dir=str(tmp_path))
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    expected = [f"image folder {folder}: most images are smaller than dataset.image_size=48 "
+                "(median shorter side 32 px) and are upscaled to it, which adds no detail but "
+                "costs time and memory; set dataset.image_size=32 to train at their own size"]
+    assert warnings(48) == expected
+    assert warnings(48) == expected  # from the decoded cache
+    assert warnings(32) == []
+
+
+def test_skipped_files_are_counted_in_one_warning(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    # An image directly in train/ (in no class folder) and a notes.txt were skipped silently.
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / split / "cat").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / split / "cat" / "a.jpg")
+    Image.new("RGB", (8, 8)).save(root / "train" / "stray.jpg")
+    (root / "train" / "cat" / "notes.txt").write_text("where these came from")
+    (root / "val" / "cat" / "b.gif").write_bytes(b"GIF89a")
+    (root / "train" / "cat" / ".DS_Store").write_bytes(b"")  # hidden: expected, not listed
+    with caplog.at_level("WARNING", logger="kdcli.data.imagefolder"):
+        ds = image_folder(str(root), image_size=8)
+    assert len(ds.train) == len(ds.test) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"image folder {root}: skipped 3 file(s) that are not images in a class folder "
+        f"({', '.join(imagefolder.IMG_EXTENSIONS)}): train/stray.jpg, train/cat/notes.txt, "
+        "val/cat/b.gif"]
+
+
 def test_sixteen_bit_images_are_scaled_to_eight_bits_and_float_ones_refused(tmp_path: Path
                                                                           ) -> None:
     # Pillow's convert("RGB") clips 16-bit greyscale at 255: the image came out solid white.
@@ -136,7 +174,16 @@ def test_decoded_cache_is_reused_and_follows_the_files(folder: Path, tmp_path: P
 
 @pytest.mark.parametrize(("breakage", "message"), [
     ("missing_root", "image folder not found: {root}"),
-    ("no_val", "no val/ folder"),
+    ("no_val", "no val/ folder \\(expected {root}/val/<class>/<images>; folders found: train\\)$"),
+    # A train/ + test/ layout: the error names the key that points kd at test/.
+    ("test_not_val", "no val/ folder .*folders found: test, train\\); set "
+                     "dataset.loader.test_dir=test$"),
+    ("other_name", "no val/ folder .*folders found: holdout, train\\); set "
+                   "dataset.loader.test_dir= to one of them$"),
+    # One folder of class folders: kd needs two splits, and says how to make them.
+    ("flat", "image folder {root}: holds class folders \\(cat, dog\\), not the two split "
+             "folders kd reads, .*kd does not split one folder\\): move some images of each "
+             "class to {root}/val/<class>/ and the rest to {root}/train/<class>/"),
     ("no_classes", "no class folders"),
     ("empty_class", "no images .* in class folder\\(s\\) zebra"),
     ("class_mismatch", "only in train: zebra; only in val: none"),
@@ -155,6 +202,14 @@ def test_errors_name_the_problem(tmp_path: Path, breakage: str, message: str) ->
             f.unlink()
         (root / "val" / "cat").rmdir()
         (root / "val").rmdir()
+    elif breakage in ("test_not_val", "other_name"):
+        (root / "val").rename(root / ("test" if breakage == "test_not_val" else "holdout"))
+    elif breakage == "flat":
+        for split in ("train", "val"):
+            (root / split / "cat" / "a.jpg").rename(root / split / "a.jpg")
+            (root / split / "cat").rmdir()
+        (root / "train").rename(root / "cat")
+        (root / "val").rename(root / "dog")
     elif breakage == "no_classes":
         (root / "val" / "cat" / "a.jpg").rename(root / "val" / "a.jpg")
         (root / "val" / "cat").rmdir()

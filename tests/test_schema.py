@@ -4,6 +4,7 @@ key (on the command line or inside a user's YAML) or an unset value is reported 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,6 +135,30 @@ def test_users_own_model_by_target(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         validate(cfg)
     assert str(err.value) == ("config: student.width: unknown key for "
                               "schema_usermodels.strict (valid: depth)")
+
+
+def test_missing_module_of_a_target_says_where_kd_looked(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The installed `kd` script does not search the current directory (`python -m` does): a
+    # model file beside the user said only "no module named 'cwd_nets'".
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in sys.path if p not in ("", str(tmp_path))])
+
+    def problem() -> str:
+        with composed(*SMOKE, "student._target_=cwd_nets.small_net") as cfg, \
+                pytest.raises(ConfigError) as err:
+            validate(cfg)
+        return str(err.value)
+
+    assert problem() == (
+        "config: student._target_: cannot import 'cwd_nets.small_net' (no module named "
+        "'cwd_nets'; put the folder that holds it on PYTHONPATH: kd searches sys.path, not the "
+        "current directory)")
+    (tmp_path / "cwd_nets.py").write_text("def small_net(num_classes=10, **_):\n    return None\n")
+    assert problem() == (
+        "config: student._target_: cannot import 'cwd_nets.small_net' (no module named "
+        "'cwd_nets'; cwd_nets.py is in the current directory, which the kd script does not "
+        "search: put it on PYTHONPATH (PYTHONPATH=. kd ...))")
 
 
 @pytest.mark.parametrize("overrides, message", [

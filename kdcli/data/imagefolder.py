@@ -88,8 +88,14 @@ def image_folder(
     if size < 1 or short < size:
         raise DataError(f"image folder: need 1 <= image_size <= resize, got image_size={size}, "
                         f"resize={short}")
+    check_split_folders(base, train_dir, test_dir)
     folders = dict(zip(SPLITS, (base / train_dir, base / test_dir), strict=True))
-    listed = {split: scan_split(folder, base) for split, folder in folders.items()}
+    skipped: list[str] = []
+    listed = {split: scan_split(folder, base, skipped) for split, folder in folders.items()}
+    if skipped:
+        log.warning("image folder %s: skipped %d file(s) that are not images in a class folder "
+                    "(%s): %s", base, len(skipped), ", ".join(IMG_EXTENSIONS),
+                    _few(skipped, sort=False))
     classes = listed["train"][0]
     if listed["test"][0] != classes:
         train, test = set(classes), set(listed["test"][0])
@@ -103,17 +109,18 @@ def image_folder(
     labels = {split: np.array([label for _, label in files[split]], dtype=np.int64)
               for split in SPLITS}
     hit = decoded.load(cached, labels) if cached is not None else None
-    splits = hit[0] if hit is not None else None
+    splits, source_side = (hit[0], hit[1].get("source_side")) if hit is not None else (None, None)
     if splits is None:
         t0 = time.perf_counter()
         n = sum(len(f) for f in files.values())
         threads = int(workers) if workers else min(8, os.cpu_count() or 1)
         log.info("image folder %s: decoding %d images (%d classes) to %dpx (resize %d, centre "
                  "crop), %d thread(s)", base, n, len(classes), size, short, threads)
-        images, unreadable = {}, []
+        images, unreadable, sides = {}, [], []
         for split in SPLITS:
-            images[split], failed = decode_images(base, files[split], size, short, threads)
+            images[split], failed = decode_images(base, files[split], size, short, threads, sides)
             unreadable += failed
+        source_side = int(np.median(sides)) if sides else None
         if unreadable:
             raise DataError(unreadable_error(base, unreadable, n))
         splits = {split: Split(torch.from_numpy(images[split]), torch.from_numpy(labels[split]))
@@ -122,13 +129,67 @@ def image_folder(
         if cached is not None:
             decoded.write(cached, splits, {"root": str(base), "classes": classes,
                                            "image_size": size, "resize": short,
+                                           "source_side": source_side,
                                            "version": CACHE_VERSION})
+    warn_if_upscaled(base, size, source_side)
     return Dataset(name, splits["train"], splits["test"], classes,
                    tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
-def scan_split(folder: Path, base: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted folder names) and `(path relative to base, label)` of every image."""
+# Names other datasets give their split folders: a missing split folder's error suggests the
+# key that points kd at one of these when it is there.
+SPLIT_NAMES = {"train_dir": ("train", "training", "trn"),
+               "test_dir": ("val", "test", "valid", "validation", "testing", "eval")}
+
+
+def check_split_folders(base: Path, train_dir: str, test_dir: str) -> None:
+    """Both split folders exist under `base`; if not, the error lists the folders found and says
+    what to set: `dataset.loader.test_dir=test` for a `train/` + `test/` layout, or, for one
+    folder of class folders, how to make the two splits (kd does not split one folder)."""
+    wanted = {"train_dir": train_dir, "test_dir": test_dir}
+    missing = [key for key, name in wanted.items() if not (base / name).is_dir()]
+    if not missing:
+        return
+    found = sorted(d.name for d in os.scandir(base) if d.is_dir() and not d.name.startswith("."))
+    if len(missing) == 2 and any(_holds_images(base / d) for d in found):
+        raise DataError(
+            f"image folder {base}: holds class folders ({_few(found)}), not the two split "
+            f"folders kd reads, {train_dir}/<class>/<images> to train on and "
+            f"{test_dir}/<class>/<images> to test on (kd does not split one folder): move some "
+            f"images of each class to {base / test_dir}/<class>/ and the rest to "
+            f"{base / train_dir}/<class>/, or set dataset.loader.train_dir / test_dir")
+    key = missing[0]
+    name = wanted[key]
+    spare = [d for d in found if d not in wanted.values()]
+    guess = next((d for d in spare if d.lower() in SPLIT_NAMES[key]), None)
+    hint = (f"; set dataset.loader.{key}={guess}" if guess
+            else f"; set dataset.loader.{key}= to one of them" if spare else "")
+    raise DataError(f"image folder {base}: no {name}/ folder (expected "
+                    f"{base / name}/<class>/<images>; folders found: {_few(found)}){hint}")
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether `folder` has image files directly in it (a class folder, not a split folder)."""
+    return any(e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS) for e in os.scandir(folder))
+
+
+def warn_if_upscaled(base: Path, size: int, source_side: int | None) -> None:
+    """Warns (on every load, the cached one too) when `image_size` is larger than the shorter
+    side of most images (their median): they are enlarged, which adds no detail but costs
+    decoding time, memory (3 * image_size^2 bytes each) and compute in every model. 64 px
+    images at the default 224 px made a run 5x slower than at dataset.image_size=64."""
+    if source_side is not None and size > source_side:
+        log.warning("image folder %s: most images are smaller than dataset.image_size=%d "
+                    "(median shorter side %d px) and are upscaled to it, which adds no detail "
+                    "but costs time and memory; set dataset.image_size=%d to train at their "
+                    "own size", base, size, source_side, source_side)
+
+
+def scan_split(folder: Path, base: Path, skipped: list[str] | None = None
+               ) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (sorted folder names) and `(path relative to base, label)` of every image.
+    Files it does not read (directly in `folder`, or without an image extension) are appended
+    to `skipped`, relative to base; hidden ones (.DS_Store) are left out of it."""
     if not folder.is_dir():
         raise DataError(f"image folder {base}: no {folder.name}/ folder (expected "
                         f"{folder}/<class>/<images>)")
@@ -137,14 +198,20 @@ def scan_split(folder: Path, base: Path) -> tuple[list[str], list[tuple[str, int
     if not classes:
         raise DataError(f"image folder {folder}: no class folders (expected "
                         f"{folder}/<class>/<images>)")
+    skipped = [] if skipped is None else skipped
+    skipped += sorted(os.path.relpath(e.path, base) for e in os.scandir(folder)
+                      if not e.is_dir() and not e.name.startswith("."))
     files: list[tuple[str, int]] = []
     empty = []
     for label, cls in enumerate(classes):
         found = []
         for dirpath, dirnames, filenames in os.walk(folder / cls, followlinks=True):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            found += [os.path.relpath(os.path.join(dirpath, f), base) for f in sorted(filenames)
-                      if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith(".")]
+            for f in sorted(filenames):
+                if f.startswith("."):
+                    continue
+                rel = os.path.relpath(os.path.join(dirpath, f), base)
+                (found if f.lower().endswith(IMG_EXTENSIONS) else skipped).append(rel)
         if not found:
             empty.append(cls)
         files += [(path, label) for path in found]
@@ -154,8 +221,8 @@ def scan_split(folder: Path, base: Path) -> tuple[list[str], list[tuple[str, int
     return classes, files
 
 
-def _few(names: Sequence[str] | set[str], limit: int = 5) -> str:
-    names = sorted(names)
+def _few(names: Sequence[str] | set[str], limit: int = 5, sort: bool = True) -> str:
+    names = sorted(names) if sort else list(names)
     if not names:
         return "none"
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
@@ -178,8 +245,9 @@ class UnreadableImage(DataError):
         super().__init__(f"cannot read image {path}: {self.reason}")
 
 
-def decode(path: Path, size: int, short: int) -> np.ndarray:
+def decode(path: Path, size: int, short: int, sides: list[int] | None = None) -> np.ndarray:
     """One image as uint8 HWC: shorter side resized to `short`, centre crop `size` x `size`.
+    `sides`: the source image's shorter side is appended to it (to tell upscaling).
 
     Raises:
         UnreadableImage: PIL cannot open or decode it, or it is a floating-point image.
@@ -189,6 +257,8 @@ def decode(path: Path, size: int, short: int) -> np.ndarray:
     try:
         with Image.open(path) as img:
             w, h = img.size
+            if sides is not None:
+                sides.append(min(w, h))
             scale = short / min(w, h)
             out_w, out_h = max(short, round(w * scale)), max(short, round(h * scale))
             # JPEG: let libjpeg decode at a reduced scale (>= the target size); much faster
@@ -219,16 +289,18 @@ def _eight_bit(img):
 
 
 def decode_images(base: Path, files: list[tuple[str, int]], size: int, short: int,
-                  threads: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
+                  threads: int, sides: list[int] | None = None
+                  ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """A split's images as uint8 (N, 3, size, size), decoded in parallel threads (PIL releases
     the GIL while decoding), and `(path relative to base, reason)` of each that could not be
     read (its slot in the array left unset). The split's first such image is logged when met:
-    decoding a large folder takes a while, and it goes on to find the others."""
+    decoding a large folder takes a while, and it goes on to find the others. Each image's
+    source shorter side is appended to `sides`."""
     images = np.empty((len(files), 3, size, size), dtype=np.uint8)
 
     def one(i: int) -> tuple[str, str] | None:
         try:
-            images[i] = decode(base / files[i][0], size, short).transpose(2, 0, 1)
+            images[i] = decode(base / files[i][0], size, short, sides).transpose(2, 0, 1)
         except UnreadableImage as exc:
             return files[i][0], exc.reason
         return None

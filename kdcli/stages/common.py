@@ -391,9 +391,8 @@ def check_training(ctx: Context, role: str, *, optimizer: str, scheduler: str,
         # Run for real on the CPU (one small batch): it tells a model's real error from a meta
         # limitation. A big model costs about half a second, and only here.
         probe(ctx, role, model if not _on_meta(model) else _build_module(ctx, role))
+    steps = check_batch_size(ctx, role, int(budget.batch_size))
     params = list(model.parameters()) or [nn.Parameter(torch.zeros(1))]
-    # As many steps per epoch as the training loader gives (it drops the last partial batch).
-    steps = max(1, len(ctx.dataset.train) // int(budget.batch_size))
     try:
         build_optimization(ctx, params, optimizer, scheduler, int(budget.epochs), steps)
     except KDError:
@@ -404,6 +403,37 @@ def check_training(ctx: Context, role: str, *, optimizer: str, scheduler: str,
         build_optimization(ctx, [nn.Parameter(torch.zeros(1))], optimizer, scheduler,
                            int(budget.epochs), steps)
     return model
+
+
+# The share of the training split an epoch may leave out (drop_last) before a warning.
+DROPPED_WARN = 0.1
+
+
+def check_batch_size(ctx: Context, role: str, batch_size: int) -> int:
+    """Steps per epoch of the `role`'s training loader, which drops the last partial batch.
+    A batch larger than the training split leaves no step: said here, naming the key, not
+    when the stage's first epoch finds nothing to train on (its store entry then started).
+    One that drops more than DROPPED_WARN of the split each epoch (352 images at batch 128
+    train on 256) is warned about: on a small dataset that is data the user thinks is used."""
+    world = distributed.world_size()
+    n = len(ctx.dataset.train)
+    per_rank = max(1, batch_size // world)
+    steps = (n // world) // per_rank
+    key = f"trainer.{role}.batch_size"
+    dropped = n - steps * per_rank * world
+    if steps and dropped > DROPPED_WARN * n:
+        log.warning("%s=%d leaves %d of the %d training images (%.0f%%) out of each epoch "
+                    "(%d step(s); the last partial batch is dropped, other images each epoch): "
+                    "lower %s, or set one that divides the split, to train on more of them",
+                    key, batch_size, dropped, n, 100 * dropped / n, steps, key)
+    if steps == 0:
+        ranks = (f"; under torchrun the batch is split over {world} ranks, "
+                 f"{batch_size // world} per rank from {n // world} images each"
+                 if world > 1 else "")
+        raise ConfigError(f"{key}={batch_size} is larger than the training split ({n} images"
+                          f"{ranks}): the last partial batch is dropped, so no step would "
+                          f"train; set {key}={n - n % world} or less")
+    return steps
 
 
 def build_optimization(ctx: Context, params: list[nn.Parameter], optimizer: str,
