@@ -55,6 +55,7 @@ def test_batch_that_drops_much_of_a_small_split_is_warned(caplog: pytest.LogCapt
     assert warned(5000, 128) == []  # 8 images, 0.2 %
     with pytest.raises(ConfigError, match="trainer.student.batch_size=128 is larger than"):
         warned(100, 128)
+    assert caplog.records == []  # the error alone, not a warning about dropping 100 % first
 
 
 # --- CropFlip ---------------------------------------------------------------------------------

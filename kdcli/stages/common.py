@@ -421,11 +421,6 @@ def check_batch_size(ctx: Context, role: str, batch_size: int) -> int:
     steps = (n // world) // per_rank
     key = f"trainer.{role}.batch_size"
     dropped = n - steps * per_rank * world
-    if steps and dropped > DROPPED_WARN * n:
-        log.warning("%s=%d leaves %d of the %d training images (%.0f%%) out of each epoch "
-                    "(%d step(s); the last partial batch is dropped, other images each epoch): "
-                    "lower %s, or set one that divides the split, to train on more of them",
-                    key, batch_size, dropped, n, 100 * dropped / n, steps, key)
     if steps == 0:
         ranks = (f"; under torchrun the batch is split over {world} ranks, "
                  f"{batch_size // world} per rank from {n // world} images each"
@@ -433,6 +428,11 @@ def check_batch_size(ctx: Context, role: str, batch_size: int) -> int:
         raise ConfigError(f"{key}={batch_size} is larger than the training split ({n} images"
                           f"{ranks}): the last partial batch is dropped, so no step would "
                           f"train; set {key}={n - n % world} or less")
+    if dropped > DROPPED_WARN * n:
+        log.warning("%s=%d leaves %d of the %d training images (%.0f%%) out of each epoch "
+                    "(%d step(s); the last partial batch is dropped, other images each epoch): "
+                    "lower %s, or set one that divides the split, to train on more of them",
+                    key, batch_size, dropped, n, 100 * dropped / n, steps, key)
     return steps
 
 
