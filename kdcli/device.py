@@ -187,6 +187,26 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+def machine_load() -> tuple[float | None, int]:
+    """The 1-minute load average (None where the OS has none) and :func:`usable_cores`.
+
+    What `kd export` and the report check before timing models: above one runnable task per
+    core the machine is busy (:func:`is_busy`), and multi-threaded PyTorch, which waits for its
+    slowest thread, reads latencies many times too high (0.85 ms and 10 ms for the same model
+    with 2 threads, under two busy loops on 2 cores).
+    """
+    try:
+        load: float | None = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = None
+    return load, usable_cores()
+
+
+def is_busy(load: float | None, cpus: int) -> bool:
+    """More runnable tasks, on average over the last minute, than cores (see machine_load)."""
+    return load is not None and load > cpus
+
+
 def default_threads() -> int:
     """One intra-op thread per usable core, split between the ranks sharing this machine under
     torchrun. More threads than cores only adds contention (small CIFAR kernels suffer most)."""

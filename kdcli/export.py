@@ -61,6 +61,7 @@ from kdcli.checkpoint import atomic_write, atomic_write_text
 from kdcli.data import decoded
 from kdcli.data.datasets import Dataset, Split
 from kdcli.data.loader import BatchLoader
+from kdcli.device import is_busy, machine_load
 from kdcli.errors import ConfigError, CorruptArtifact, DataError, KDError, TrainingDiverged
 from kdcli.metrics import classification_metrics, model_size_bytes
 from kdcli.report import format_bytes, to_jsonable
@@ -686,8 +687,8 @@ def main(argv: list[str]) -> int:
             members = [torch_predict(t) for t in teachers]
             timed = {"teacher": lambda x: [fn(x) for fn in members][-1], **timed}
         log.info("timing %s at batch 1 (%d runs each)", ", ".join(timed), args.latency_runs)
-        load, cpus = _machine_load()
-        if load is not None and load > cpus:
+        load, cpus = machine_load()
+        if is_busy(load, cpus):
             log.warning("the machine is busy (load average %.1f on %d CPUs): latencies will be "
                         "noisy, PyTorch's multi-threaded ones most", load, cpus)
         latency = median_latency_ms(timed, shape, args.warmup, args.latency_runs)
@@ -880,15 +881,6 @@ def remove_stale(out: Path, written: set[str]) -> list[str]:
             path.unlink()
             removed.append(name)
     return removed
-
-
-def _machine_load() -> tuple[float | None, int]:
-    """The 1-minute load average (None where the OS has none) and the CPUs this process may use."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        return os.getloadavg()[0], int(cpus or 1)
-    except (AttributeError, OSError):
-        return None, int(cpus or 1)
 
 
 def _versions() -> dict[str, str]:

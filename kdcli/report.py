@@ -104,6 +104,19 @@ def _threads(report: Mapping[str, Any]) -> str:
     return f" with {n} CPU thread{'' if n == 1 else 's'}" if isinstance(n, int) else ""
 
 
+def _busy_note(report: Mapping[str, Any]) -> str:
+    """A sentence saying the models were timed on a busy machine, when the report's `latency`
+    block says so (`kd export`'s check); "" otherwise, and for reports from before the check."""
+    latency = _block(report, "latency")
+    if not latency.get("busy"):
+        return ""
+    load, cpus = latency.get("load_average"), latency.get("cpus")
+    where = f" (load average {float(load):.1f} on {cpus} CPUs)" if _is_finite(load) else ""
+    return (f" **Timed on a busy machine**{where}: the latencies are noisy, the speed-up (the "
+            "ratio of the fastest calls) less so; multi-threaded PyTorch suffers most, hence "
+            "the one thread.")
+
+
 def _ms(x: Any) -> str:
     return f"{float(x):.2f}" if _is_finite(x) else _DASH
 
@@ -135,12 +148,14 @@ def compression(teacher_profile: Mapping[str, Any], student_profile: Mapping[str
 
     Args:
         teacher_profile: ``profile_model`` output (``params``, ``flops``, ``size_bytes``,
-            ``latency_ms``) for the teacher; extra keys are ignored.
+            ``latency_ms``, and ``latency_min_ms`` where timed with the student) for the
+            teacher; extra keys are ignored.
         student_profile: The same for the student.
 
     Returns:
         ``{"params_ratio", "size_ratio", "flops_ratio", "latency_speedup"}``; an entry is
-        ``None`` when either side is missing or the student's value is zero.
+        ``None`` when either side is missing or the student's value is zero. The speed-up is
+        the ratio of the fastest calls where both have one, else of the medians.
     """
 
     def ratio(key: str) -> float | None:
@@ -149,11 +164,14 @@ def compression(teacher_profile: Mapping[str, Any], student_profile: Mapping[str
             return None
         return float(t) / float(s)
 
+    # The fastest calls when both were timed together (`Latencies`): medians swing with the
+    # machine's load, and unequally for a long and a short model.
+    both = all(_is_finite(p.get("latency_min_ms")) for p in (teacher_profile, student_profile))
     return {
         "params_ratio": ratio("params"),
         "size_ratio": ratio("size_bytes"),
         "flops_ratio": ratio("flops"),
-        "latency_speedup": ratio("latency_ms"),
+        "latency_speedup": ratio("latency_min_ms" if both else "latency_ms"),
     }
 
 
@@ -700,8 +718,9 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
         (
             "Accuracy metrics in percent on the test split, of each model's final weights "
             f"(`last.pt`; {_best_pt_text(report)}). Latency is the median CPU fp32 "
-            f"batch-1 forward time{_threads(report)}; the from-scratch baseline shares the "
-            "student's architecture and costs."
+            f"batch-1 forward time{_threads(report)}, teacher and student timed in turn; the "
+            "from-scratch baseline shares the student's architecture and costs."
+            f"{_busy_note(report)}"
         ),
         "",
     ]
@@ -712,6 +731,11 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     lines += ["## Compression", ""]
     lines += _compression_table(report)
     lines += [""]
+    if _is_finite(_block(report, "compression").get("latency_speedup")):
+        speedup = ("the ratio of the fastest of each model's timed calls, the ones least "
+                   "touched by other processes"
+                   if _is_finite(teacher.get("latency_min_ms")) else "the ratio of the medians")
+        lines += [f"The latency speed-up is {speedup}.{_busy_note(report)}", ""]
 
     if "training_curves" in plots:
         lines += [

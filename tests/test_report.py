@@ -161,7 +161,8 @@ def test_write_report_full(tmp_path):
     assert "| latency (ms) | 4.00 | 1.00 | 1.00 |" in md
     assert "| params | 0.27M | 54.0K | 5.0× |" in md  # compression table
     assert "| latency (ms) | 4.00 | 1.00 | 4.0× |" in md
-    assert "Latency is the median CPU fp32 batch-1 forward time with 2 CPU threads;" in md
+    assert ("Latency is the median CPU fp32 batch-1 forward time with 2 CPU threads, teacher "
+            "and student timed in turn;") in md
     assert "| teacher | trained |" in md and "| cache | reused |" in md
     assert "| student | resumed |" in md and "| baseline | not run |" in md
     assert "| bytes per train sample | 40 B |" in md and "| storage | full logits |" in md
@@ -412,3 +413,27 @@ def test_multi_teacher_curves_are_shades_of_the_teacher_colour(tmp_path, monkeyp
     for r, g, b in shades:
         assert b > r and b > g  # blue, as the teacher
     assert lines["from scratch"] == to_rgb("#dd8452") not in shades
+
+
+def test_speedup_divides_the_fastest_calls_where_both_were_timed_together():
+    # Medians on a busy machine gave one teacher/student pair speed-ups from 2.9x to 12.4x.
+    t = {"latency_ms": 7.0, "latency_min_ms": 0.8}
+    s = {"latency_ms": 0.3, "latency_min_ms": 0.2}
+    assert compression(t, s)["latency_speedup"] == pytest.approx(4.0)
+    assert compression({"latency_ms": 3.0}, s)["latency_speedup"] == pytest.approx(10.0)
+
+
+def test_report_says_when_the_models_were_timed_on_a_busy_machine(tmp_path):
+    rep = sample_report()
+    rep["latency"] = {"threads": 1, "load_average": 2.6, "cpus": 2, "busy": True}
+    rep["latency_threads"] = 1
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    results = md[md.index("## Results"):md.index("## Compression")]
+    assert "with 1 CPU thread" in results
+    assert "Timed on a busy machine** (load average 2.6 on 2 CPUs)" in results
+    assert "Timed on a busy machine" in md[md.index("## Compression"):]
+    assert json.loads((tmp_path / "report.json").read_text())["latency"]["busy"] is True
+    rep["latency"]["busy"] = False
+    write_report(rep, tmp_path)
+    assert "busy" not in (tmp_path / "report.md").read_text()
