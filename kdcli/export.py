@@ -485,17 +485,40 @@ def _ratio(num: Any, den: Any) -> str:
     return f"{num / den:.1f}×" if num / den >= 1 else f"{num / den:.2f}×"
 
 
+def run_precision(report: dict[str, Any]) -> str | None:
+    """The precision the run evaluated its models in (report.json's ``device``, e.g.
+    ``"cpu, bf16, channels_last"``), so its top-1 is not taken for an fp32 figure."""
+    parts = [p.strip() for p in str(report.get("device") or "").split(",")]
+    return next((p for p in parts if p in ("fp32", "bf16", "fp16")), None)
+
+
+def _report_top1(top1: Any, precision: str | None) -> str:
+    """A top-1 from report.json, marked with its precision unless fp32 like the rest."""
+    figure = _fmt(top1, ".2f")
+    if figure == "—" or precision == "fp32":
+        return figure
+    return f"{figure} ({precision or 'run precision'})"
+
+
 def markdown_table(data: dict[str, Any]) -> list[str]:
-    """What each compression step bought: teacher, then the student in each format."""
+    """What each compression step bought: teacher, then the student as report.md evaluated it
+    and in each format. Every figure is fp32 (or the format's own) but the top-1 read from
+    report.json, which is marked with the run's precision where that is not fp32."""
     teacher = data.get("teacher") or {}
+    precision = data.get("report_precision")
     rows = [["step", "top-1 %", "agreement with float student %", "max \\|Δ logit\\|",
              "file size", "smaller than teacher", "latency ms", "faster than teacher"],
             ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"]]
     t_size, t_lat = teacher.get("size_bytes"), teacher.get("latency_ms")
     name = f"teacher {teacher['name']}" if teacher.get("name") else "teacher"
-    rows.append([f"{name} (PyTorch fp32)", _fmt(teacher.get("top1"), ".2f"), "—", "—",
+    rows.append([f"{name} (PyTorch fp32; top-1 from report.json)",
+                 _report_top1(teacher.get("top1"), precision), "—", "—",
                  format_bytes(t_size), _ratio(t_size, t_size), _fmt(t_lat, ".2f"),
                  _ratio(t_lat, t_lat)])
+    if _fmt(data.get("report_top1"), ".2f") != "—":
+        rows.append(["student `last.pt` as in report.md", _report_top1(data["report_top1"],
+                                                                       precision),
+                     "—", "—", "—", "—", "—", "—"])
     for key, f in data["formats"].items():
         diff = "—" if key == "pytorch" else _fmt(f.get("max_abs_diff"), ".2g")
         rows.append([LABELS[key], _fmt(f["top1"], ".2f"), _fmt(f["agreement"], ".2f"), diff,
@@ -520,6 +543,7 @@ def markdown_notes(data: dict[str, Any]) -> list[str]:
         "other processes hits them alike; the teacher's top-1 and file size are from "
         "`report.json`. File size of the PyTorch rows is the saved `state_dict`.",
         "",
+        *_precision_note(data),
         *_untimed_teacher_note(teacher),
         *_busy_note(data["latency"]),
         f"Float formats pass when every logit is within {tol['atol']:g} + {tol['rtol']:g}·|logit| "
@@ -534,6 +558,17 @@ def markdown_notes(data: dict[str, Any]) -> list[str]:
         lines += ["", f"int8: {q['method']}; calibrated on {q['calibration_images']} "
                       f"{q['calibration_split']} images. Its accuracy is measured, not checked."]
     return lines
+
+
+def _precision_note(data: dict[str, Any]) -> list[str]:
+    precision = data.get("report_precision")
+    if precision == "fp32" or _fmt(data.get("report_top1"), ".2f") == "—":
+        return []
+    run = f"{precision} autocast" if precision else "the run's precision (report.json `device`)"
+    return [f"Precision: the top-1 of the teacher and of the student as in report.md are "
+            f"report.json's, evaluated under {run}; the student rows below them are "
+            "evaluated here in fp32 (int8: its own). Rounded logits can flip a near-tie, so "
+            "the two student figures may differ by a few images.", ""]
 
 
 def _untimed_teacher_note(teacher: dict[str, Any]) -> list[str]:
@@ -712,6 +747,7 @@ def main(argv: list[str]) -> int:
             "test_fingerprint": ds.test.fingerprint(),
             "input": input_spec(ds, dataset_cfg.get("loader")),
             "report_top1": report["student"].get("top1"),
+            "report_precision": run_precision(report),
             "tolerance": {"atol": args.tolerance, "rtol": args.rtol,
                           "min_agreement": MIN_AGREEMENT},
             "latency": {"batch_size": 1, "device": "cpu", "threads": threads,
