@@ -178,8 +178,8 @@ def test_eval_with_other_settings_than_the_run_says_so(sweep: Path) -> None:
     # first line, "Error(s) in loading state_dict for TinyCNN:".
     ("wide", "does not fit this architecture: size mismatch for block1.conv.weight: checkpoint "
              "(32, 3, 3, 3) vs model (16, 3, 3, 3) (+15 more); it was loaded as arch=student "
-             "student=tiny_cnn; set arch= and student=/teacher= to the model the checkpoint was "
-             "trained as"),
+             "student=tiny_cnn; set arch= and student=/teacher= (student._target_= for a model "
+             "of your own) to the model the checkpoint was trained as"),
     # A store entry's test_logits.pt is a kd checkpoint without a model: was KeyError: 'model'.
     ("logits", "holds no model weights (it has: labels, logits); give a model checkpoint "
                "(best.pt or last.pt)"),
@@ -196,6 +196,28 @@ def test_eval_of_a_checkpoint_that_does_not_fit_says_why(workdir: Path, saved: s
               cwd=workdir, check=False)
     assert proc.returncode == 1
     assert proc.stderr == f"error: checkpoint {path} {message}\n"
+
+
+def test_eval_of_a_run_checkpoint_names_the_runs_own_target(workdir: Path) -> None:
+    # A run with student._target_=mynets.small_net, evaluated without it: the hint said
+    # "set ... student=", which cannot select a model of one's own.
+    from kdcli import checkpoint
+    from kdcli.models.small import tiny_cnn
+
+    run = workdir / "custom-run"
+    path = run / "checkpoints" / "student" / "last.pt"
+    path.parent.mkdir(parents=True)
+    checkpoint.save({"model": tiny_cnn(width=32).state_dict()}, path)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(
+        "student:\n  _target_: mynets.small_net\n")
+    (run / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  runtime:\n    choices:\n      student: tiny_cnn\n")
+    proc = kd("eval", *SMOKE, f"checkpoint={path}", f"hydra.run.dir={workdir / 'eval'}",
+              cwd=workdir, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.endswith(f"it was loaded as arch=student student=tiny_cnn; the run {run} "
+                                "trained it as student._target_=mynets.small_net: set that\n")
 
 
 def test_stages_run_alone_in_order(workdir: Path) -> None:
