@@ -32,7 +32,8 @@ from kdcli.checkpoint import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compression", "format_bytes", "format_count", "to_jsonable", "write_report"]
+__all__ = ["compression", "format_bytes", "format_count", "teacher_warning", "to_jsonable",
+           "write_report"]
 
 PLOTS_DIR = "plots"
 _DASH = "—"
@@ -466,6 +467,39 @@ def _summary(report: Mapping[str, Any]) -> str:
     return text + "."
 
 
+def teacher_warning(report: Mapping[str, Any]) -> str | None:
+    """Says so when the teacher has nothing to teach: its test (or validation) top-1 within
+    two standard errors of chance (1/classes), or below the from-scratch baseline's. A review's
+    teacher read 10.67% on 10 classes, under the baseline's 15.33%, and the report's first
+    sentence still read as a distillation result. None when the teacher is fine or unknown."""
+    teacher, baseline = _block(report, "teacher"), _block(report, "baseline")
+    dataset = _block(report, "dataset")
+    classes = dataset.get("num_classes")
+    if not _is_finite(teacher.get("top1")):
+        return None
+    name = f"teacher ({teacher['name']})" if teacher.get("name") else "teacher"
+    if isinstance(classes, int) and classes > 1:
+        chance = 100.0 / classes
+        for key, size_key, split in (("top1", "test_size", "test"),
+                                     ("val_top1", "val_size", "validation")):
+            top1, n = teacher.get(key), dataset.get(size_key)
+            if not _is_finite(top1):
+                continue
+            # Two standard errors of a chance-level accuracy on this many images (2 points
+            # when the count is unknown): 4.9 points on 150 images of 10 classes, 1.9 on 1,000.
+            p = 1.0 / classes
+            margin = 200.0 * math.sqrt(p * (1 - p) / n) if _is_finite(n) and n > 0 else 2.0
+            if float(top1) <= chance + margin:
+                return (f"The {name} is at chance: {float(top1):.1f}% {split} top-1 on "
+                        f"{classes} classes, where guessing gets {chance:.1f}%. Distilling from "
+                        "it is pointless; train it longer or check its data and labels.")
+    if _is_finite(baseline.get("top1")) and float(teacher["top1"]) < float(baseline["top1"]):
+        return (f"The {name} is worse than the student trained from scratch: "
+                f"{float(teacher['top1']):.1f}% against {float(baseline['top1']):.1f}% test "
+                "top-1. Distilling from it is pointless; train it longer or pick a stronger one.")
+    return None
+
+
 def _times(r: float, better: str, worse: str, same: str) -> str:
     """`5.0× fewer parameters`, `2.0× more parameters`, or `same` for a ratio that prints as
     1.0 (a student of the teacher's own architecture read "1.0× fewer parameters")."""
@@ -705,6 +739,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
         title += f" on {dataset['name']}"
 
     lines = [f"# {title}", "", _summary(report), ""]
+    if (warning := teacher_warning(report)) is not None:
+        lines += [f"**Warning:** {warning}", ""]
     if (line := _dataset_line(report)) is not None:
         lines += [line, ""]
     if _is_finite(report.get("wall_time_s")):

@@ -437,3 +437,27 @@ def test_report_says_when_the_models_were_timed_on_a_busy_machine(tmp_path):
     rep["latency"]["busy"] = False
     write_report(rep, tmp_path)
     assert "busy" not in (tmp_path / "report.md").read_text()
+
+
+def test_report_warns_of_a_teacher_at_chance_or_below_the_baseline(tmp_path):
+    # A review's teacher read 10.67% on 10 classes, under the baseline's 15.33%, and the
+    # report's first sentence still read as a distillation result.
+    rep = sample_report()
+    rep["dataset"]["test_size"] = 150
+    assert report_mod.teacher_warning(rep) is None
+    rep["teacher"]["top1"], rep["baseline"]["top1"] = 10.67, 15.33
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text().split("\n")
+    assert md[4] == ("**Warning:** The teacher (resnet20) is at chance: 10.7% test top-1 on 10 "
+                     "classes, where guessing gets 10.0%. Distilling from it is pointless; train "
+                     "it longer or check its data and labels.")
+    rep["teacher"]["top1"] = 16.0  # above chance + 2 standard errors (14.9) on 150 images
+    assert report_mod.teacher_warning(rep) is None
+    rep["teacher"]["val_top1"], rep["dataset"]["val_size"] = 11.0, 100
+    assert "11.0% validation top-1" in report_mod.teacher_warning(rep)
+    del rep["teacher"]["val_top1"]
+    rep["teacher"]["top1"], rep["baseline"]["top1"] = 50.0, 65.0
+    assert report_mod.teacher_warning(rep) == (
+        "The teacher (resnet20) is worse than the student trained from scratch: 50.0% against "
+        "65.0% test top-1. Distilling from it is pointless; train it longer or pick a stronger "
+        "one.")

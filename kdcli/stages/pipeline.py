@@ -28,7 +28,7 @@ from kdcli.metrics import (
     measure_latencies,
     profile_model,
 )
-from kdcli.report import compression, write_report
+from kdcli.report import compression, teacher_warning, write_report
 from kdcli.stages import cache as cache_stage
 from kdcli.stages import pretrain as pretrain_stage
 from kdcli.stages import student as student_stage
@@ -68,6 +68,8 @@ def run(ctx: Context, started: float | None = None) -> dict[str, Any]:
             if result is not None:
                 publish(result["entry"], ctx.run_dir, stage)
         report = build_report(ctx, teachers, cache, pretrained, student, baseline, started)
+        if (warning := teacher_warning(report)) is not None:
+            log.warning("%s", warning)
         s, b = report["student"], report["baseline"]
         log.info("student %s: top-1 %.2f%% (baseline %s, teacher %.2f%%); report: %s",
                  s["name"], s["top1"], f"{b['top1']:.2f}%" if b else "off",
