@@ -432,12 +432,18 @@ def test_a_run_into_an_earlier_runs_folder_sets_its_outputs_aside(tmp_path: Path
     # used to stay in the folder, and its learning curve went into the new report's plots.
     run, store = tmp_path / "run", f"store={tmp_path / 'store'}"
     first = [a for a in TINY if a != "baseline=false"] + ["baseline=true"]
-    kd("train", *first, store, f"hydra.run.dir={run}", cwd=tmp_path)
+    log = kd("train", *first, store, f"hydra.run.dir={run}", cwd=tmp_path)
+    log = log.stdout + log.stderr
+    assert "training tiny_cnn (1 epoch, best.pt" in log  # read "1 epochs"
+    assert "(a fixed teacher)" in log
     (run / "export").mkdir()
     (run / "export" / "student.onnx").write_bytes(b"the first run's student")
     old_report = (run / "report.json").read_text()
     proc = kd("train", *TINY, store, f"hydra.run.dir={run}", cwd=tmp_path)
     assert read_report(run)["baseline"] is None
+    # The student is reused: the note on how it trained was logged all the same.
+    assert "reusing" in proc.stdout + proc.stderr
+    assert "(a fixed teacher)" not in proc.stdout + proc.stderr
     for stale in ("checkpoints/baseline", "metrics/baseline.csv", "export"):
         assert not (run / stale).exists(), stale
     assert (run / "checkpoints" / "student" / "last.pt").exists()

@@ -141,6 +141,9 @@ def test_users_own_model_by_target(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (["trainer.teacher.batch_size=1.5"],
      "config: trainer.teacher.batch_size: expected int, got 1.5"),
     (["seed=true"], "config: seed: expected int, got True"),
+    # Read "expected int or null", which did not say it counts images, not a fraction.
+    (["dataset.val_size=0.1"], "config: dataset.val_size: a number of images to hold out of "
+                               "train (null or 0: none), not a fraction, got 0.1"),
     (["deterministic=1"], "config: deterministic: expected bool, got 1"),
     (["cache.teacher_weights=[1,a]"],
      "config: cache.teacher_weights: expected a list of float or null, got [1, 'a']"),
