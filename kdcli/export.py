@@ -584,11 +584,11 @@ def _untimed_teacher_note(teacher: dict[str, Any]) -> list[str]:
 
 
 def _busy_note(latency: dict[str, Any]) -> list[str]:
-    load, cpus = latency.get("load_average"), latency.get("cpus")
-    if load is None or not cpus or load <= cpus:
+    load, cpus = latency.get("other_load"), latency.get("cpus")
+    if not is_busy(load, cpus):
         return []
-    return [f"Timed on a busy machine (load average {load:.1f} on {cpus} CPUs): latencies are "
-            "noisy, multi-threaded PyTorch's most.", ""]
+    return [f"Timed on a busy machine (other processes used {load:.1f} of {cpus} CPUs): "
+            "latencies are noisy, multi-threaded PyTorch's most.", ""]
 
 
 def replace_section(markdown: str, section: list[str]) -> str:
@@ -724,8 +724,8 @@ def main(argv: list[str]) -> int:
         log.info("timing %s at batch 1 (%d runs each)", ", ".join(timed), args.latency_runs)
         load, cpus = machine_load()
         if is_busy(load, cpus):
-            log.warning("the machine is busy (load average %.1f on %d CPUs): latencies will be "
-                        "noisy, PyTorch's multi-threaded ones most", load, cpus)
+            log.warning("the machine is busy (other processes used %.1f of %d CPUs): latencies "
+                        "will be noisy, PyTorch's multi-threaded ones most", load, cpus)
         latency = median_latency_ms(timed, shape, args.warmup, args.latency_runs)
         teacher_ms = latency.pop("teacher", None)
         for name, ms in latency.items():
@@ -751,7 +751,7 @@ def main(argv: list[str]) -> int:
             "tolerance": {"atol": args.tolerance, "rtol": args.rtol,
                           "min_agreement": MIN_AGREEMENT},
             "latency": {"batch_size": 1, "device": "cpu", "threads": threads,
-                        "warmup": args.warmup, "runs": args.latency_runs, "load_average": load,
+                        "warmup": args.warmup, "runs": args.latency_runs, "other_load": load,
                         "cpus": cpus},
             "teacher": teacher,
             "formats": results,

@@ -111,8 +111,9 @@ def _busy_note(report: Mapping[str, Any]) -> str:
     latency = _block(report, "latency")
     if not latency.get("busy"):
         return ""
-    load, cpus = latency.get("load_average"), latency.get("cpus")
-    where = f" (load average {float(load):.1f} on {cpus} CPUs)" if _is_finite(load) else ""
+    load, cpus = latency.get("other_load"), latency.get("cpus")
+    where = (f" (other processes used {float(load):.1f} of {cpus} CPUs)" if _is_finite(load)
+             else "")
     return (f" **Timed on a busy machine**{where}: the latencies are noisy, the speed-up (the "
             "ratio of the fastest calls) less so; multi-threaded PyTorch suffers most, hence "
             "the one thread.")
@@ -492,11 +493,12 @@ def teacher_warning(report: Mapping[str, Any]) -> str | None:
             if float(top1) <= chance + margin:
                 return (f"The {name} is at chance: {float(top1):.1f}% {split} top-1 on "
                         f"{classes} classes, where guessing gets {chance:.1f}%. Distilling from "
-                        "it is pointless; train it longer or check its data and labels.")
+                        "it teaches nothing; train it longer or check its data and labels.")
     if _is_finite(baseline.get("top1")) and float(teacher["top1"]) < float(baseline["top1"]):
         return (f"The {name} is worse than the student trained from scratch: "
                 f"{float(teacher['top1']):.1f}% against {float(baseline['top1']):.1f}% test "
-                "top-1. Distilling from it is pointless; train it longer or pick a stronger one.")
+                "top-1. Distilling from it is unlikely to help; train it longer or pick a stronger "
+                "one.")
     return None
 
 

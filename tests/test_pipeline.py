@@ -505,7 +505,7 @@ def test_latency_on_a_busy_machine_is_timed_with_one_thread(monkeypatch) -> None
     blocks = [{}, {}]
     latency = pipeline._time_together(ctx, blocks, [Probe(), Probe()])
     assert set(seen) == {1}
-    assert latency == {"threads": 1, "load_average": 5.0, "cpus": 2, "busy": True,
+    assert latency == {"threads": 1, "other_load": 5.0, "cpus": 2, "busy": True,
                        "speedup_from": "min"}
     assert all(b["latency_min_ms"] <= b["latency_ms"] for b in blocks)
     seen.clear()

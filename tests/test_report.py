@@ -425,13 +425,13 @@ def test_speedup_divides_the_fastest_calls_where_both_were_timed_together():
 
 def test_report_says_when_the_models_were_timed_on_a_busy_machine(tmp_path):
     rep = sample_report()
-    rep["latency"] = {"threads": 1, "load_average": 2.6, "cpus": 2, "busy": True}
+    rep["latency"] = {"threads": 1, "other_load": 2.6, "cpus": 2, "busy": True}
     rep["latency_threads"] = 1
     write_report(rep, tmp_path)
     md = (tmp_path / "report.md").read_text()
     results = md[md.index("## Results"):md.index("## Compression")]
     assert "with 1 CPU thread" in results
-    assert "Timed on a busy machine** (load average 2.6 on 2 CPUs)" in results
+    assert "Timed on a busy machine** (other processes used 2.6 of 2 CPUs)" in results
     assert "Timed on a busy machine" in md[md.index("## Compression"):]
     assert json.loads((tmp_path / "report.json").read_text())["latency"]["busy"] is True
     rep["latency"]["busy"] = False
@@ -449,8 +449,8 @@ def test_report_warns_of_a_teacher_at_chance_or_below_the_baseline(tmp_path):
     write_report(rep, tmp_path)
     md = (tmp_path / "report.md").read_text().split("\n")
     assert md[4] == ("**Warning:** The teacher (resnet20) is at chance: 10.7% test top-1 on 10 "
-                     "classes, where guessing gets 10.0%. Distilling from it is pointless; train "
-                     "it longer or check its data and labels.")
+                     "classes, where guessing gets 10.0%. Distilling from it teaches nothing; "
+                     "train it longer or check its data and labels.")
     rep["teacher"]["top1"] = 16.0  # above chance + 2 standard errors (14.9) on 150 images
     assert report_mod.teacher_warning(rep) is None
     rep["teacher"]["val_top1"], rep["dataset"]["val_size"] = 11.0, 100
@@ -459,5 +459,5 @@ def test_report_warns_of_a_teacher_at_chance_or_below_the_baseline(tmp_path):
     rep["teacher"]["top1"], rep["baseline"]["top1"] = 50.0, 65.0
     assert report_mod.teacher_warning(rep) == (
         "The teacher (resnet20) is worse than the student trained from scratch: 50.0% against "
-        "65.0% test top-1. Distilling from it is pointless; train it longer or pick a stronger "
-        "one.")
+        "65.0% test top-1. Distilling from it is unlikely to help; train it longer or pick a "
+        "stronger one.")

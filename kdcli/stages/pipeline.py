@@ -105,7 +105,8 @@ def _time_together(ctx: Context, blocks: list[dict[str, Any]], models: list[torc
     """Sets each block's `latency_ms` (median) and `latency_min_ms` (fastest call, what the
     speed-up divides), the models timed in turn; returns the report's `latency` block.
 
-    On a busy machine (`kd export`'s check: load average above the usable cores) the models are
+    On a busy machine (`kd export`'s check: other processes using over half a core,
+    kdcli.device.machine_load) the models are
     timed with one thread: multi-threaded PyTorch waits for its slowest thread, which a busy
     core stalls for a whole time slice (0.85 against 10 ms here, 288 against 0.89 ms in a
     review), while one thread reads as on an idle machine.
@@ -114,13 +115,13 @@ def _time_together(ctx: Context, blocks: list[dict[str, Any]], models: list[torc
     busy = is_busy(load, cpus)
     threads = 1 if busy else latency_threads()
     if busy:
-        log.warning("the machine is busy (load average %.1f on %d CPUs, this run's own recent "
-                    "work included): timing the models' latency with 1 thread; the figures "
+        log.warning("the machine is busy (other processes used %.1f of %d CPUs): timing the "
+                    "models' latency with 1 thread; the figures "
                     "will be noisy, the speed-up (fastest calls) less so", load, cpus)
     timed = measure_latencies(models, ctx.dataset.image_shape, threads=threads)
     for block, median, fastest in zip(blocks, timed.median_ms, timed.min_ms, strict=True):
         block["latency_ms"], block["latency_min_ms"] = median, fastest
-    return {"threads": timed.threads, "load_average": load, "cpus": cpus, "busy": busy,
+    return {"threads": timed.threads, "other_load": load, "cpus": cpus, "busy": busy,
             "speedup_from": "min"}
 
 
