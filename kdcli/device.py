@@ -187,6 +187,65 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+# Cores' worth of other processes' CPU use above which a machine counts as busy for timing.
+BUSY_CORES = 0.5
+
+
+def machine_load(window_s: float = 0.25) -> tuple[float | None, int]:
+    """How busy the machine is besides this process, and :func:`usable_cores`.
+
+    The load is the cores' worth of CPU time used on this process's CPUs (its affinity) over
+    `window_s` while this process sleeps: other processes' work alone, read from /proc/stat
+    (Linux); None where that cannot be read (then no busy check). Not the load average: it
+    holds this run's own training of the last minute, so a quiet machine read as busy right
+    after training. What `kd export` and the report check before timing models: multi-threaded
+    PyTorch waits for its slowest thread, and a core another process takes stalls it (0.85 and
+    10 ms for the same model with 2 threads under two busy loops on 2 cores).
+    """
+    import time
+
+    before = _cpu_jiffies()
+    if before is None:
+        return None, usable_cores()
+    time.sleep(window_s)
+    after = _cpu_jiffies()
+    if after is None:
+        return None, usable_cores()
+    busy = after[0] - before[0]
+    total = after[1] - before[1]
+    cpus = after[2]
+    load = cpus * busy / total if total > 0 else 0.0
+    return round(load, 2), usable_cores()
+
+
+def _cpu_jiffies() -> tuple[int, int, int] | None:
+    """(busy, total) jiffies summed over this process's CPUs in /proc/stat, and their count;
+    None where /proc/stat or the affinity cannot be read."""
+    try:
+        mine = os.sched_getaffinity(0)
+        with open("/proc/stat") as fh:
+            lines = [line.split() for line in fh if line.startswith("cpu")
+                     and line[3:4].isdigit()]
+    except (AttributeError, OSError):
+        return None
+    busy = total = count = 0
+    for fields in lines:
+        if int(fields[0][3:]) not in mine:
+            continue
+        # user nice system idle iowait irq softirq steal (guest time is inside user)
+        ticks = [int(x) for x in fields[1:9]]
+        idle = ticks[3] + ticks[4]
+        busy += sum(ticks) - idle
+        total += sum(ticks)
+        count += 1
+    return (busy, total, count) if count else None
+
+
+def is_busy(load: float | None, cpus: int) -> bool:
+    """Other processes used more than BUSY_CORES of this process's CPUs (see machine_load)."""
+    return load is not None and load > BUSY_CORES
+
+
 def default_threads() -> int:
     """One intra-op thread per usable core, split between the ranks sharing this machine under
     torchrun. More threads than cores only adds contention (small CIFAR kernels suffer most)."""

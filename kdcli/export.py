@@ -61,6 +61,7 @@ from kdcli.checkpoint import atomic_write, atomic_write_text
 from kdcli.data import decoded
 from kdcli.data.datasets import Dataset, Split
 from kdcli.data.loader import BatchLoader
+from kdcli.device import is_busy, machine_load
 from kdcli.errors import ConfigError, CorruptArtifact, DataError, KDError, TrainingDiverged
 from kdcli.metrics import classification_metrics, model_size_bytes
 from kdcli.report import format_bytes, to_jsonable
@@ -484,17 +485,40 @@ def _ratio(num: Any, den: Any) -> str:
     return f"{num / den:.1f}×" if num / den >= 1 else f"{num / den:.2f}×"
 
 
+def run_precision(report: dict[str, Any]) -> str | None:
+    """The precision the run evaluated its models in (report.json's ``device``, e.g.
+    ``"cpu, bf16, channels_last"``), so its top-1 is not taken for an fp32 figure."""
+    parts = [p.strip() for p in str(report.get("device") or "").split(",")]
+    return next((p for p in parts if p in ("fp32", "bf16", "fp16")), None)
+
+
+def _report_top1(top1: Any, precision: str | None) -> str:
+    """A top-1 from report.json, marked with its precision unless fp32 like the rest."""
+    figure = _fmt(top1, ".2f")
+    if figure == "—" or precision == "fp32":
+        return figure
+    return f"{figure} ({precision or 'run precision'})"
+
+
 def markdown_table(data: dict[str, Any]) -> list[str]:
-    """What each compression step bought: teacher, then the student in each format."""
+    """What each compression step bought: teacher, then the student as report.md evaluated it
+    and in each format. Every figure is fp32 (or the format's own) but the top-1 read from
+    report.json, which is marked with the run's precision where that is not fp32."""
     teacher = data.get("teacher") or {}
+    precision = data.get("report_precision")
     rows = [["step", "top-1 %", "agreement with float student %", "max \\|Δ logit\\|",
              "file size", "smaller than teacher", "latency ms", "faster than teacher"],
             ["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"]]
     t_size, t_lat = teacher.get("size_bytes"), teacher.get("latency_ms")
     name = f"teacher {teacher['name']}" if teacher.get("name") else "teacher"
-    rows.append([f"{name} (PyTorch fp32)", _fmt(teacher.get("top1"), ".2f"), "—", "—",
+    rows.append([f"{name} (PyTorch fp32; top-1 from report.json)",
+                 _report_top1(teacher.get("top1"), precision), "—", "—",
                  format_bytes(t_size), _ratio(t_size, t_size), _fmt(t_lat, ".2f"),
                  _ratio(t_lat, t_lat)])
+    if _fmt(data.get("report_top1"), ".2f") != "—":
+        rows.append(["student `last.pt` as in report.md", _report_top1(data["report_top1"],
+                                                                       precision),
+                     "—", "—", "—", "—", "—", "—"])
     for key, f in data["formats"].items():
         diff = "—" if key == "pytorch" else _fmt(f.get("max_abs_diff"), ".2g")
         rows.append([LABELS[key], _fmt(f["top1"], ".2f"), _fmt(f["agreement"], ".2f"), diff,
@@ -519,6 +543,7 @@ def markdown_notes(data: dict[str, Any]) -> list[str]:
         "other processes hits them alike; the teacher's top-1 and file size are from "
         "`report.json`. File size of the PyTorch rows is the saved `state_dict`.",
         "",
+        *_precision_note(data),
         *_untimed_teacher_note(teacher),
         *_busy_note(data["latency"]),
         f"Float formats pass when every logit is within {tol['atol']:g} + {tol['rtol']:g}·|logit| "
@@ -535,6 +560,17 @@ def markdown_notes(data: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _precision_note(data: dict[str, Any]) -> list[str]:
+    precision = data.get("report_precision")
+    if precision == "fp32" or _fmt(data.get("report_top1"), ".2f") == "—":
+        return []
+    run = f"{precision} autocast" if precision else "the run's precision (report.json `device`)"
+    return [f"Precision: the top-1 of the teacher and of the student as in report.md are "
+            f"report.json's, evaluated under {run}; the student rows below them are "
+            "evaluated here in fp32 (int8: its own). Rounded logits can flip a near-tie, so "
+            "the two student figures may differ by a few images.", ""]
+
+
 def _untimed_teacher_note(teacher: dict[str, Any]) -> list[str]:
     if teacher.get("latency_ms") is not None:
         return []
@@ -548,11 +584,11 @@ def _untimed_teacher_note(teacher: dict[str, Any]) -> list[str]:
 
 
 def _busy_note(latency: dict[str, Any]) -> list[str]:
-    load, cpus = latency.get("load_average"), latency.get("cpus")
-    if load is None or not cpus or load <= cpus:
+    load, cpus = latency.get("other_load"), latency.get("cpus")
+    if not is_busy(load, cpus):
         return []
-    return [f"Timed on a busy machine (load average {load:.1f} on {cpus} CPUs): latencies are "
-            "noisy, multi-threaded PyTorch's most.", ""]
+    return [f"Timed on a busy machine (other processes used {load:.1f} of {cpus} CPUs): "
+            "latencies are noisy, multi-threaded PyTorch's most.", ""]
 
 
 def replace_section(markdown: str, section: list[str]) -> str:
@@ -686,10 +722,10 @@ def main(argv: list[str]) -> int:
             members = [torch_predict(t) for t in teachers]
             timed = {"teacher": lambda x: [fn(x) for fn in members][-1], **timed}
         log.info("timing %s at batch 1 (%d runs each)", ", ".join(timed), args.latency_runs)
-        load, cpus = _machine_load()
-        if load is not None and load > cpus:
-            log.warning("the machine is busy (load average %.1f on %d CPUs): latencies will be "
-                        "noisy, PyTorch's multi-threaded ones most", load, cpus)
+        load, cpus = machine_load()
+        if is_busy(load, cpus):
+            log.warning("the machine is busy (other processes used %.1f of %d CPUs): latencies "
+                        "will be noisy, PyTorch's multi-threaded ones most", load, cpus)
         latency = median_latency_ms(timed, shape, args.warmup, args.latency_runs)
         teacher_ms = latency.pop("teacher", None)
         for name, ms in latency.items():
@@ -711,10 +747,11 @@ def main(argv: list[str]) -> int:
             "test_fingerprint": ds.test.fingerprint(),
             "input": input_spec(ds, dataset_cfg.get("loader")),
             "report_top1": report["student"].get("top1"),
+            "report_precision": run_precision(report),
             "tolerance": {"atol": args.tolerance, "rtol": args.rtol,
                           "min_agreement": MIN_AGREEMENT},
             "latency": {"batch_size": 1, "device": "cpu", "threads": threads,
-                        "warmup": args.warmup, "runs": args.latency_runs, "load_average": load,
+                        "warmup": args.warmup, "runs": args.latency_runs, "other_load": load,
                         "cpus": cpus},
             "teacher": teacher,
             "formats": results,
@@ -880,15 +917,6 @@ def remove_stale(out: Path, written: set[str]) -> list[str]:
             path.unlink()
             removed.append(name)
     return removed
-
-
-def _machine_load() -> tuple[float | None, int]:
-    """The 1-minute load average (None where the OS has none) and the CPUs this process may use."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        return os.getloadavg()[0], int(cpus or 1)
-    except (AttributeError, OSError):
-        return None, int(cpus or 1)
 
 
 def _versions() -> dict[str, str]:

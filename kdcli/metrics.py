@@ -12,6 +12,7 @@ import logging
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "count_flops",
     "count_params",
     "macro_f1",
+    "measure_latencies",
     "measure_latencies_ms",
     "measure_latency_ms",
     "model_size_bytes",
@@ -245,11 +247,41 @@ def measure_latencies_ms(
     device: str | torch.device = "cpu",
     threads: int | None = None,
 ) -> list[float]:
-    """:func:`measure_latency_ms` of several models, timed in turn: each iteration runs every
-    model once, the order rotating, so a machine whose speed drifts while they are timed (a
-    shared virtual machine, clocks settling after training: the same student read 0.8 and 2.3 ms
-    here minutes apart) moves them all alike, and their ratio (the report's latency speedup)
-    holds.
+    """:func:`measure_latency_ms` of several models, timed in turn (:func:`measure_latencies`):
+    the median of each."""
+    return measure_latencies(models, input_shape, warmup=warmup, iters=iters, device=device,
+                             threads=threads).median_ms
+
+
+@dataclass(frozen=True)
+class Latencies:
+    """Batch-1 latencies of models timed together, in the order given.
+
+    ``median_ms`` is what the report quotes as each model's latency; ``min_ms``, each model's
+    fastest call, is what its speed-ups divide: the call least touched by other processes, so a
+    ratio of minima moves least with the machine's load (a teacher/student speed-up read 2.9x
+    to 12.4x from medians across reports on a busy machine).
+    """
+
+    median_ms: list[float]
+    min_ms: list[float]
+    threads: int
+
+
+def measure_latencies(
+    models: list[nn.Module],
+    input_shape: tuple[int, ...],
+    *,
+    warmup: int = 5,
+    iters: int = 30,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+) -> Latencies:
+    """Times several models in turn: each iteration runs every model once, the order rotating,
+    so a machine whose speed drifts while they are timed (a shared virtual machine, clocks
+    settling after training: the same student read 0.8 and 2.3 ms here minutes apart) moves
+    them all alike, and their ratio (the report's latency speedup) holds. Arguments as
+    :func:`measure_latency_ms`.
     """
     if iters < 1:
         raise ValueError("iters must be >= 1")
@@ -261,7 +293,8 @@ def measure_latencies_ms(
 
     times_ms: list[list[float]] = [[] for _ in clones]
     before = torch.get_num_threads()
-    torch.set_num_threads(threads or latency_threads())
+    used = threads or latency_threads()
+    torch.set_num_threads(used)
     try:
         with torch.inference_mode():
             for _ in range(warmup):
@@ -277,7 +310,8 @@ def measure_latencies_ms(
                     times_ms[j].append((time.perf_counter() - start) * 1000.0)
     finally:
         torch.set_num_threads(before)
-    return [float(statistics.median(t)) for t in times_ms]
+    return Latencies(median_ms=[float(statistics.median(t)) for t in times_ms],
+                     min_ms=[float(min(t)) for t in times_ms], threads=used)
 
 
 def latency_threads() -> int:

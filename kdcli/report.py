@@ -32,7 +32,8 @@ from kdcli.checkpoint import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compression", "format_bytes", "format_count", "to_jsonable", "write_report"]
+__all__ = ["compression", "format_bytes", "format_count", "teacher_warning", "to_jsonable",
+           "write_report"]
 
 PLOTS_DIR = "plots"
 _DASH = "—"
@@ -104,6 +105,20 @@ def _threads(report: Mapping[str, Any]) -> str:
     return f" with {n} CPU thread{'' if n == 1 else 's'}" if isinstance(n, int) else ""
 
 
+def _busy_note(report: Mapping[str, Any]) -> str:
+    """A sentence saying the models were timed on a busy machine, when the report's `latency`
+    block says so (`kd export`'s check); "" otherwise, and for reports from before the check."""
+    latency = _block(report, "latency")
+    if not latency.get("busy"):
+        return ""
+    load, cpus = latency.get("other_load"), latency.get("cpus")
+    where = (f" (other processes used {float(load):.1f} of {cpus} CPUs)" if _is_finite(load)
+             else "")
+    return (f" **Timed on a busy machine**{where}: the latencies are noisy, the speed-up (the "
+            "ratio of the fastest calls) less so; multi-threaded PyTorch suffers most, hence "
+            "the one thread.")
+
+
 def _ms(x: Any) -> str:
     return f"{float(x):.2f}" if _is_finite(x) else _DASH
 
@@ -135,12 +150,14 @@ def compression(teacher_profile: Mapping[str, Any], student_profile: Mapping[str
 
     Args:
         teacher_profile: ``profile_model`` output (``params``, ``flops``, ``size_bytes``,
-            ``latency_ms``) for the teacher; extra keys are ignored.
+            ``latency_ms``, and ``latency_min_ms`` where timed with the student) for the
+            teacher; extra keys are ignored.
         student_profile: The same for the student.
 
     Returns:
         ``{"params_ratio", "size_ratio", "flops_ratio", "latency_speedup"}``; an entry is
-        ``None`` when either side is missing or the student's value is zero.
+        ``None`` when either side is missing or the student's value is zero. The speed-up is
+        the ratio of the fastest calls where both have one, else of the medians.
     """
 
     def ratio(key: str) -> float | None:
@@ -149,11 +166,14 @@ def compression(teacher_profile: Mapping[str, Any], student_profile: Mapping[str
             return None
         return float(t) / float(s)
 
+    # The fastest calls when both were timed together (`Latencies`): medians swing with the
+    # machine's load, and unequally for a long and a short model.
+    both = all(_is_finite(p.get("latency_min_ms")) for p in (teacher_profile, student_profile))
     return {
         "params_ratio": ratio("params"),
         "size_ratio": ratio("size_bytes"),
         "flops_ratio": ratio("flops"),
-        "latency_speedup": ratio("latency_ms"),
+        "latency_speedup": ratio("latency_min_ms" if both else "latency_ms"),
     }
 
 
@@ -448,6 +468,40 @@ def _summary(report: Mapping[str, Any]) -> str:
     return text + "."
 
 
+def teacher_warning(report: Mapping[str, Any]) -> str | None:
+    """Says so when the teacher has nothing to teach: its test (or validation) top-1 within
+    two standard errors of chance (1/classes), or below the from-scratch baseline's. A review's
+    teacher read 10.67% on 10 classes, under the baseline's 15.33%, and the report's first
+    sentence still read as a distillation result. None when the teacher is fine or unknown."""
+    teacher, baseline = _block(report, "teacher"), _block(report, "baseline")
+    dataset = _block(report, "dataset")
+    classes = dataset.get("num_classes")
+    if not _is_finite(teacher.get("top1")):
+        return None
+    name = f"teacher ({teacher['name']})" if teacher.get("name") else "teacher"
+    if isinstance(classes, int) and classes > 1:
+        chance = 100.0 / classes
+        for key, size_key, split in (("top1", "test_size", "test"),
+                                     ("val_top1", "val_size", "validation")):
+            top1, n = teacher.get(key), dataset.get(size_key)
+            if not _is_finite(top1):
+                continue
+            # Two standard errors of a chance-level accuracy on this many images (2 points
+            # when the count is unknown): 4.9 points on 150 images of 10 classes, 1.9 on 1,000.
+            p = 1.0 / classes
+            margin = 200.0 * math.sqrt(p * (1 - p) / n) if _is_finite(n) and n > 0 else 2.0
+            if float(top1) <= chance + margin:
+                return (f"The {name} is at chance: {float(top1):.1f}% {split} top-1 on "
+                        f"{classes} classes, where guessing gets {chance:.1f}%. Distilling from "
+                        "it teaches nothing; train it longer or check its data and labels.")
+    if _is_finite(baseline.get("top1")) and float(teacher["top1"]) < float(baseline["top1"]):
+        return (f"The {name} is worse than the student trained from scratch: "
+                f"{float(teacher['top1']):.1f}% against {float(baseline['top1']):.1f}% test "
+                "top-1. Distilling from it is unlikely to help; train it longer or pick a stronger "
+                "one.")
+    return None
+
+
 def _times(r: float, better: str, worse: str, same: str) -> str:
     """`5.0× fewer parameters`, `2.0× more parameters`, or `same` for a ratio that prints as
     1.0 (a student of the teacher's own architecture read "1.0× fewer parameters")."""
@@ -687,6 +741,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
         title += f" on {dataset['name']}"
 
     lines = [f"# {title}", "", _summary(report), ""]
+    if (warning := teacher_warning(report)) is not None:
+        lines += [f"**Warning:** {warning}", ""]
     if (line := _dataset_line(report)) is not None:
         lines += [line, ""]
     if _is_finite(report.get("wall_time_s")):
@@ -700,8 +756,9 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
         (
             "Accuracy metrics in percent on the test split, of each model's final weights "
             f"(`last.pt`; {_best_pt_text(report)}). Latency is the median CPU fp32 "
-            f"batch-1 forward time{_threads(report)}; the from-scratch baseline shares the "
-            "student's architecture and costs."
+            f"batch-1 forward time{_threads(report)}, teacher and student timed in turn; the "
+            "from-scratch baseline shares the student's architecture and costs."
+            f"{_busy_note(report)}"
         ),
         "",
     ]
@@ -712,6 +769,11 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     lines += ["## Compression", ""]
     lines += _compression_table(report)
     lines += [""]
+    if _is_finite(_block(report, "compression").get("latency_speedup")):
+        speedup = ("the ratio of the fastest of each model's timed calls, the ones least "
+                   "touched by other processes"
+                   if _is_finite(teacher.get("latency_min_ms")) else "the ratio of the medians")
+        lines += [f"The latency speed-up is {speedup}.{_busy_note(report)}", ""]
 
     if "training_curves" in plots:
         lines += [

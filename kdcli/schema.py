@@ -84,6 +84,9 @@ class Range:
     low: float | None = None
     high: float | None = None
     open_low: bool = False
+    # What the number counts, said when the value is not even of the right type: "expected int
+    # or null, got 0.1" for `dataset.val_size=0.1` did not say it counts images, not a fraction.
+    what: str | None = None
 
     def allows(self, value: float) -> bool:
         if self.low is not None and (value <= self.low if self.open_low else value < self.low):
@@ -96,9 +99,9 @@ class Range:
         return f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
 
 
-def at_least(low: float) -> Any:
-    """A settings field whose value (when not null) must be >= `low`."""
-    return field(metadata={"range": Range(low)})
+def at_least(low: float, what: str | None = None) -> Any:
+    """A settings field whose value (when not null) must be >= `low`; `what` it counts."""
+    return field(metadata={"range": Range(low, what=what)})
 
 
 def between(low: float, high: float, open_low: bool = False) -> Any:
@@ -166,11 +169,12 @@ class Dataset:
     image_size: int
     in_features: int
     augment: str
-    train_size: int | None = at_least(1)  # null = the whole split
-    test_size: int | None = at_least(1)
+    train_size: int | None = at_least(1, "a number of images (null: the whole split)")
+    test_size: int | None = at_least(1, "a number of images (null: the whole split)")
     # Held out of train for per-epoch evaluation and best.pt; null or 0 = none (the test
     # split). Whether it leaves every class a training image is checked once the data is loaded.
-    val_size: int | None = at_least(0)
+    val_size: int | None = at_least(
+        0, "a number of images to hold out of train (null or 0: none), not a fraction")
 
 
 # Settings nodes that may hold more keys than they declare: a dataset option may carry values
@@ -424,6 +428,8 @@ def _check_key(node: DictConfig, key: str, hint: Any, path: str, allowed: Range 
     if _is_target_node(value):
         return _check_target(value, Target, path)
     if _matches(value, hint) is False:
+        if allowed is not None and allowed.what:
+            return [f"{path}: {allowed.what}, got {_show(value)}"]
         return [f"{path}: expected {_describe(hint)}, got {_show(value)}"]
     if allowed is not None and (problems := _check_range(value, allowed, hint, path)):
         return problems

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -266,3 +270,28 @@ def test_the_training_step_compiles_in_the_asked_mode(monkeypatch):
     engine.TrainStep(model=model, loss_fn=CrossEntropy(), optimizer=opt,
                      scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), runtime=rt)
     assert seen == ["reduce-overhead"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="reads Linux's /proc/stat")
+def test_machine_load_counts_other_processes_not_this_ones_past_work() -> None:
+    # The 1-minute load average held the run's own training: a quiet machine read as busy
+    # right after it, and the report timed with 1 thread and called the machine busy.
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 1.0:  # this process's own work, just before
+        pass
+    cpu0 = time.process_time()
+    _, cpus = device.machine_load()
+    # It sleeps while it samples: what it reads is other processes' work, not this one's.
+    assert time.process_time() - cpu0 < 0.05
+    assert cpus == device.usable_cores()
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        busy, _ = device.machine_load()
+    finally:
+        spinner.kill()
+        spinner.wait()
+    # A spinning process takes most of a core, whatever else this shared machine runs.
+    assert busy > 0.6
+    assert device.is_busy(busy, cpus)
+    assert not device.is_busy(None, cpus) and not device.is_busy(0.2, cpus)

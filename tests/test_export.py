@@ -258,7 +258,7 @@ def test_teacher_without_weights_leaves_the_speed_ups_out(run: Path, tmp_path: P
     assert teacher["latency_ms"] is None and "weights are gone" in teacher["not_timed"]
     md = (copy / "export" / "export.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith(("| teacher", "| student"))]
-    assert len(rows) == 3 and all(row.endswith("| — |") for row in rows)
+    assert len(rows) == 4 and all(row.endswith("| — |") for row in rows)
     assert "The teacher was not timed (teacher " in md and "is not compared" in md
 
 
@@ -451,3 +451,27 @@ def test_onnx_falls_back_to_the_torchscript_based_exporter() -> None:
 
     data, exporter = export.export_onnx(Branchy().eval(), torch.ones(2, 4))
     assert exporter == "torchscript-based" and len(data) > 0
+
+
+def test_export_md_says_which_precision_each_top1_is() -> None:
+    # A review read report.md's student top-1 (36.67, bf16 autocast) against export.md's fp32
+    # 37.33, beside a teacher row whose top-1 was report.md's bf16 figure, with no word of it.
+    data = {"student": "resnet8", "checkpoint": "last", "test_size": 150,
+            "report_top1": 36.67, "report_precision": "bf16",
+            "tolerance": {"atol": 1e-3, "rtol": 1e-3, "min_agreement": 99.9},
+            "latency": {"runs": 5, "warmup": 2, "threads": 1},
+            "teacher": {"name": "resnet8", "top1": 14.0, "size_bytes": 1000, "latency_ms": 2.0},
+            "formats": {"pytorch": {"top1": 37.33, "agreement": 100.0, "size_bytes": 500,
+                                    "latency_ms": 1.0}}}
+    assert export.run_precision({"device": "cpu, bf16, channels_last"}) == "bf16"
+    table = export.markdown_table(data)
+    assert table[2].startswith("| teacher resnet8 (PyTorch fp32; top-1 from report.json) | "
+                               "14.00 (bf16) |")
+    assert table[3].startswith("| student `last.pt` as in report.md | 36.67 (bf16) |")
+    assert table[4].startswith("| student fp32 PyTorch | 37.33 |")
+    notes = "\n".join(export.markdown_notes(data))
+    assert "under bf16 autocast" in notes and "evaluated here in fp32" in notes
+    data["report_precision"] = "fp32"
+    table = export.markdown_table(data)
+    assert "| 14.00 |" in table[2] and "| 36.67 |" in table[3]
+    assert "Precision:" not in "\n".join(export.markdown_notes(data))

@@ -78,7 +78,13 @@ def test_report_has_every_promised_field(sweep: Path) -> None:
     assert report["compression"]["latency_speedup"] > 0
     assert report["cache"]["bytes_per_sample"] == 20  # 10 classes x float16
     assert set(report["versions"]) >= {"torch", "torchvision", "kd"}
-    assert report["latency_threads"] == usable_cores()
+    # One thread where the machine was busy (`test_latency_on_a_busy_machine_...`).
+    latency = report["latency"]
+    assert report["latency_threads"] == latency["threads"] == (
+        1 if latency["busy"] else usable_cores())
+    assert report["teacher"]["latency_min_ms"] <= report["teacher"]["latency_ms"]
+    assert report["compression"]["latency_speedup"] == pytest.approx(
+        report["teacher"]["latency_min_ms"] / report["student"]["latency_min_ms"])
     assert report["config"]["student"]["_target_"] == "kdcli.models.small.tiny_cnn"
     md = (run / "report.md").read_text()
     assert "Teacher" in md or "teacher" in md
@@ -172,8 +178,8 @@ def test_eval_with_other_settings_than_the_run_says_so(sweep: Path) -> None:
     # first line, "Error(s) in loading state_dict for TinyCNN:".
     ("wide", "does not fit this architecture: size mismatch for block1.conv.weight: checkpoint "
              "(32, 3, 3, 3) vs model (16, 3, 3, 3) (+15 more); it was loaded as arch=student "
-             "student=tiny_cnn; set arch= and student=/teacher= to the model the checkpoint was "
-             "trained as"),
+             "student=tiny_cnn; set arch= and student=/teacher= (student._target_= for a model "
+             "of your own) to the model the checkpoint was trained as"),
     # A store entry's test_logits.pt is a kd checkpoint without a model: was KeyError: 'model'.
     ("logits", "holds no model weights (it has: labels, logits); give a model checkpoint "
                "(best.pt or last.pt)"),
@@ -190,6 +196,28 @@ def test_eval_of_a_checkpoint_that_does_not_fit_says_why(workdir: Path, saved: s
               cwd=workdir, check=False)
     assert proc.returncode == 1
     assert proc.stderr == f"error: checkpoint {path} {message}\n"
+
+
+def test_eval_of_a_run_checkpoint_names_the_runs_own_target(workdir: Path) -> None:
+    # A run with student._target_=mynets.small_net, evaluated without it: the hint said
+    # "set ... student=", which cannot select a model of one's own.
+    from kdcli import checkpoint
+    from kdcli.models.small import tiny_cnn
+
+    run = workdir / "custom-run"
+    path = run / "checkpoints" / "student" / "last.pt"
+    path.parent.mkdir(parents=True)
+    checkpoint.save({"model": tiny_cnn(width=32).state_dict()}, path)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(
+        "student:\n  _target_: mynets.small_net\n")
+    (run / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  runtime:\n    choices:\n      student: tiny_cnn\n")
+    proc = kd("eval", *SMOKE, f"checkpoint={path}", f"hydra.run.dir={workdir / 'eval'}",
+              cwd=workdir, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.endswith(f"it was loaded as arch=student student=tiny_cnn; the run {run} "
+                                "trained it as student._target_=mynets.small_net: set that\n")
 
 
 def test_stages_run_alone_in_order(workdir: Path) -> None:
@@ -404,12 +432,18 @@ def test_a_run_into_an_earlier_runs_folder_sets_its_outputs_aside(tmp_path: Path
     # used to stay in the folder, and its learning curve went into the new report's plots.
     run, store = tmp_path / "run", f"store={tmp_path / 'store'}"
     first = [a for a in TINY if a != "baseline=false"] + ["baseline=true"]
-    kd("train", *first, store, f"hydra.run.dir={run}", cwd=tmp_path)
+    log = kd("train", *first, store, f"hydra.run.dir={run}", cwd=tmp_path)
+    log = log.stdout + log.stderr
+    assert "training tiny_cnn (1 epoch, best.pt" in log  # read "1 epochs"
+    assert "(a fixed teacher)" in log
     (run / "export").mkdir()
     (run / "export" / "student.onnx").write_bytes(b"the first run's student")
     old_report = (run / "report.json").read_text()
     proc = kd("train", *TINY, store, f"hydra.run.dir={run}", cwd=tmp_path)
     assert read_report(run)["baseline"] is None
+    # The student is reused: the note on how it trained was logged all the same.
+    assert "reusing" in proc.stdout + proc.stderr
+    assert "(a fixed teacher)" not in proc.stdout + proc.stderr
     for stale in ("checkpoints/baseline", "metrics/baseline.csv", "export"):
         assert not (run / stale).exists(), stale
     assert (run / "checkpoints" / "student" / "last.pt").exists()
@@ -449,3 +483,32 @@ def test_a_sweep_run_again_into_its_folder_counts_and_lists_only_its_own_jobs(
     rows = {r["run"]: r for r in csv.DictReader((sweep / "summary.csv").open())}
     assert set(rows) == {"0", "1"}
     assert "temperature must be > 0" in rows["1"]["error"] and not rows["0"]["error"]
+
+
+def test_latency_on_a_busy_machine_is_timed_with_one_thread(monkeypatch) -> None:
+    # Two threads under load read 288 ms where one read 0.89 ms: multi-threaded PyTorch waits
+    # for its slowest thread, which a busy core stalls.
+    from types import SimpleNamespace
+
+    from kdcli.stages import pipeline
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    ctx = SimpleNamespace(dataset=SimpleNamespace(image_shape=(4,)))
+    monkeypatch.setattr("kdcli.device.usable_cores", lambda: 2)
+    monkeypatch.setattr(pipeline, "machine_load", lambda: (5.0, 2))
+    blocks = [{}, {}]
+    latency = pipeline._time_together(ctx, blocks, [Probe(), Probe()])
+    assert set(seen) == {1}
+    assert latency == {"threads": 1, "other_load": 5.0, "cpus": 2, "busy": True,
+                       "speedup_from": "min"}
+    assert all(b["latency_min_ms"] <= b["latency_ms"] for b in blocks)
+    seen.clear()
+    monkeypatch.setattr(pipeline, "machine_load", lambda: (0.5, 2))
+    assert pipeline._time_together(ctx, blocks, [Probe(), Probe()])["threads"] == 2
+    assert set(seen) == {2}

@@ -161,7 +161,8 @@ def test_write_report_full(tmp_path):
     assert "| latency (ms) | 4.00 | 1.00 | 1.00 |" in md
     assert "| params | 0.27M | 54.0K | 5.0× |" in md  # compression table
     assert "| latency (ms) | 4.00 | 1.00 | 4.0× |" in md
-    assert "Latency is the median CPU fp32 batch-1 forward time with 2 CPU threads;" in md
+    assert ("Latency is the median CPU fp32 batch-1 forward time with 2 CPU threads, teacher "
+            "and student timed in turn;") in md
     assert "| teacher | trained |" in md and "| cache | reused |" in md
     assert "| student | resumed |" in md and "| baseline | not run |" in md
     assert "| bytes per train sample | 40 B |" in md and "| storage | full logits |" in md
@@ -412,3 +413,51 @@ def test_multi_teacher_curves_are_shades_of_the_teacher_colour(tmp_path, monkeyp
     for r, g, b in shades:
         assert b > r and b > g  # blue, as the teacher
     assert lines["from scratch"] == to_rgb("#dd8452") not in shades
+
+
+def test_speedup_divides_the_fastest_calls_where_both_were_timed_together():
+    # Medians on a busy machine gave one teacher/student pair speed-ups from 2.9x to 12.4x.
+    t = {"latency_ms": 7.0, "latency_min_ms": 0.8}
+    s = {"latency_ms": 0.3, "latency_min_ms": 0.2}
+    assert compression(t, s)["latency_speedup"] == pytest.approx(4.0)
+    assert compression({"latency_ms": 3.0}, s)["latency_speedup"] == pytest.approx(10.0)
+
+
+def test_report_says_when_the_models_were_timed_on_a_busy_machine(tmp_path):
+    rep = sample_report()
+    rep["latency"] = {"threads": 1, "other_load": 2.6, "cpus": 2, "busy": True}
+    rep["latency_threads"] = 1
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    results = md[md.index("## Results"):md.index("## Compression")]
+    assert "with 1 CPU thread" in results
+    assert "Timed on a busy machine** (other processes used 2.6 of 2 CPUs)" in results
+    assert "Timed on a busy machine" in md[md.index("## Compression"):]
+    assert json.loads((tmp_path / "report.json").read_text())["latency"]["busy"] is True
+    rep["latency"]["busy"] = False
+    write_report(rep, tmp_path)
+    assert "busy" not in (tmp_path / "report.md").read_text()
+
+
+def test_report_warns_of_a_teacher_at_chance_or_below_the_baseline(tmp_path):
+    # A review's teacher read 10.67% on 10 classes, under the baseline's 15.33%, and the
+    # report's first sentence still read as a distillation result.
+    rep = sample_report()
+    rep["dataset"]["test_size"] = 150
+    assert report_mod.teacher_warning(rep) is None
+    rep["teacher"]["top1"], rep["baseline"]["top1"] = 10.67, 15.33
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text().split("\n")
+    assert md[4] == ("**Warning:** The teacher (resnet20) is at chance: 10.7% test top-1 on 10 "
+                     "classes, where guessing gets 10.0%. Distilling from it teaches nothing; "
+                     "train it longer or check its data and labels.")
+    rep["teacher"]["top1"] = 16.0  # above chance + 2 standard errors (14.9) on 150 images
+    assert report_mod.teacher_warning(rep) is None
+    rep["teacher"]["val_top1"], rep["dataset"]["val_size"] = 11.0, 100
+    assert "11.0% validation top-1" in report_mod.teacher_warning(rep)
+    del rep["teacher"]["val_top1"]
+    rep["teacher"]["top1"], rep["baseline"]["top1"] = 50.0, 65.0
+    assert report_mod.teacher_warning(rep) == (
+        "The teacher (resnet20) is worse than the student trained from scratch: 50.0% against "
+        "65.0% test top-1. Distilling from it is unlikely to help; train it longer or pick a "
+        "stronger one.")

@@ -166,6 +166,9 @@ def test_missing_module_of_a_target_says_where_kd_looked(tmp_path: Path,
     (["trainer.teacher.batch_size=1.5"],
      "config: trainer.teacher.batch_size: expected int, got 1.5"),
     (["seed=true"], "config: seed: expected int, got True"),
+    # Read "expected int or null", which did not say it counts images, not a fraction.
+    (["dataset.val_size=0.1"], "config: dataset.val_size: a number of images to hold out of "
+                               "train (null or 0: none), not a fraction, got 0.1"),
     (["deterministic=1"], "config: deterministic: expected bool, got 1"),
     (["cache.teacher_weights=[1,a]"],
      "config: cache.teacher_weights: expected a list of float or null, got [1, 'a']"),

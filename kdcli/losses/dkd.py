@@ -95,9 +95,9 @@ class DKD(DistillationLoss):
                   if self.warmup_epochs == "auto" else float(self.warmup_epochs))
         self.ramp = min((epoch + 1) / warmup, 1.0) if warmup else 1.0
         if epoch == 0 and warmup > epochs and distributed.is_main():
-            log.warning("loss.warmup_epochs=%g is longer than the run (%d epochs): the DKD term "
-                        "reaches only %.2f of its weight; lower it, or use auto", warmup, epochs,
-                        epochs / warmup)
+            log.warning("loss.warmup_epochs=%g is longer than the run (%d epoch%s): the DKD "
+                        "term reaches only %.2f of its weight; lower it, or use auto", warmup,
+                        epochs, "" if epochs == 1 else "s", epochs / warmup)
 
     def forward(self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor
                 ) -> dict[str, torch.Tensor]:

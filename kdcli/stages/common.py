@@ -590,9 +590,9 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
         # the final metrics are the test split's either way.
         split = ctx.selection_split
         val_loader = ctx.eval_loader(split) if distributed.is_main() else None
-        log.info("%s: %s %s (%d epochs, best.pt by %s top-1) -> %s", label,
+        log.info("%s: %s %s (%s, best.pt by %s top-1) -> %s", label,
                  "resuming" if status == RESUMED else "training", ctx.choice(role),
-                 int(tcfg.epochs), split, entry.path)
+                 plural(int(tcfg.epochs), "epoch"), split, entry.path)
         result = engine.fit(
             model=model, train_loader=train_loader, val_loader=val_loader, val_split=split,
             loss_fn=loss_fn, optimizer=opt, scheduler=sched, runtime=ctx.runtime,
@@ -621,6 +621,11 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
 
         meta = distributed.on_main(finish)
         return {"status": status, "entry": entry, "meta": meta}
+
+
+def plural(n: int, noun: str) -> str:
+    """`1 epoch`, `3 epochs`: the log read "1 epochs"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @contextlib.contextmanager

@@ -28,8 +28,14 @@ def main(cfg) -> dict[str, Any]:
     path = Path(str(cfg.checkpoint)).expanduser()
     warn_if_not_as_run(cfg, path)
     ctx = build_context(cfg)
-    hint = (f"it was loaded as arch={cfg.arch} {ctx.selected(cfg.arch)}; set arch= and "
-            "student=/teacher= to the model the checkpoint was trained as")
+    loaded = ctx.selected(cfg.arch)
+    trained = as_trained(path)
+    if trained is not None and trained[1] != loaded:
+        fix = f"the run {trained[0]} trained it as {trained[1]}: set that"
+    else:
+        fix = ("set arch= and student=/teacher= (student._target_= for a model of your own) to "
+               "the model the checkpoint was trained as")
+    hint = f"it was loaded as arch={cfg.arch} {loaded}; {fix}"
     model = load_weights(build_model(ctx, cfg.arch), path, hint)
     logits, labels = engine.predict(model, ctx.eval_loader(cfg.split), ctx.runtime)
     result = {"checkpoint": str(path), "arch": ctx.choice(cfg.arch), "split": cfg.split,
@@ -71,6 +77,33 @@ def warn_if_not_as_run(cfg: DictConfig, path: Path) -> None:
         log.warning("eval: %s differ%s from the run %s, so the figures will not be report.md's; "
                     "its overrides were: %s", ", ".join(differ), "s" if len(differ) == 1 else "",
                     run, " ".join(map(str, overrides)) or "none")
+
+
+def as_trained(path: Path) -> tuple[Path, str] | None:
+    """The run folder a checkpoint lies in (`<run>/checkpoints/<stage>/<file>.pt`) and how that
+    run selected the checkpoint's model, as `Context.selected` writes it: `student=resnet8`, or
+    `student._target_=mynets.small_net` for a target of the user's own. None outside a kd run
+    folder, and for `teacher-<name>` stages (the run config holds their merge)."""
+    from kdcli.stages.common import option_target
+
+    if path.parent.parent.name != "checkpoints":
+        return None
+    run, stage = path.parent.parent.parent, path.parent.name
+    group = "teacher" if stage == "teacher" else "student" if stage in (
+        "student", "baseline") else None
+    try:
+        theirs = OmegaConf.load(run / ".hydra" / "config.yaml")
+        choices = OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices
+    except Exception:  # noqa: BLE001 - not a kd run folder, or a damaged one
+        return None
+    option = choices.get(group) if group else None
+    if option is None:
+        return None
+    target = OmegaConf.select(theirs, f"{group}._target_", default=None)
+    own = option_target(group, str(option))
+    if target is not None and own is not None and str(target) != own:
+        return run, f"{group}._target_={target}"
+    return run, f"{group}={option}"
 
 
 def _plain(node: Any) -> Any:

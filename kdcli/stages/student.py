@@ -217,15 +217,17 @@ def run(ctx: Context, cache: dict[str, Any] | None, teachers: list[dict[str, Any
         inputs["cache"] = cache["entry"].key
         source = CachedTeacher(cache, ctx.runtime)
         warn_if_approximate(ctx, source, loss)
-        if source.views is None and ctx.cfg.dataset.augment not in (None, "none"):
-            log.info("student: the cache holds the teacher's logits on the clean images, the "
-                     "student trains on augmented ones (a fixed teacher); cache.views=K caches "
-                     "the teacher on K augmented views per image, the pixels the student sees")
         log.info("student: teacher logits from the soft-label cache (no teacher in memory)%s",
                  f", replaying {source.views.k} cached views per sample" if source.views else "")
     else:
         source = no_teacher
     entry = ctx.store.entry("student", ctx.choice("student"), inputs)
+    # Said only when the student trains: a reused one was logged as trained on a fixed teacher.
+    if (mode == "cache" and source.views is None and not entry.complete
+            and ctx.cfg.dataset.augment not in (None, "none")):
+        log.info("student: the cache holds the teacher's logits on the clean images, the "
+                 "student trains on augmented ones (a fixed teacher); cache.views=K caches "
+                 "the teacher on K augmented views per image, the pixels the student sees")
     result = train_entry(ctx, entry, role="student", loss_fn=loss, optimizer="optimizer",
                          scheduler="scheduler", budget=budget, label="student",
                          teacher=source, initialize=initialize,
