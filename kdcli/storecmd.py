@@ -247,7 +247,10 @@ def select(items: list[Item], args: argparse.Namespace, now: float) -> list[Item
 
 
 def remove(item: Item) -> bool:
-    """Removes `item` (and its lock file) under its lock; False if another process holds it."""
+    """Removes `item` under its lock; False if another process holds it. The lock file stays
+    (empty): a process already waiting on it holds the old file open, and with the name gone a
+    later one would lock a new file, two holders at once (filelock before 4 does not check for
+    that), so it is not worth the few bytes."""
     from filelock import FileLock, Timeout
 
     if item.lock is None:
@@ -263,9 +266,6 @@ def remove(item: Item) -> bool:
     try:
         if item.path.exists():
             _delete(item.path)
-        # Deleted while held: a process waiting for it finds the file gone and retries on a new
-        # one (filelock checks the locked inode still has a name), so no two hold it at once.
-        item.lock.unlink(missing_ok=True)
     finally:
         lock.release()
     return True
