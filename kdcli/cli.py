@@ -32,10 +32,14 @@ COMMANDS = {
 PLAIN_COMMANDS = {
     "report": ("kdcli.compare", "compare runs (run dirs, multirun dirs) in one table"),
     "export": ("kdcli.export", "export a run's student to ONNX/TorchScript (+ int8), check parity"),
+    "store": ("kdcli.storecmd", "list the store's entries and sizes; prune damaged/old ones"),
 }
+# `kd store <TAB>`: its actions (a path completes as a file name).
+STORE_ACTIONS = ("list", "prune")
 
 USAGE = """usage: kd <command> [GROUP=OPTION ...] [KEY=VALUE ...] [-m] [--cfg job] [--help]
        kd report PATH... | kd export RUN_DIR [--int8]
+       kd store [list|prune] [STORE] [--damaged] [--incomplete] [--older-than DAYS] [--yes]
        kd --completion bash|zsh | kd --version
 
 commands:
@@ -50,6 +54,8 @@ examples:
   kd train -m loss.temperature=2,4,8         # sweep; teacher and cache built once
   kd report multirun/                        # compare finished runs
   kd export outputs/<date>/<time> --int8     # ONNX + TorchScript (+ int8), parity-checked
+  kd store                                   # what the store holds, size per stage
+  kd store prune --older-than 30             # dry run; --yes removes (skips entries in use)
   kd <command> --help                        # its config groups, options and flags
   eval "$(kd --completion bash)"             # tab completion: kd train tea<TAB>
 """
@@ -64,7 +70,8 @@ _kd_completion()
     local choices
     choices=$(COMP_POINT=$COMP_POINT COMP_LINE=$COMP_LINE \
         "${COMP_WORDS[0]}" -sc query=bash 2>/dev/null)
-    if [ "$COMP_CWORD" -le 1 ]; then
+    if [ "$COMP_CWORD" -le 1 ] || { [ "$COMP_CWORD" -eq 2 ] && [ "${COMP_WORDS[1]}" = store ]; }
+    then
         COMPREPLY=($(compgen -W "$choices" -- "$word"))
     else
         compopt -o nospace 2>/dev/null
@@ -185,7 +192,11 @@ def completion_query(shell: str) -> int:
         sys.stdout.write(sep.join(verbs) + "\n")
         return 0
     verb = args[0]
-    if verb not in COMMANDS:  # report/export take paths: the shell completes file names
+    if verb == "store" and (len(args) == 1 or (len(args) == 2 and not line[-1:].isspace())):
+        prefix = args[1] if len(args) == 2 else ""
+        sys.stdout.write(sep.join(a for a in STORE_ACTIONS if a.startswith(prefix)) + "\n")
+        return 0
+    if verb not in COMMANDS:  # report/export/store take paths: the shell completes file names
         return 0
     rest = re.sub(r"^\s*\S+\s+\S+\s*", "", line, count=1)
     os.environ["COMP_LINE"] = f"kd {rest}"

@@ -98,6 +98,9 @@ def test_eval_help_has_its_own_header() -> None:
     ("kd eval chec", ["checkpoint="], []),
     ("kd train hydra/sweeper=", ["hydra/sweeper=kd_optuna", "hydra/sweeper=basic"], []),
     ("kd report ", [], ["train"]),  # paths: left to the shell's file-name completion
+    ("kd store ", ["list", "prune"], ["train"]),
+    ("kd store p", ["prune"], ["list"]),
+    ("kd store prune ", [], ["prune", "list"]),  # then a path
 ])
 def test_completion_query(line: str, expected: list[str], absent: list[str]) -> None:
     words = complete(line)
