@@ -28,7 +28,6 @@ __all__ = [
     "count_params",
     "macro_f1",
     "measure_latencies",
-    "measure_latencies_ms",
     "measure_latency_ms",
     "model_size_bytes",
     "profile_model",
@@ -234,23 +233,8 @@ def measure_latency_ms(
             so a model times the same whether the run trained on the CPU, on a GPU or under
             torchrun (which starts each rank with one thread).
     """
-    return measure_latencies_ms([model], input_shape, warmup=warmup, iters=iters,
-                                device=device, threads=threads)[0]
-
-
-def measure_latencies_ms(
-    models: list[nn.Module],
-    input_shape: tuple[int, ...],
-    *,
-    warmup: int = 5,
-    iters: int = 30,
-    device: str | torch.device = "cpu",
-    threads: int | None = None,
-) -> list[float]:
-    """:func:`measure_latency_ms` of several models, timed in turn (:func:`measure_latencies`):
-    the median of each."""
-    return measure_latencies(models, input_shape, warmup=warmup, iters=iters, device=device,
-                             threads=threads).median_ms
+    return measure_latencies([model], input_shape, warmup=warmup, iters=iters, device=device,
+                             threads=threads).median_ms[0]
 
 
 @dataclass(frozen=True)
@@ -330,7 +314,7 @@ def profile_model(
         model: The model to profile; left unchanged.
         input_shape: One sample's shape without the batch dimension.
         latency: Time it too (False: the caller times several models together with
-            :func:`measure_latencies_ms`).
+            :func:`measure_latencies`).
         **latency_kwargs: Passed to :func:`measure_latency_ms` (``warmup``, ``iters``).
 
     Returns:
