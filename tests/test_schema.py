@@ -363,27 +363,21 @@ def test_typo_inside_a_users_yaml_is_reported_before_any_work(tmp_path: Path) ->
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+# First: hidden in the merged node by the second's value. Last: reported once, as that
+# teacher's (not as the merged node's, whose "set teacher.width=..." would be refused).
+@pytest.mark.parametrize("teachers", ["[needy,tiny_cnn-wide]", "[tiny_cnn-wide,needy]"])
 def test_an_unset_value_in_one_of_several_teachers_is_reported_before_any_work(
-        tmp_path: Path) -> None:
-    # Each teacher of teacher=[a,b] is composed alone later: a `???` in the first one's YAML
-    # (hidden in the merged node by the second's value) failed only when that teacher was built,
-    # after the other stages' work. `teacher.width=` cannot be given beside a list of teachers,
-    # so the message points at the YAML.
+        tmp_path: Path, teachers: str) -> None:
+    # Each teacher of teacher=[a,b] is composed alone later: a `???` in one's YAML failed only
+    # when that teacher was built, after the other stages' work. `teacher.width=` cannot be
+    # given beside a list of teachers, so the message points at the YAML.
     (tmp_path / "myconf" / "teacher").mkdir(parents=True)
     (tmp_path / "myconf" / "teacher" / "needy.yaml").write_text(
         "_target_: kdcli.models.small.tiny_cnn\nwidth: ???\n")
     proc = kd("train", "--config-dir", str(tmp_path / "myconf"), *SMOKE,
-              "teacher=[needy,tiny_cnn-wide]", f"store={tmp_path / 'store'}",
+              f"teacher={teachers}", f"store={tmp_path / 'store'}",
               f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, check=False)
     assert proc.returncode == 1
     assert proc.stderr == ("error: config: teacher.width: no value given (it is ???) in "
                            "teacher=needy; with several teachers set it in that option's YAML\n")
     assert not (tmp_path / "store").exists()
-    # The last teacher's own `???` is reported once, as that teacher's (not as the merged
-    # node's, whose "set teacher.width=..." would be refused).
-    proc = kd("train", "--config-dir", str(tmp_path / "myconf"), *SMOKE,
-              "teacher=[tiny_cnn-wide,needy]", f"store={tmp_path / 'store'}",
-              f"hydra.run.dir={tmp_path / 'run2'}", cwd=tmp_path, check=False)
-    assert proc.returncode == 1
-    assert proc.stderr == ("error: config: teacher.width: no value given (it is ???) in "
-                           "teacher=needy; with several teachers set it in that option's YAML\n")
