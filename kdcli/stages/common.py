@@ -113,8 +113,7 @@ class Context:
     def selected(self, group: str) -> str:
         """How the config selects a model, for messages that say what to change:
         `student=tiny_cnn`, or `student._target_=mymodels.tiny_mlp` for an overridden target."""
-        target = self.overridden_target(group)
-        return f"{group}._target_={target}" if target else f"{group}={self.option(group)}"
+        return selection(group, self.option(group), self.overridden_target(group))
 
     def overridden_target(self, group: str) -> str | None:
         """The composed `_target_` of model group `group` when it is not the one its option's
@@ -125,9 +124,20 @@ class Context:
         option = self.option(group)
         if (group, option) not in self.own_targets:
             self.own_targets[group, option] = option_target(group, option)
-        own = self.own_targets[group, option]
-        return str(target) if own is not None and target is not None and str(target) != own \
-            else None
+        return overriding(target, self.own_targets[group, option])
+
+
+def overriding(target: Any, own: str | None) -> str | None:
+    """`target` (a model's composed `_target_`) when it is set and is not `own`, its option's
+    own (`option_target`; None: unknown, so not taken for an override), else None."""
+    return str(target) if own is not None and target is not None and str(target) != own \
+        else None
+
+
+def selection(group: str, option: str, target: str | None) -> str:
+    """How a config selects a model, for messages that say what to change: `student=tiny_cnn`,
+    or `student._target_=mymodels.tiny_mlp` for an overridden `target` (`overriding`)."""
+    return f"{group}._target_={target}" if target else f"{group}={option}"
 
 
 def list_override(group: str) -> list[str] | None:

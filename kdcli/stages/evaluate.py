@@ -84,7 +84,7 @@ def as_trained(path: Path) -> tuple[Path, str] | None:
     run selected the checkpoint's model, as `Context.selected` writes it: `student=resnet8`, or
     `student._target_=mynets.small_net` for a target of the user's own. None outside a kd run
     folder, and for `teacher-<name>` stages (the run config holds their merge)."""
-    from kdcli.stages.common import option_target
+    from kdcli.stages.common import option_target, overriding, selection
 
     if path.parent.parent.name != "checkpoints":
         return None
@@ -99,11 +99,9 @@ def as_trained(path: Path) -> tuple[Path, str] | None:
     option = choices.get(group) if group else None
     if option is None:
         return None
-    target = OmegaConf.select(theirs, f"{group}._target_", default=None)
-    own = option_target(group, str(option))
-    if target is not None and own is not None and str(target) != own:
-        return run, f"{group}._target_={target}"
-    return run, f"{group}={option}"
+    target = overriding(OmegaConf.select(theirs, f"{group}._target_", default=None),
+                        option_target(group, str(option)))
+    return run, selection(group, str(option), target)
 
 
 def _plain(node: Any) -> Any:
