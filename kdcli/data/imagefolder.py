@@ -185,20 +185,17 @@ def warn_if_upscaled(base: Path, size: int, source_side: int | None) -> None:
                     "own size", base, size, source_side, source_side)
 
 
-def scan_split(folder: Path, base: Path, skipped: list[str] | None = None
+def scan_split(folder: Path, base: Path, skipped: list[str]
                ) -> tuple[list[str], list[tuple[str, int]]]:
-    """Class names (sorted folder names) and `(path relative to base, label)` of every image.
-    Files it does not read (directly in `folder`, or without an image extension) are appended
-    to `skipped`, relative to base; hidden ones (.DS_Store) are left out of it."""
-    if not folder.is_dir():
-        raise DataError(f"image folder {base}: no {folder.name}/ folder (expected "
-                        f"{folder}/<class>/<images>)")
+    """Class names (sorted folder names) and `(path relative to base, label)` of every image
+    of split folder `folder` (there: `check_split_folders`). Files it does not read (directly
+    in `folder`, or without an image extension) are appended to `skipped`, relative to base;
+    hidden ones (.DS_Store) are left out of it."""
     classes = sorted(d.name for d in os.scandir(folder) if d.is_dir()
                      and not d.name.startswith("."))
     if not classes:
         raise DataError(f"image folder {folder}: no class folders (expected "
                         f"{folder}/<class>/<images>)")
-    skipped = [] if skipped is None else skipped
     skipped += sorted(os.path.relpath(e.path, base) for e in os.scandir(folder)
                       if not e.is_dir() and not e.name.startswith("."))
     files: list[tuple[str, int]] = []
