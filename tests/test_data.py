@@ -168,6 +168,35 @@ def test_no_shuffle_keeps_order():
     assert torch.cat([b.index for b in loader]).tolist() == list(range(10))
 
 
+@pytest.mark.parametrize("resident", [True, False])
+def test_an_in_order_pass_reads_slices_that_equal_the_rows_and_leave_the_split_alone(resident):
+    # An unshuffled single-process pass (evaluation, the cache stage) reads each batch as a
+    # slice of the images in place: its batches must be the rows a gather gives, with and
+    # without replayed views, and writing to a batch must not write to the split.
+    from kdcli.data.transforms import ViewTable
+
+    split = Split(images(21, 8, 8), torch.arange(21) % 10)
+    before = split.images.clone()
+    augment = CropFlip(2)
+    table = ViewTable.sample(augment, 21, 2, seed=5)
+    kw = dict(device=CPU, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2), resident=resident)
+    for loader, view in ((BatchLoader(split, 8, **kw), None),
+                         (BatchLoader(split, 8, augment=augment, views=table, **kw), 1)):
+        batches = list(loader.epoch(0, view=view))
+        assert [len(b.index) for b in batches] == [8, 8, 5]
+        index = torch.cat([b.index for b in batches])
+        assert index.tolist() == list(range(21))
+        assert torch.equal(torch.cat([b.labels for b in batches]), split.labels)
+        rows = split.images
+        if view is not None:
+            rows = augment.apply(rows, table.select(index, torch.full((21,), view)))
+        expected = loader.normalise(rows)
+        assert torch.equal(torch.cat([b.images for b in batches]), expected)
+        for b in batches:
+            b.images.zero_()
+        assert torch.equal(split.images, before)
+
+
 def test_order_changes_per_epoch_and_replays_per_seed():
     aug = CropFlip(padding=1)
     a = BatchLoader(constant_split(50), 8, device=CPU, shuffle=True, seed=7, augment=aug,

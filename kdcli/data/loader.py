@@ -166,17 +166,22 @@ class BatchLoader:
         chosen_all = to_device(chosen, self.device) if chosen is not None else None
         if params is not None and self.device.type == "cuda":
             params = _map(params, torch.Tensor.pin_memory)  # so `apply` copies asynchronously
+        # An unshuffled pass on one process over a whole tensor (evaluation, the cache stage)
+        # visits rows 0..n-1 in order: each batch is then a slice of the images and labels,
+        # read in place, instead of a gather (a copy, and on a GPU two kernels per batch).
+        in_order = not self.shuffle and self.world_size == 1 and self.rows is None
         b = self.batch_size
         for start in range(0, len(order), b):
             if self.drop_last and start + b > len(order):
                 break
             rows_b = slice(start, start + b)
             index = index_all[rows_b]
-            images = self.images[source[rows_b]] if self.resident else to_device(
-                self.images[source[rows_b]], self.device)
+            picked = rows_b if in_order else source[rows_b]
+            images = self.images[picked] if self.resident else to_device(
+                self.images[picked], self.device)
             if params is not None:
                 images = self.augment.apply(images, _rows(params, rows_b))
-            yield Batch(index, self.normalise(images), self.labels[index],
+            yield Batch(index, self.normalise(images), self.labels[rows_b if in_order else index],
                         None if chosen_all is None else chosen_all[rows_b],
                         host_index=order[rows_b],
                         host_view=None if chosen is None else chosen[rows_b])
