@@ -13,13 +13,17 @@ is detected on reuse instead of silently trusted.
 
 kd's own code is covered by the stages' version number, installed packages (torch, timm, ...)
 are taken as fixed, but a `_target_` naming the user's own code (`mymodels.tiny_mlp`) is only
-text in a config: `user_code` adds a sha256 of its source file, so editing it gives a new key.
+text in a config: `user_code` adds a sha256 of its source file and of the user's files it
+imports, so editing any of them gives a new key.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
+import importlib.machinery
+import importlib.util
 import json
 import logging
 import os
@@ -42,21 +46,95 @@ META = "meta.json"
 
 def user_code(*nodes: Any) -> dict[str, str]:
     """The sha256 of the source file of each module of the user's own that a `_target_` in
-    `nodes` (plain dicts and lists, at any depth) names, by module name; {} when every target is
-    kd's, the standard library's or an installed package's (under site-packages).
+    `nodes` (plain dicts and lists, at any depth) names, and of every file of the user's those
+    import, directly or not, by module name; {} when every target is kd's, the standard
+    library's or an installed package's (under site-packages).
 
-    The hashed file is the one defining the target: for `mypkg.models.net`, the module `net`
-    was defined in (mypkg/models.py, or wherever `mypkg.models` imported it from). Other files
-    of the user's that this one imports are not hashed: an edit there keeps the key. A target
-    that cannot be imported is skipped here; `kdcli.schema` reports it before any stage runs.
+    The first file is the one defining the target: for `mypkg.models.net`, the module `net`
+    was defined in (mypkg/models.py, or wherever `mypkg.models` imported it from). The files it
+    imports are found from its source (`_imported_files`), not from `sys.modules`, so a key
+    does not depend on what else the process has loaded; a file importing none of the user's
+    gives the one-entry dict it always did, so existing keys stay. Not hashed: data files the
+    code reads, modules imported by a name in a string (`importlib.import_module`), and the
+    `__init__.py` of a package holding a hashed file unless an import names the package. A
+    target that cannot be imported is skipped here; `kdcli.schema` reports it before any stage
+    runs.
     """
-    found = {}
+    found: dict[str, Path] = {}
     for target in sorted(set(_targets(nodes))):
         module = _defining_module(target)
         source = getattr(module, "__file__", None)
         if source and _is_users(Path(source)):
-            found[module.__name__] = sha256_file(Path(source))
+            found[module.__name__] = Path(source)
+    seen = {path.resolve() for path in found.values()}
+    for name, path in list(found.items()):
+        found.update(_imported_files(name, path, seen))
+    return {name: sha256_file(path) for name, path in sorted(found.items())}
+
+
+def _imported_files(name: str, source: Path, seen: set[Path]) -> dict[str, Path]:
+    """The user's .py files that module `name` (file `source`) imports, directly or not, by
+    module name; files in `seen` (which this extends) are not visited again, so cycles end.
+
+    Every `import` statement counts, also those inside functions and `if TYPE_CHECKING:`: an
+    edit there may change what is built. Names are resolved without importing anything
+    (`_spec`); one that resolves to no file, or to one not the user's, is skipped."""
+    found = {}
+    for module in sorted(_imported_names(name, source)):
+        spec = _spec(module)
+        origin = getattr(spec, "origin", None)
+        if not (origin and spec.has_location and origin.endswith(".py")):
+            continue  # a built-in, an extension module, a namespace package
+        path = Path(origin)
+        if path.resolve() in seen or not _is_users(path):
+            continue
+        seen.add(path.resolve())
+        found[module] = path
+        found.update(_imported_files(module, path, seen))
     return found
+
+
+def _imported_names(name: str, source: Path) -> set[str]:
+    """The absolute names of the modules that the import statements of module `name` (file
+    `source`) may load; for `from a import b`, `b` may be a module (`a.b`) or a name in `a`."""
+    try:
+        tree = ast.parse(source.read_bytes(), str(source))
+    except (OSError, SyntaxError, ValueError):  # instantiate reports it; its own hash still counts
+        return set()
+    package = name if source.name == "__init__.py" else name.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                try:
+                    base = importlib.util.resolve_name("." * node.level + base, package)
+                except (ImportError, ValueError):  # beyond the top-level package
+                    continue
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")
+    return names
+
+
+def _spec(name: str) -> importlib.machinery.ModuleSpec | None:
+    """Where Python would find module `name`, or None; found without importing it or its
+    packages (`importlib.util.find_spec` of `a.b` runs `a/__init__.py`), since an import inside
+    a function or an `if TYPE_CHECKING:` block may never run when the target is built."""
+    parent, _, _ = name.rpartition(".")
+    try:
+        if not parent:
+            return importlib.util.find_spec(name)
+        outer = _spec(parent)
+        if outer is None or outer.submodule_search_locations is None:
+            return None  # `a` is a module, not a package: `a.b` names something inside it
+        if outer.has_location and not _is_users(Path(outer.origin)):
+            return None  # an installed package's or the standard library's submodule
+        where = list(outer.submodule_search_locations)
+        return importlib.machinery.PathFinder.find_spec(name, where)
+    except Exception:  # a name no finder understands: not a file that can be hashed
+        return None
 
 
 def _targets(value: Any) -> Iterable[str]:

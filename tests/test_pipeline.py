@@ -375,16 +375,21 @@ def test_users_own_model_by_target(finished: Path) -> None:
 
 
 def test_an_edited_model_of_ones_own_is_retrained_not_reused(tmp_path: Path) -> None:
-    """The key of a stage holds the sha256 of the file defining a `_target_` of the user's own:
-    an edit there retrains the student. A file that one imports is not hashed: an edit there
-    that changes a shape fails on reuse, naming the entry to delete."""
+    """The key of a stage holds the sha256 of the file defining a `_target_` of the user's own
+    and of the user's files it imports: an edit in either retrains the student. A module
+    imported by a name in a string is not hashed: an edit there that changes a shape fails on
+    reuse, naming the entry to delete."""
     (tmp_path / "mywidth.py").write_text("HIDDEN = 32\n")
+    (tmp_path / "myextra.py").write_text("EXTRA = 16\n")
     model = tmp_path / "mymodels.py"
-    source = ("from torch import nn\n"
+    source = ("import importlib\n"
+              "from torch import nn\n"
               "from mywidth import HIDDEN\n"
               "def tiny_mlp(num_classes=10, **_):\n"
+              "    extra = importlib.import_module('myextra').EXTRA\n"
               "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, HIDDEN), nn.ReLU(),\n"
-              "                         nn.Linear(HIDDEN, num_classes))\n")
+              "                         nn.Linear(HIDDEN, extra), nn.ReLU(),\n"
+              "                         nn.Linear(extra, num_classes))\n")
     model.write_text(source)
     store = tmp_path / "store"
 
@@ -398,6 +403,13 @@ def test_an_edited_model_of_ones_own_is_retrained_not_reused(tmp_path: Path) -> 
     def stages(run: str) -> dict[str, str]:
         return read_report(tmp_path / run)["stages"]
 
+    def student_of_current_code() -> Path:
+        code = {name: hashlib.sha256((tmp_path / f"{name}.py").read_bytes()).hexdigest()
+                for name in ("mymodels", "mywidth")}
+        [student] = [p for p in (store / "student").iterdir() if (p / "meta.json").exists()
+                     and json.loads((p / "meta.json").read_text())["inputs"].get("code") == code]
+        return student
+
     train("first")
     assert set(stages("first").values()) == {"trained"}
     # Named after its target, not the smoke preset's student option (tiny_cnn).
@@ -410,15 +422,18 @@ def test_an_edited_model_of_ones_own_is_retrained_not_reused(tmp_path: Path) -> 
     model.write_text(source.replace("nn.ReLU()", "nn.Tanh()"))
     train("edited")
     assert stages("edited") == {"teacher": "reused", "cache": "reused", "student": "trained"}
-    [student] = [p for p in (store / "student").iterdir() if (p / "meta.json").exists()
-                 and json.loads((p / "meta.json").read_text())["inputs"].get("code")
-                 == {"mymodels": hashlib.sha256(model.read_bytes()).hexdigest()}]
+    student_of_current_code()
     for entry in (store / "teacher").iterdir():  # a shipped model: its key has no code field
         if entry.is_dir():
             assert "code" not in json.loads((entry / "meta.json").read_text())["inputs"]
 
-    (tmp_path / "mywidth.py").write_text("HIDDEN = 48\n")
-    proc = train("imported", check=False)
+    (tmp_path / "mywidth.py").write_text("HIDDEN = 48\n")  # imported by mymodels.py
+    train("imported")
+    assert stages("imported") == {"teacher": "reused", "cache": "reused", "student": "trained"}
+    student = student_of_current_code()
+
+    (tmp_path / "myextra.py").write_text("EXTRA = 24\n")  # imported by a name in a string
+    proc = train("dynamic", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "does not fit this architecture" in proc.stderr
     assert f"delete {student} (or set store= to another folder) to retrain" in proc.stderr

@@ -79,6 +79,118 @@ def test_users_own_target_is_keyed_by_its_source_file(tmp_path, monkeypatch):
     assert user_code(node)["keyed_usermodels"] == digest(tmp_path / "keyed_usermodels.py")
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# One way each for net.py to import blocks.py: absolute, relative, a submodule named in a
+# from-import, and imports that never run when the target is built (in a function, for typing).
+# `from pkg import blocks` also hashes pkg/__init__.py: `blocks` might have been a name in it.
+IMPORT_FORMS = [
+    ("import {pkg}.blocks\nWIDTH = {pkg}.blocks.WIDTH", False),
+    ("import {pkg}.blocks as b", False),
+    ("from {pkg}.blocks import WIDTH", False),
+    ("from {pkg} import blocks", True),
+    ("from .blocks import WIDTH", False),
+    ("from . import blocks", True),
+    ("def width():\n    from .blocks import WIDTH\n    return WIDTH", False),
+    ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from {pkg}.blocks import WIDTH",
+     False),
+]
+
+
+@pytest.mark.parametrize("form", range(len(IMPORT_FORMS)))
+def test_user_files_a_target_imports_are_in_its_key(tmp_path, monkeypatch, form):
+    """The user's files that the defining file imports, directly or not, are hashed with it: an
+    edit of a helper module is a new key, not a teacher trained on the old code reused. A file
+    of the user's that it does not import is not, nor are kd, torch and the standard library."""
+    pkg = f"imported_forms{form}"  # a name per case: sys.modules keeps a module once imported
+    folder = tmp_path / pkg
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    (folder / "net.py").write_text(
+        "import torch\nfrom kdcli.models.small import tiny_cnn\n"
+        + IMPORT_FORMS[form][0].format(pkg=pkg) + "\ndef net(num_classes=10):\n    return None\n")
+    (folder / "blocks.py").write_text("import os\nfrom .third import DEPTH\nWIDTH = 8\n")
+    (folder / "third.py").write_text("DEPTH = 2\n")
+    (folder / "unrelated.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    node = {"_target_": f"{pkg}.net.net"}
+
+    code = user_code(node)
+    expected = {f"{pkg}.{name}": _digest(folder / f"{name}.py")
+                for name in ("blocks", "net", "third")}
+    if IMPORT_FORMS[form][1]:
+        expected[pkg] = _digest(folder / "__init__.py")
+    assert code == expected
+    assert list(code) == sorted(code)
+    (folder / "unrelated.py").write_text("X = 2\n")
+    assert user_code(node) == code
+    (folder / "blocks.py").write_text("import os\nfrom .third import DEPTH\nWIDTH = 16\n")
+    edited = user_code(node)
+    assert edited[f"{pkg}.blocks"] != code[f"{pkg}.blocks"]
+    (folder / "third.py").write_text("DEPTH = 3\n")
+    assert user_code(node)[f"{pkg}.third"] != edited[f"{pkg}.third"]
+
+
+def test_a_single_file_target_keeps_the_key_it_had(tmp_path, monkeypatch):
+    """A file of the user's that imports only kd, torch, the standard library and names that
+    resolve to nothing is hashed alone, under its module name, as before imports were followed:
+    the literal key was computed with kd before that change, so such users' entries are reused."""
+    (tmp_path / "pinned_single.py").write_text(
+        '"""One file: it imports the standard library, torch and kd, and a name that resolves to '
+        'nothing."""\n'
+        "from __future__ import annotations\n"
+        "import os.path\n"
+        "from collections import OrderedDict\n"
+        "from torch import nn\n"
+        "from kdcli.models.small import tiny_cnn\n"
+        "try:\n"
+        "    import no_such_module_anywhere\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "def net(num_classes=10, **_):\n"
+        "    return tiny_cnn(num_classes=num_classes)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    node = {"_target_": "pinned_single.net", "num_classes": 10}
+    code = user_code(node)
+    assert code == {"pinned_single": _digest(tmp_path / "pinned_single.py")}
+    assert key_of({"model": node, "code": code}) == "ded63688b647d394"
+
+
+def test_imports_are_found_without_running_them(tmp_path, monkeypatch):
+    """Imports are read from the source, not taken from sys.modules: an import that never runs
+    (typing only, here of a package whose __init__ raises) is followed without running it, and a
+    module of the user's loaded for another target (the student's) is not in this one's key."""
+    (tmp_path / "unrun_net.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from unrun_pkg.types import T\n"
+        "def net(num_classes=10):\n    return None\n")
+    (tmp_path / "unrun_pkg").mkdir()
+    (tmp_path / "unrun_pkg" / "__init__.py").write_text("raise RuntimeError('not to be run')\n")
+    (tmp_path / "unrun_pkg" / "types.py").write_text("T = int\n")
+    (tmp_path / "unrun_other.py").write_text("def net(num_classes=10):\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    teacher = {"_target_": "unrun_net.net"}
+
+    expected = {"unrun_net": _digest(tmp_path / "unrun_net.py"),
+                "unrun_pkg.types": _digest(tmp_path / "unrun_pkg" / "types.py")}
+    assert user_code(teacher) == expected
+    assert "unrun_pkg" not in sys.modules
+    assert user_code({"_target_": "unrun_other.net"}) == {
+        "unrun_other": _digest(tmp_path / "unrun_other.py")}
+    assert user_code(teacher) == expected
+
+
+def test_an_import_cycle_of_user_files_ends(tmp_path, monkeypatch):
+    (tmp_path / "cycle_a.py").write_text(
+        "import cycle_a\nfrom cycle_b import f\ndef net(num_classes=10):\n    return f()\n")
+    (tmp_path / "cycle_b.py").write_text(
+        "def f():\n    from cycle_a import net\n    return None\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert user_code({"_target_": "cycle_a.net"}) == {
+        "cycle_a": _digest(tmp_path / "cycle_a.py"), "cycle_b": _digest(tmp_path / "cycle_b.py")}
+
+
 def test_shipped_configs_name_no_user_code():
     """kd's, torch's and the standard library's targets add no "code" field: the keys of every
     shipped config stay what they were before user code was hashed (their entries are reused)."""

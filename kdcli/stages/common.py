@@ -513,12 +513,14 @@ def load_weights(model: nn.Module, path: Path, hint: str = "") -> nn.Module:
 
 def load_entry_weights(model: nn.Module, entry: Entry) -> nn.Module:
     """`load_weights` from a store entry's last.pt. Weights that do not fit mean the model's
-    code changed since the entry was built in a way its key does not see (a file the hashed
-    module imports): the error says how to retrain."""
+    code changed since the entry was built in a way its key does not see (a module imported by
+    a name in a string, a data file it reads, an installed package): the error says how to
+    retrain."""
     return load_weights(model, entry.file("last.pt"), hint=(
-        f"the store entry was built from other code for this model (only the file defining a "
-        f"model of your own is in its key, not files it imports): delete {entry.path} (or set "
-        f"store= to another folder) to retrain it"))
+        f"the store entry was built from other code for this model (its key holds your files "
+        f"that the model's file imports, not modules imported by a name in a string, files it "
+        f"reads or installed packages): delete {entry.path} (or set store= to another folder) "
+        f"to retrain it"))
 
 
 def state_dict_mismatch(own: dict[str, torch.Tensor], other: dict[str, Any]) -> str:
