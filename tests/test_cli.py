@@ -47,7 +47,7 @@ def test_train_help_shows_groups_options_and_examples() -> None:
     assert out.startswith("kd train: all stages")
     assert "usage: kd train [GROUP=OPTION ...]" in out and "examples:" in out
     assert "dataset: cifar10, cifar10_subset, imagefolder" in out
-    assert "loss: attention, ce, dist, dkd, fitnets, hinton, mse" in out
+    assert "loss: attention, ce, dist, dkd, fitnets, hinton, lskd, mse" in out
     assert "hydra/sweeper=kd_optuna" in out and "hydra/launcher=kd_slurm" in out
     assert "-m, --multirun" in out  # the flags
     assert "temperature: 4.0" in out  # the composed config

@@ -16,6 +16,7 @@ TARGETS = {
     "mse": "kdcli.losses.mse.LogitMSE",
     "dkd": "kdcli.losses.dkd.DKD",
     "dist": "kdcli.losses.dist.DIST",
+    "lskd": "kdcli.losses.lskd.LogitStandardKD",
 }
 # Feature losses on the smoke nets (tiny_cnn: block1..block3) run the teacher online.
 FEATURE = {

@@ -1,5 +1,5 @@
-"""Logit-only losses (LogitMSE, DKD, DIST) against hand computations on 2x3 logits, and every
-shipped loss config bound to its target."""
+"""Logit-only losses (LogitMSE, DKD, DIST, LogitStandardKD) against hand computations on 2x3
+logits, and every shipped loss config bound to its target."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from kdcli.losses.base import DistillationLoss, Outputs
 from kdcli.losses.dist import DIST
 from kdcli.losses.dkd import DKD
 from kdcli.losses.hinton import HintonKD
+from kdcli.losses.lskd import LogitStandardKD, standardize
 from kdcli.losses.mse import LogitMSE
 
 LOSS_YAMLS = sorted((Path(kdcli.configs.__file__).parent / "loss").glob("*.yaml"))
@@ -71,6 +72,21 @@ def manual_dkd(student, teacher, targets, temperature) -> tuple[float, float]:
         nckd += _kl(q_t, q_s)
     n = len(student)
     return tckd / n * temperature**2, nckd / n * temperature**2
+
+
+def _zscore(row: list[float]) -> list[float]:
+    """(v - mean) / std over the row, std with Bessel's correction (divides by C - 1)."""
+    mean = sum(row) / len(row)
+    std = math.sqrt(sum((v - mean) ** 2 for v in row) / (len(row) - 1))
+    return [(v - mean) / std for v in row]
+
+
+def manual_lskd(student, teacher, temperature) -> float:
+    """Batch-mean KL(softmax(z(t) / T) || softmax(z(s) / T)) times T^2, z the row's z-score."""
+    kl = sum(_kl(_softmax([v / temperature for v in _zscore(t)]),
+                 _softmax([v / temperature for v in _zscore(s)]))
+             for s, t in zip(student, teacher, strict=True))
+    return kl / len(student) * temperature**2
 
 
 def manual_dist(student, teacher, temperature) -> tuple[float, float]:
@@ -213,6 +229,86 @@ def test_dist_perfectly_anticorrelated_columns():
     assert out["intra"].item() == pytest.approx(2.0, rel=1e-5)
 
 
+# --- logit standardisation (LogitStandardKD) ----------------------------------------------------
+
+def test_standardize_gives_zero_mean_unit_std_rows():
+    gen = torch.Generator().manual_seed(0)
+    logits = 5 * torch.randn(4, 10, generator=gen) + 3
+    z = standardize(logits)
+    torch.testing.assert_close(z.mean(dim=1), torch.zeros(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(z.std(dim=1), torch.ones(4))
+    # The std divides by C - 1 (torch's default, as the official code): [0, 1, 2] has std 1.
+    # Dividing by C would give +-1.2247.
+    torch.testing.assert_close(standardize(torch.tensor([[0.0, 1.0, 2.0]])),
+                               torch.tensor([[-1.0, 0.0, 1.0]]))
+
+
+def test_standardize_ignores_shift_and_positive_scale():
+    x = torch.tensor(TEACHER3)
+    torch.testing.assert_close(standardize(3 * x + 5), standardize(x))
+    torch.testing.assert_close(standardize(x / 7 - 2), standardize(x))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_lskd_matches_manual_formula(temperature):
+    out, _, _ = run(LogitStandardKD(temperature=temperature, ce_weight=0.5, kd_weight=9.0))
+    kd, ce = manual_lskd(STUDENT, TEACHER, temperature), _ce(STUDENT, TARGETS)
+    assert kd > 1e-3  # a non-degenerate value is being checked
+    # The implementation's eps=1e-7 on the std (here ~1) is well below rel 1e-5.
+    assert out["kd"].item() == pytest.approx(kd, rel=1e-5)
+    assert out["ce"].item() == pytest.approx(ce, rel=1e-6)
+    assert out["loss"].item() == pytest.approx(0.5 * ce + 9.0 * kd, rel=1e-5)
+
+
+def test_lskd_kd_term_ignores_the_logits_scale_and_shift_hinton_does_not():
+    # The method's point: the student matches the teacher's logit relations, not their range.
+    scaled = [[3 * v + 5 for v in row] for row in TEACHER]
+    lskd, _, _ = run(LogitStandardKD())
+    lskd_scaled, _, _ = run(LogitStandardKD(), teacher=scaled)
+    assert lskd["kd"].item() > 1e-3
+    assert lskd_scaled["kd"].item() == pytest.approx(lskd["kd"].item(), rel=1e-5)
+    hinton, _, _ = run(HintonKD(temperature=2.0))
+    hinton_scaled, _, _ = run(HintonKD(temperature=2.0), teacher=scaled)
+    assert hinton_scaled["kd"].item() != pytest.approx(hinton["kd"].item(), rel=1e-2)
+    # Likewise on the student's side (its CE on the raw logits does change).
+    student_scaled = [[0.5 * v - 1 for v in row] for row in STUDENT]
+    moved, _, _ = run(LogitStandardKD(), student=student_scaled)
+    assert moved["kd"].item() == pytest.approx(lskd["kd"].item(), rel=1e-5)
+    assert moved["ce"].item() != pytest.approx(lskd["ce"].item(), rel=1e-2)
+
+
+def test_lskd_zero_when_teacher_is_a_rescaled_student():
+    out, _, _ = run(LogitStandardKD(), teacher=[[2 * v - 1 for v in row] for row in STUDENT])
+    assert out["kd"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("student, teacher", [
+    ([[1.0, 1.0, 1.0], STUDENT[1]], TEACHER),  # a constant student row
+    (STUDENT, [[2.0, 2.0, 2.0], TEACHER[1]]),  # a constant teacher row: a uniform target
+    ([[0.0, 0.0, 0.0], STUDENT[1]], [[5.0, 5.0, 5.0], TEACHER[1]]),
+])
+def test_lskd_constant_row_gives_a_finite_loss_and_gradient(student, teacher):
+    # std 0: (z - mean) / std would be 0 / 0; the row standardises to zeros instead.
+    assert standardize(torch.tensor([[3.0, 3.0, 3.0]])).tolist() == [[0.0, 0.0, 0.0]]
+    out, s, t = run(LogitStandardKD(), student=student, teacher=teacher)
+    assert all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    assert torch.isfinite(s.grad).all() and t.grad is None
+
+
+def test_lskd_standardizes_float16_logits_in_float32():
+    # Cached teacher logits are float16; z-scores in float16 keep ~3 significant digits.
+    x = torch.tensor([[1000.0, 1.0, 0.5], TEACHER[1]])
+    z = standardize(x.half())
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, standardize(x.half().float()))
+    out, _, _ = run(LogitStandardKD(), teacher=TEACHER)
+    half = LogitStandardKD()(Outputs(torch.tensor(STUDENT)), Outputs(torch.tensor(TEACHER).half()),
+                             torch.tensor(TARGETS))
+    assert half["kd"].dtype == torch.float32
+    assert half["kd"].item() == pytest.approx(out["kd"].item(), rel=1e-3)
+
+
 # --- zero KD when student == teacher --------------------------------------------------------
 
 def test_mse_and_dkd_zero_when_student_equals_teacher():
@@ -254,6 +350,7 @@ LOSSES = {
     "mse": lambda: LogitMSE(ce_weight=0.5, kd_weight=0.5),
     "dkd": lambda: DKD(ce_weight=0.5, alpha=1.0, beta=8.0, temperature=4.0),
     "dist": lambda: DIST(ce_weight=0.5, beta=2.0, gamma=2.0, temperature=4.0),
+    "lskd": lambda: LogitStandardKD(temperature=2.0, ce_weight=0.5, kd_weight=9.0),
 }
 
 
@@ -273,9 +370,10 @@ def test_kd_term_alone_has_student_gradient(name):
     assert s.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["dkd", "dist"])
+@pytest.mark.parametrize("name", ["dkd", "dist", "lskd"])
 def test_softmax_losses_are_shift_invariant(name):
-    # Both read the logits only through softmax, so each row's gradient sums to zero.
+    # Each reads the logits only through softmax (lskd through their z-scores, shift-free too),
+    # so each row's gradient sums to zero.
     out, s, _ = run(LOSSES[name]())
     out["kd"].backward()
     torch.testing.assert_close(s.grad.sum(-1), torch.zeros(2), atol=1e-6, rtol=0)
@@ -310,7 +408,7 @@ def test_weights_isolate_terms():
         manual_mse(STUDENT, TEACHER), rel=1e-6)
 
 
-@pytest.mark.parametrize("cls", [DKD, DIST])
+@pytest.mark.parametrize("cls", [DKD, DIST, LogitStandardKD])
 @pytest.mark.parametrize("temperature", [0.0, -1.0])
 def test_nonpositive_temperature_raises(cls, temperature):
     with pytest.raises(ValueError, match="temperature"):
@@ -320,7 +418,8 @@ def test_nonpositive_temperature_raises(cls, temperature):
 @pytest.mark.parametrize("cls, weight", [
     (HintonKD, "ce_weight"), (HintonKD, "kd_weight"), (LogitMSE, "ce_weight"),
     (LogitMSE, "kd_weight"), (DKD, "ce_weight"), (DKD, "alpha"), (DKD, "beta"),
-    (DIST, "ce_weight"), (DIST, "beta"), (DIST, "gamma"),
+    (DIST, "ce_weight"), (DIST, "beta"), (DIST, "gamma"), (LogitStandardKD, "ce_weight"),
+    (LogitStandardKD, "kd_weight"),
 ])
 def test_negative_weight_raises(cls, weight):
     # kd_weight=-1 trained the student away from the teacher without a word.
@@ -333,6 +432,7 @@ def test_negative_weight_raises(cls, weight):
     ("mse", {"loss", "ce", "kd"}),
     ("dkd", {"loss", "ce", "kd", "tckd", "nckd"}),
     ("dist", {"loss", "ce", "kd", "inter", "intra"}),
+    ("lskd", {"loss", "ce", "kd"}),
 ])
 def test_returned_terms(name, terms):
     loss = LOSSES[name]()
@@ -345,7 +445,7 @@ def test_returned_terms(name, terms):
 # --- every shipped loss config binds to its target -------------------------------------------
 
 def test_new_loss_configs_are_shipped():
-    assert {"mse.yaml", "dkd.yaml", "dist.yaml"} <= {p.name for p in LOSS_YAMLS}
+    assert {"mse.yaml", "dkd.yaml", "dist.yaml", "lskd.yaml"} <= {p.name for p in LOSS_YAMLS}
 
 
 @pytest.mark.parametrize("path", LOSS_YAMLS, ids=lambda p: p.stem)
