@@ -27,6 +27,7 @@ METHODS: dict[str, list[str]] = {
     "mse": ["loss=mse"],
     "dkd": ["loss=dkd"],
     "dist": ["loss=dist"],
+    "lskd": ["loss=lskd"],
     "fitnets": ["loss=fitnets"],
     "attention": ["loss=attention"],
     "hinton+views": ["loss=hinton", "cache.views=4"],
