@@ -330,29 +330,24 @@ def with_kd_errors(func):
 
 
 def unknown_key_line(exc: Exception) -> str | None:
-    """`loss.temprature: unknown key (valid: temperature, ...; did you mean temperature?)` for
-    Hydra's refusal of an override of a key that is not in the config, else None."""
-    import difflib
-
-    from omegaconf import OmegaConf
+    """`loss.temprature: unknown key (valid: temperature, ...; did you mean loss.temperature?)`
+    for Hydra's refusal of an override of a key that is not in the config, else None. The
+    guesses are kdcli.schema's, as for a `+key=` or a YAML's key the schema refuses."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from kdcli.schema import did_you_mean
 
     cause = exc.__cause__
     if not (str(exc).startswith("Could not override") and isinstance(
             cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause)):
         return None
-    full_key, key, node = str(cause.full_key), str(cause.key), cause.parent_node
+    full_key, node = str(cause.full_key), cause.parent_node
     # The node the key was looked up in: its keys, less _target_ and the like (and at the top
     # level Hydra's own node, which is set as hydra.KEY, not KEY).
     valid = [str(k) for k in (node.keys() if node is not None else ())
              if not (str(k).startswith("_") and str(k).endswith("_"))
              and not (str(k) == "hydra" and "." not in full_key)]
-    close = difflib.get_close_matches(key, valid)
-    if not close and node is not None:  # trainer.epochs: trainer.teacher.epochs, ...
-        prefix = full_key[:-len(key)]
-        close = [f"{prefix}{k}.{key}" for k in valid
-                 if OmegaConf.is_dict(node._get_node(k)) and key in node._get_node(k).keys()]
-    guess = f"; did you mean {', '.join(close)}?" if close else ""
+    guess = did_you_mean(node, full_key, valid) if node is not None else ""
     return f"{full_key}: unknown key (valid: {', '.join(valid) or 'none'}{guess})"
 
 
