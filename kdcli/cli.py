@@ -12,11 +12,15 @@ rewritten to `kd <rest>` and handed to that verb's Hydra app.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from kdcli.runfolder import FAILED, set_aside_earlier_run
@@ -101,20 +105,76 @@ SWEEP_JOBS: list[str] = []
 FAILED_JOBS: list[tuple[str, str]] = []
 
 
-INTERRUPTED = ("interrupted: run the same command again to go on (each stage resumes from its "
-               "last saved epoch in the store)")
+RESUME = ("run the same command again to go on (each stage resumes from its last saved epoch "
+          "in the store)")
+INTERRUPTED = f"interrupted: {RESUME}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: Slurm at a job's time limit or on preemption, `kill`,
+    torchrun stopping its workers. A KeyboardInterrupt, so that it leaves the way Ctrl-C does
+    wherever that is handled (the run's log says so, what was saved stays, a `-m` sweep ends,
+    Hydra's and other code's `except Exception` let it through); only the words and the exit
+    status (128 + the signal's number) differ."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)  # "Terminated: SIGTERM" where shown
+        self.signum = signum
+
+
+def interrupted_line(exc: KeyboardInterrupt) -> str:
+    """What kd says, on stderr and in the run's log, when `exc` stopped it."""
+    if isinstance(exc, Terminated):
+        return f"terminated by {signal.Signals(exc.signum).name}: {RESUME}"
+    return INTERRUPTED
+
+
+def exit_status(exc: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process a signal ended: 130 for Ctrl-C
+    (SIGINT), 143 for SIGTERM."""
+    return 128 + (exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    # Once: a second SIGTERM, while the first unwinds, ends the process at once, as it did
+    # before kd handled it (checkpoints and store entries are written atomically either way).
+    signal.signal(signum, signal.SIG_DFL)
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """While kd runs, SIGTERM raises Terminated instead of ending the process without a word
+    in the run's log (Slurm sends SIGTERM, then SIGKILL some 30 s later). Set in the main
+    thread only (Python runs signal handlers there and lets no other thread set them), and
+    only over the default action: a SIGTERM the parent process chose to ignore stays ignored,
+    as Python leaves an ignored SIGINT. The previous handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main() -> None:
     try:
-        dispatch()
+        with sigterm_raises():
+            dispatch()
     except BrokenPipeError:  # `kd train --help | head`: the reader left, nothing to report
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python flushes stdout again at exit
         sys.exit(1)
-    except KeyboardInterrupt:
-        sys.stderr.write(f"\n{INTERRUPTED}\n")
-        sys.exit(130)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        sys.stderr.write(f"\n{interrupted_line(exc)}\n")
+        status = exit_status(exc)
+        distributed = sys.modules.get("kdcli.distributed")  # imported only if kd got that far
+        if distributed is not None:
+            distributed.exit_if_one_of_several(status)
+        sys.exit(status)
 
 
 def dispatch() -> None:
@@ -270,29 +330,24 @@ def with_kd_errors(func):
 
 
 def unknown_key_line(exc: Exception) -> str | None:
-    """`loss.temprature: unknown key (valid: temperature, ...; did you mean temperature?)` for
-    Hydra's refusal of an override of a key that is not in the config, else None."""
-    import difflib
-
-    from omegaconf import OmegaConf
+    """`loss.temprature: unknown key (valid: temperature, ...; did you mean loss.temperature?)`
+    for Hydra's refusal of an override of a key that is not in the config, else None. The
+    guesses are kdcli.schema's, as for a `+key=` or a YAML's key the schema refuses."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from kdcli.schema import did_you_mean
 
     cause = exc.__cause__
     if not (str(exc).startswith("Could not override") and isinstance(
             cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause)):
         return None
-    full_key, key, node = str(cause.full_key), str(cause.key), cause.parent_node
+    full_key, node = str(cause.full_key), cause.parent_node
     # The node the key was looked up in: its keys, less _target_ and the like (and at the top
     # level Hydra's own node, which is set as hydra.KEY, not KEY).
     valid = [str(k) for k in (node.keys() if node is not None else ())
              if not (str(k).startswith("_") and str(k).endswith("_"))
              and not (str(k) == "hydra" and "." not in full_key)]
-    close = difflib.get_close_matches(key, valid)
-    if not close and node is not None:  # trainer.epochs: trainer.teacher.epochs, ...
-        prefix = full_key[:-len(key)]
-        close = [f"{prefix}{k}.{key}" for k in valid
-                 if OmegaConf.is_dict(node._get_node(k)) and key in node._get_node(k).keys()]
-    guess = f"; did you mean {', '.join(close)}?" if close else ""
+    guess = did_you_mean(node, full_key, valid) if node is not None else ""
     return f"{full_key}: unknown key (valid: {', '.join(valid) or 'none'}{guess})"
 
 
@@ -383,10 +438,11 @@ def run_verb(verb: str, cfg, sweep: bool):
         # the stage verbs' results hold a Context (locks, open files), which cannot be; only
         # `kd train`'s objective, a number, is of use there (the Optuna sweeper's).
         return result if not sweep or isinstance(result, (int, float)) else None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
         # Into the run's log too, which otherwise just stops at the last epoch line; stderr gets
-        # the line from `main`, once the interrupt has unwound Hydra.
-        log_in_file_only(INTERRUPTED, level=logging.WARNING)
+        # the line from `main`, once the interrupt has unwound Hydra. In a `-m` sweep it ends
+        # the sweep (Hydra's launcher lets a KeyboardInterrupt through), not just this job.
+        log_in_file_only(interrupted_line(exc), level=logging.WARNING)
         raise
     except KDError as exc:
         message = str(exc)

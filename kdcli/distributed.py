@@ -21,6 +21,7 @@ import logging
 import os
 import pickle
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -99,6 +100,25 @@ def init(device: torch.device) -> None:
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_if_one_of_several(status: int) -> None:
+    """Ends the process now, with `status`, when it is one rank of several; else returns.
+
+    For a rank stopped by Ctrl-C or SIGTERM (torchrun stopping its workers, Slurm's time
+    limit), whose peers may sit in a collective it will never join: the `shutdown` registered
+    at exit would wait for them (NCCL's destroy_process_group flushes pending collectives, gloo's
+    joins its work threads), until the launcher's SIGKILL. What else Python does at exit is
+    skipped too: the log and stderr are flushed here; file locks go with the process; an
+    interrupted atomic write has removed its temp file already. The peers see the connection
+    close and fail, or get their own signal.
+    """
+    if not active():
+        return
+    logging.shutdown()  # flushes and closes the log file (rank 0's)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def barrier() -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import difflib
 import inspect
 import sys
 import types
@@ -368,6 +369,64 @@ def _recompose(extra: list[str], groups: tuple[str, ...], label: str
         return None, f"{label}: {first}"
 
 
+# --------------------------------------------------------------------------- did you mean
+
+# At most this many guesses for an unknown key: the message stays one line.
+MAX_GUESSES = 4
+# Sibling nodes of one kind (the teacher's and the student's model, optimizer, scheduler): a
+# key of one is no guess for the other, whose chosen option does not take it.
+_KINDS = (Model, Optimizer, Scheduler)
+
+
+def did_you_mean(node: DictConfig, full_key: str, valid: list[str]) -> str:
+    """`; did you mean trainer.teacher.epochs, pretrain.epochs?` for `full_key`, a key that
+    `node` (the node it was set in, within the whole config) lacks and `valid` lists what it
+    has; "" when nothing comes close. The same whether the key came from a YAML, `key=` (Hydra
+    refuses it while composing: kdcli.cli) or `+key=`.
+
+    First the close spellings among `valid` (`trainer.student.epoch` -> `trainer.student.epochs`),
+    then every path in the config whose last part is the key (`epochs` -> `trainer.teacher.epochs`,
+    `trainer.student.epochs`, `pretrain.epochs`), those under `node` first.
+    """
+    parent, _, key = full_key.rpartition(".")
+    close = [_join(parent, k) for k in difflib.get_close_matches(key, valid)]
+    kind = _kind_of(parent)
+    under, elsewhere = [], []
+    for path in _paths(node._get_root()):
+        where, _, last = path.rpartition(".")
+        if last != key or path == full_key or (kind is not None and where != parent
+                                               and _kind_of(where) is kind):
+            continue
+        (under if path.startswith(f"{parent}.") else elsewhere).append(path)
+    guesses = list(dict.fromkeys([*close, *under, *elsewhere]))[:MAX_GUESSES]
+    return f"; did you mean {', '.join(guesses)}?" if guesses else ""
+
+
+def _paths(node: DictConfig, path: str = "") -> Iterator[str]:
+    """The path of every key under `node`, a parent before its children, in key order; without
+    `_target_` and the like, and at the top without Hydra's own node. Values are not resolved."""
+    for key in node.keys():
+        key = str(key)
+        if (key.startswith("_") and key.endswith("_")) or (not path and key == "hydra"):
+            continue
+        full = _join(path, key)
+        yield full
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not (child._is_missing() or child._is_none()
+                                                  or child._is_interpolation()):
+            yield from _paths(child, full)
+
+
+def _kind_of(path: str) -> type | None:
+    """Which of _KINDS the node at `path` is declared as (Run's fields), or None."""
+    hint: Any = Run
+    for part in path.split(".") if path else ():
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = typing.get_type_hints(hint).get(part)
+    return next((k for k in _KINDS if isinstance(hint, type) and issubclass(hint, k)), None)
+
+
 # --------------------------------------------------------------------------- walking the tree
 
 
@@ -391,7 +450,9 @@ def _check_settings(node: Any, schema: type, path: str, skip: tuple[str, ...] = 
             continue
         if key not in hints:
             if schema not in OPEN:
-                problems.append(f"{full}: unknown key (valid: {', '.join(_field_names(schema))})")
+                names = _field_names(schema)
+                problems.append(f"{full}: unknown key (valid: {', '.join(names)}"
+                                f"{did_you_mean(node, full, names)})")
             continue
         problems += _check_key(node, key, hints[key], full, ranges.get(key))
     return problems
@@ -529,8 +590,9 @@ def _check_target(node: Any, kind: type[Target], path: str) -> list[str]:
         elif key in named:
             problems += _check_key(node, key, hints.get(key, Any), full)
         elif not takes_kwargs:
-            valid = ", ".join(n for n in named if n not in kind.passed) or "none"
-            problems.append(f"{full}: unknown key for {target_name} (valid: {valid})")
+            valid = [n for n in named if n not in kind.passed]
+            problems.append(f"{full}: unknown key for {target_name} (valid: "
+                            f"{', '.join(valid) or 'none'}{did_you_mean(node, full, valid)})")
     if "_args_" not in node and not node.get("_partial_", False):
         for name, p in named.items():
             # `name in node` is False for a ??? value too, reported once already as unset.

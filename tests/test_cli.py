@@ -150,14 +150,22 @@ complete -p kd
 @pytest.mark.parametrize("override, line", [
     # Hydra advised `+loss.temprature=2`, which adds the typo as a key.
     ("loss.temprature=2", "loss.temprature: unknown key (valid: temperature, ce_weight, "
-                          "kd_weight; did you mean temperature?)"),
+                          "kd_weight; did you mean loss.temperature?)"),
     ("trainr.seed=1", "trainr: unknown key (valid: teacher, student, dataset, loss, optimizer, "
                       "scheduler, teacher_optimizer, teacher_scheduler, trainer, device, seed, "
                       "deterministic, baseline, store, cache, pretrain, logging; did you mean "
                       "trainer, pretrain?)"),
     ("trainer.epochs=3", "trainer.epochs: unknown key (valid: teacher, student, eval_batch_size, "
                          "nan_retries, nan_lr_factor; did you mean trainer.teacher.epochs, "
-                         "trainer.student.epochs?)"),
+                         "trainer.student.epochs, pretrain.epochs?)"),
+    # Every path that ends in the key; a close spelling at the key's own level.
+    ("epochs=3", "epochs: unknown key (valid: teacher, student, dataset, loss, optimizer, "
+                 "scheduler, teacher_optimizer, teacher_scheduler, trainer, device, seed, "
+                 "deterministic, baseline, store, cache, pretrain, logging; did you mean "
+                 "trainer.teacher.epochs, trainer.student.epochs, pretrain.epochs?)"),
+    ("trainer.student.epoch=3", "trainer.student.epoch: unknown key (valid: epochs, batch_size; "
+                                "did you mean trainer.student.epochs?)"),
+    ("trainer.student.zzz=3", "trainer.student.zzz: unknown key (valid: epochs, batch_size)"),
 ])
 def test_unknown_key_on_the_command_line_is_one_line(tmp_path: Path, override: str,
                                                      line: str) -> None:

@@ -219,6 +219,75 @@ def test_other_ranks_outwait_the_collective_timeout_while_rank0_queues(tmp_path:
     assert "teacher tiny_cnn-wide: reusing" in log.read_text()
 
 
+def test_sigterm_to_torchrun_stops_every_rank_with_kds_line(tmp_path: Path):
+    """torchrun, sent SIGTERM (Slurm's time limit, `kill`), sends it on to its workers: each
+    rank leaves as it would on Ctrl-C, with kd's line, well before torchrun's SIGKILL (30 s
+    on), and rank 0's log and the store entry say where it stopped."""
+    import signal
+    import time
+
+    from kdcli import storecmd
+
+    cmd = [*TORCHRUN_KD, "teacher", "experiment=smoke", "device=cpu", "hydra.run.dir=run",
+           "store=store", "trainer.teacher.epochs=40", "dataset.train_size=128",
+           "dataset.test_size=64"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=torchrun_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "store" / "teacher").glob("*/last.pt")):
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            assert time.monotonic() < deadline, "the teacher never saved an epoch"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert time.monotonic() - sent < 20, out[-3000:]
+    line = ("terminated by SIGTERM: run the same command again to go on (each stage resumes "
+            "from its last saved epoch in the store)")
+    assert out.count(line) == 2, out[-3000:]  # one per rank, on stderr
+    assert "forcefully exiting" not in out  # no rank needed torchrun's SIGKILL
+    log = (tmp_path / "run" / "teacher.log").read_text().strip().splitlines()
+    assert log[-1].endswith(f"[WARNING] - {line}")
+    (item,) = [i for i in storecmd.scan(tmp_path / "store") if i.stage == "teacher"]
+    assert item.status == storecmd.INCOMPLETE and not storecmd.in_use(item)
+
+
+# One rank stops (a signal) with a collective pending that its peer never joins: its exit must
+# not wait for the peer. Here the peer sleeps for a minute; destroy_process_group at exit (the
+# graceful way out) would wait for it.
+STOPPING_RANK = """
+import logging, sys, time
+import torch
+from kdcli import distributed
+logging.basicConfig(filename=f"rank{distributed.rank()}.log", level=logging.INFO)
+distributed.init(torch.device("cpu"))
+if distributed.is_main():
+    torch.distributed.all_reduce(torch.ones(4), async_op=True)  # rank 1 never joins
+    logging.getLogger("kdcli").warning("terminated by SIGTERM")
+    distributed.exit_if_one_of_several(143)
+    sys.exit(1)  # not reached
+time.sleep(60)
+"""
+
+
+def test_a_stopped_rank_exits_without_waiting_for_its_peers(tmp_path: Path):
+    import time
+
+    (tmp_path / "stopping_rank.py").write_text(STOPPING_RANK)
+    cmd = [*TORCHRUN_KD[:-2], "stopping_rank.py"]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=torchrun_env(), capture_output=True, text=True,
+                          timeout=300)
+    # torchrun saw rank 0 end with 143 and stopped rank 1, long before its minute was up.
+    assert time.monotonic() - start < 40, proc.stderr[-3000:]
+    assert "exitcode: 143" in proc.stderr, proc.stderr[-3000:]
+    assert "terminated by SIGTERM" in (tmp_path / "rank0.log").read_text()  # flushed first
+
+
 def test_on_main_hands_rank0s_result_or_failure_through_the_store(monkeypatch):
     import itertools
     import pickle

@@ -547,26 +547,109 @@ def test_failed_write_names_the_file_and_keeps_the_old_one(tmp_path: Path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
 
 
-def test_ctrl_c_is_one_line_and_the_rerun_resumes(tmp_path: Path) -> None:
+def _signals_default() -> None:
+    """In the child: SIGINT and SIGTERM at their default actions (a process started in the
+    background may inherit SIGINT ignored; a terminal's is not)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+RESUME = ("run the same command again to go on (each stage resumes from its last saved epoch "
+          "in the store)")
+
+
+@pytest.mark.parametrize("sig, verb, status, words", [
+    (signal.SIGINT, "teacher", 130, "interrupted"),  # Ctrl-C
+    # Slurm at the time limit (SIGKILL follows ~30 s later), `kill`, torchrun stopping workers.
+    (signal.SIGTERM, "train", 143, "terminated by SIGTERM"),
+])
+def test_ctrl_c_or_sigterm_is_one_line_and_the_rerun_resumes(
+        tmp_path: Path, sig: signal.Signals, verb: str, status: int, words: str) -> None:
+    from kdcli import storecmd
+
     store = tmp_path / "store"
-    args = ("teacher", *SMOKE, "trainer.teacher.epochs=20", "dataset.train_size=128",
+    args = (verb, *NO_BASELINE, "trainer.teacher.epochs=20", "dataset.train_size=128",
             "dataset.test_size=64", f"store={store}")
-    # A process started in the background may inherit SIGINT ignored; a terminal's is not.
     proc = _start(*args, f"hydra.run.dir={tmp_path / 'first'}", cwd=tmp_path,
-                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                  preexec_fn=_signals_default)
     try:
         _wait_for(proc, store / "teacher", "*/last.pt", "the teacher never saved an epoch")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130
+    assert proc.returncode == status
     assert "Traceback" not in stderr
-    line = ("interrupted: run the same command again to go on (each stage resumes from its last "
-            "saved epoch in the store)")
+    line = f"{words}: {RESUME}"
     assert stderr.strip().splitlines()[-1] == line
     # The run's log said nothing of it: it stopped at the last epoch line.
-    assert (tmp_path / "first" / "teacher.log").read_text().strip().splitlines()[-1].endswith(
+    assert (tmp_path / "first" / f"{verb}.log").read_text().strip().splitlines()[-1].endswith(
         f"[WARNING] - {line}")
+    # The teacher's entry: incomplete (resumable), its lock let go, its last epoch loadable.
+    (item,) = [i for i in storecmd.scan(store) if i.stage == "teacher"]
+    assert item.status == storecmd.INCOMPLETE and not storecmd.in_use(item)
+    assert {"epoch", "model"} <= set(torch.load(item.path / "last.pt", weights_only=True))
     kd(*args, f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
-    assert "resuming from" in (tmp_path / "again" / "teacher.log").read_text()
+    assert "resuming from" in (tmp_path / "again" / f"{verb}.log").read_text()
+    assert [i.status for i in storecmd.scan(store) if i.stage == "teacher"] == [
+        storecmd.COMPLETE]
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_ends_a_sweep_not_just_its_job(tmp_path: Path, sig: signal.Signals,
+                                                         status: int) -> None:
+    # Hydra's basic launcher runs the jobs in this process and lets a KeyboardInterrupt (which
+    # kd's Terminated is) through: the next job never starts.
+    store = tmp_path / "store"
+    proc = _start("teacher", "-m", *SMOKE, "trainer.teacher.epochs=20", "dataset.train_size=128",
+                  "dataset.test_size=64", f"store={store}", "seed=1,2",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
+                  preexec_fn=_signals_default)
+    try:
+        _wait_for(proc, store / "teacher", "*/last.pt", "the teacher never saved an epoch")
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == status
+    assert "Traceback" not in stderr and "failed" not in stderr
+    assert stderr.strip().splitlines()[-1].endswith(RESUME)
+    assert [p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()] == ["0"]
+    assert (tmp_path / "sweep" / "0" / "teacher.log").read_text().strip().splitlines()[
+        -1].endswith(RESUME)
+    assert len([p for p in (store / "teacher").iterdir() if p.is_dir()]) == 1
+
+
+def test_sigterm_handler_is_kds_only_while_it_runs() -> None:
+    import threading
+
+    from kdcli import cli
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(cli.Terminated) as err, cli.sigterm_raises():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at once; the sleep is cut short
+        assert (cli.interrupted_line(err.value), cli.exit_status(err.value)) == (
+            f"terminated by SIGTERM: {RESUME}", 143)
+        assert str(err.value) == "SIGTERM"  # what rank 0 hands the other ranks (on_main)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        # kd run from another thread of a program: left as it is (only the main thread may
+        # set a handler: signal.signal would raise ValueError).
+        seen = []
+
+        def in_thread() -> None:
+            with cli.sigterm_raises():
+                seen.append(signal.getsignal(signal.SIGTERM))
+
+        thread = threading.Thread(target=in_thread)
+        thread.start()
+        thread.join()
+        assert seen == [signal.SIG_DFL]
+        # An ignored SIGTERM stays ignored (as Python leaves an ignored SIGINT).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        with cli.sigterm_raises():
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

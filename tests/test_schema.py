@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 import kdcli.configs
 from kdcli.errors import ConfigError
-from kdcli.schema import validate
+from kdcli.schema import did_you_mean, validate
 from tests.conftest import SMOKE, kd
 
 CONFIGS = Path(kdcli.configs.__file__).parent
@@ -115,10 +115,10 @@ def test_kd_evals_keys_are_valid_in_kd_eval_alone() -> None:
 
     message = problem("+epochs=3")
     assert message.startswith("config: epochs: unknown key (valid: seed, deterministic, ")
-    assert message.endswith(", cache, pretrain, logging)")
+    assert ", cache, pretrain, logging; did you mean " in message
     assert problem("+checkpoint=best.pt").startswith("config: checkpoint: unknown key")
-    assert problem("+epochs=3", "checkpoint=best.pt", config_name="kd_eval").endswith(
-        ", logging, checkpoint, arch, split)")
+    assert ", logging, checkpoint, arch, split; did you mean " in problem(
+        "+epochs=3", "checkpoint=best.pt", config_name="kd_eval")
 
 
 def test_users_own_model_by_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -134,7 +134,8 @@ def test_users_own_model_by_target(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             pytest.raises(ConfigError) as err:
         validate(cfg)
     assert str(err.value) == ("config: student.width: unknown key for "
-                              "schema_usermodels.strict (valid: depth)")
+                              "schema_usermodels.strict (valid: depth; did you mean "
+                              "student.depth?)")
 
 
 def test_missing_module_of_a_target_says_where_kd_looked(tmp_path: Path,
@@ -173,7 +174,7 @@ def test_missing_module_of_a_target_says_where_kd_looked(tmp_path: Path,
     (["cache.teacher_weights=[1,a]"],
      "config: cache.teacher_weights: expected a list of float or null, got [1, 'a']"),
     (["+cache.topK=5"], "config: cache.topK: unknown key (valid: storage, topk, batch_size, "
-                        "teacher_weights, views, check)"),
+                        "teacher_weights, views, check; did you mean cache.topk?)"),
     (["+trainr.epochs=5"], "config: trainr: unknown key (valid: seed,"),
     (["optimizer.lr=fast"], "config: optimizer.lr: expected float, got 'fast'"),
     (["optimizer=adamw", "optimizer.betas=[0.9]"],
@@ -182,7 +183,7 @@ def test_missing_module_of_a_target_says_where_kd_looked(tmp_path: Path,
      "config: teacher_scheduler.warmup_epochs: expected float, got 'soon'"),
     (["+loss.temprature=2"], "config: loss.temprature: unknown key for "
                              "kdcli.losses.hinton.HintonKD (valid: temperature, ce_weight, "
-                             "kd_weight)"),
+                             "kd_weight; did you mean loss.temperature?)"),
     (["student=resnet18", "student.input_size=big"],
      "config: student.input_size: expected int, got 'big'"),
     (["+teacher.depth=3"],
@@ -199,6 +200,49 @@ def test_wrong_type_or_unknown_key_names_the_path(overrides: list[str], message:
     with composed(*overrides) as cfg, pytest.raises(ConfigError) as err:
         validate(cfg)
     assert str(err.value).startswith(message), str(err.value)
+
+
+@pytest.mark.parametrize("extra, key, guess", [
+    # Every path whose last part is the key, wherever it was written.
+    ([], "epochs", "; did you mean trainer.teacher.epochs, trainer.student.epochs, "
+                   "pretrain.epochs?)"),
+    ([], "trainer.epochs", "; did you mean trainer.teacher.epochs, trainer.student.epochs, "
+                           "pretrain.epochs?)"),
+    ([], "student.lr", "; did you mean optimizer.lr, teacher_optimizer.lr?)"),
+    # A close spelling at the key's own level ("+" gave none: `(valid: epochs, batch_size)`).
+    ([], "trainer.student.epoch", "; did you mean trainer.student.epochs?)"),
+    # No guess: the teacher's width is none for a student whose model takes no width.
+    (["student=resnet18"], "student.width", None),
+    ([], "zzz", None),
+])
+def test_an_unknown_key_gets_the_same_guesses_with_or_without_plus(
+        extra: list[str], key: str, guess: str | None) -> None:
+    # `key=3` is refused by Hydra while composing (kd's line: kdcli.cli.unknown_key_line);
+    # `+key=3` adds the key, and the schema refuses it.
+    from hydra.errors import ConfigCompositionException
+
+    from kdcli.cli import unknown_key_line
+
+    with pytest.raises(ConfigCompositionException) as refused:
+        with composed(*SMOKE, *extra, f"{key}=3"):
+            pass
+    with composed(*SMOKE, *extra, f"+{key}=3") as cfg, pytest.raises(ConfigError) as added:
+        validate(cfg)
+    for line in (unknown_key_line(refused.value), str(added.value).removeprefix("config: ")):
+        assert line.startswith(f"{key}: unknown key"), line
+        if guess is None:
+            assert "did you mean" not in line, line
+        else:
+            assert line.endswith(guess), line
+
+
+def test_guesses_are_close_spellings_first_then_the_nodes_own_and_at_most_four() -> None:
+    cfg = OmegaConf.create({"a": {"rate": 1, "rates": 2}, "b": {"x": {"rate": 3}},
+                            "c": {"rate": 4}, "d": {"rate": 5}, "e": {"rate": 6}})
+    assert did_you_mean(cfg.a, "a.rat", ["rate", "rates"]) == "; did you mean a.rate, a.rates?"
+    assert did_you_mean(cfg.b, "b.rate", ["x"]) == (
+        "; did you mean b.x.rate, a.rate, c.rate, d.rate?")
+    assert did_you_mean(cfg, "zzz", ["a", "b"]) == ""
 
 
 @pytest.mark.parametrize("override, message", [
@@ -358,7 +402,7 @@ def test_typo_inside_a_users_yaml_is_reported_before_any_work(tmp_path: Path) ->
     assert proc.returncode == 1
     assert proc.stderr == ("error: config: loss.temprature: unknown key for "
                            "kdcli.losses.hinton.HintonKD (valid: temperature, ce_weight, "
-                           "kd_weight)\n")
+                           "kd_weight; did you mean loss.temperature?)\n")
     assert not (tmp_path / "store").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
 
