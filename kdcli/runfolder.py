@@ -84,13 +84,17 @@ def lock(folder: Path, key: str = "hydra.run.dir") -> FileLock:
     from filelock import FileLock, Timeout  # not at import time: `kd --help` stays fast
 
     path = folder / LOCK
+    # Read before trying too: filelock before 3.30 opens the file with O_TRUNC on every attempt,
+    # a failed one included, so after it the holder's line is gone.
+    before = _holder(path)
     held = FileLock(str(path))
     try:
         held.acquire(timeout=0)
     except Timeout:
         raise FolderInUse(
-            f"run folder {folder} is in use: another kd process{_holder(path)} is writing to it; "
-            f"wait for that run to end, or give this one a folder of its own ({key}=...)"
+            f"run folder {folder} is in use: another kd process{_holder(path) or before} is "
+            f"writing to it; wait for that run to end, or give this one a folder of its own "
+            f"({key}=...)"
         ) from None
     with contextlib.suppress(OSError):  # who holds it, for the message above; not needed
         path.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
