@@ -330,13 +330,14 @@ def test_run_folder_lock_of_a_killed_run_does_not_block_and_is_no_output(tmp_pat
 
 
 
-def test_run_folder_holder_is_named_where_filelock_truncates_on_a_failed_attempt(
+def test_a_run_folder_lock_held_elsewhere_is_not_written_even_by_a_truncating_filelock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # filelock before 3.30 opens the lock file with O_TRUNC before it tries the lock: a second
     # run erased the first one's "pid N on HOST" line, then read the empty file for its message.
     from filelock import FileLock, Timeout
 
     held = runfolder.lock(tmp_path)
+    line = (tmp_path / runfolder.LOCK).read_text()
     try:
         def truncating_acquire(self, timeout=None, **kw):
             Path(self.lock_file).write_text("")
@@ -346,6 +347,7 @@ def test_run_folder_holder_is_named_where_filelock_truncates_on_a_failed_attempt
         with pytest.raises(runfolder.FolderInUse,
                            match=f"another kd process \\(pid {os.getpid()} on "):
             runfolder.lock(tmp_path)
+        assert (tmp_path / runfolder.LOCK).read_text() == line
     finally:
         monkeypatch.undo()
         held.release()
