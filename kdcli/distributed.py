@@ -97,8 +97,14 @@ def init(device: torch.device) -> None:
              dist.get_backend(), device)
 
 
+# How long rank 0, at exit, waits for the other ranks to leave before it does (`shutdown`).
+LEAVE_TIMEOUT_S = 60.0
+
+
 def shutdown() -> None:
+    """At exit: rank 0 leaves last (`_leave_together`), then the process group is destroyed."""
     if dist.is_available() and dist.is_initialized():
+        _leave_together()
         dist.destroy_process_group()
 
 
@@ -119,6 +125,28 @@ def exit_if_one_of_several(status: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
+
+
+def _leave_together(timeout_s: float = LEAVE_TIMEOUT_S) -> None:
+    """Every rank checks out on the key-value store; rank 0 waits until all have.
+
+    Where rank 0's process hosts the store (ranks started with MASTER_ADDR and MASTER_PORT
+    alone, as `srun` does; torchrun of older torch, 2.4), the store ends with it: a rank still
+    waiting in `on_main` for rank 0's last result (the report) failed with "Connection reset
+    by peer" when rank 0 exited first. Bounded: a rank that was killed never checks out.
+    """
+    if not active():
+        return
+    store = dist.distributed_c10d._get_default_store()
+    try:
+        left = store.add("kd/left", 1)
+        pause, deadline = 0.01, time.monotonic() + timeout_s
+        while is_main() and left < world_size() and time.monotonic() < deadline:
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+            left = store.add("kd/left", 0)
+    except RuntimeError:  # the store is gone already (its host left): nothing to wait for
+        pass
 
 
 def barrier() -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import io
 import json
 import logging
@@ -277,27 +278,40 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> tuple[bytes, str]:
     """Serialised ONNX model with a dynamic batch axis, and the exporter that made it.
 
     The torch.export-based exporter comes first; a model it cannot capture falls back to the
-    TorchScript-based one (deprecated in torch, still the most permissive).
+    TorchScript-based one (deprecated in torch, still the most permissive). Torch before 2.5
+    has no torch.export-based exporter with a dynamic batch axis: there the TorchScript-based
+    one is the exporter, and not a failure to warn of.
     """
     _require("onnx")
-    chatter = io.StringIO()  # a failed capture prints whole graphs; keep them for the debug log
-    try:
-        with _quiet(), contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            program = torch.onnx.export(
-                model, (example,), None, input_names=["images"], output_names=["logits"],
-                dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
-                dynamo=True, verbose=False)
-        return program.model_proto.SerializeToString(), "dynamo"
-    except Exception as exc:  # noqa: BLE001 - any capture failure: try the other exporter
-        log.debug("torch.export output:\n%s", chatter.getvalue())
-        log.warning("torch.export-based ONNX export failed (%s); using the TorchScript-based "
-                    "exporter", _first_line(exc))
+    if _has_dynamo_exporter():
+        chatter = io.StringIO()  # a failed capture prints whole graphs; keep them for debugging
+        try:
+            with _quiet(), contextlib.redirect_stdout(chatter), \
+                    contextlib.redirect_stderr(chatter):
+                program = torch.onnx.export(
+                    model, (example,), None, input_names=["images"], output_names=["logits"],
+                    dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=OPSET,
+                    dynamo=True, verbose=False)
+            return program.model_proto.SerializeToString(), "dynamo"
+        except Exception as exc:  # noqa: BLE001 - any capture failure: try the other exporter
+            log.debug("torch.export output:\n%s", chatter.getvalue())
+            log.warning("torch.export-based ONNX export failed (%s); using the TorchScript-based "
+                        "exporter", _first_line(exc))
+    else:
+        log.info("torch %s: ONNX from the TorchScript-based exporter (the torch.export-based "
+                 "one, with a dynamic batch axis, needs torch 2.5)", torch.__version__)
     buf = io.BytesIO()
     with _quiet():
         torch.onnx.export(model, (example,), buf, input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
                           opset_version=OPSET, dynamo=False)
     return buf.getvalue(), "torchscript-based"
+
+
+def _has_dynamo_exporter() -> bool:
+    """Whether `torch.onnx.export` takes `dynamo=True` with `dynamic_shapes` (torch 2.5 on;
+    torch 2.4's `dynamo=True` has no `dynamic_shapes`, so its every export would fail first)."""
+    return "dynamic_shapes" in inspect.signature(torch.onnx.export).parameters
 
 
 def export_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> None:

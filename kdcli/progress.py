@@ -15,18 +15,23 @@ class Progress:
     def __init__(self, label: str, enabled: bool = True) -> None:
         self.label = label
         console = Console(stderr=True)
+        self._shown = enabled and sys.stderr.isatty()
         self._bar = _RichProgress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=console, disable=not (enabled and sys.stderr.isatty()), transient=False,
+            console=console, disable=not self._shown, transient=False,
         )
 
+    # A hidden bar is never started: rich before 14.3 printed an empty line to stderr when a
+    # disabled bar stopped, one per epoch in every log and in each error's stderr.
     def __enter__(self) -> Progress:
-        self._bar.__enter__()
+        if self._shown:
+            self._bar.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._bar.__exit__(*exc)
+        if self._shown:
+            self._bar.__exit__(*exc)
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> int:
         return self._bar.add_task(f"{self.label} {epoch + 1}/{epochs}", total=steps, info="")

@@ -84,17 +84,43 @@ def lock(folder: Path, key: str = "hydra.run.dir") -> FileLock:
     from filelock import FileLock, Timeout  # not at import time: `kd --help` stays fast
 
     path = folder / LOCK
+    # Probed first, on a read-only descriptor: filelock before 3.30 opens the file with O_TRUNC
+    # on every attempt, a failed one too, so a second run erased the holder's line (and wrote
+    # into the folder it must not touch) before it found the lock taken.
+    if _taken(path):
+        raise _in_use(folder, path, key)
     held = FileLock(str(path))
     try:
         held.acquire(timeout=0)
-    except Timeout:
-        raise FolderInUse(
-            f"run folder {folder} is in use: another kd process{_holder(path)} is writing to it; "
-            f"wait for that run to end, or give this one a folder of its own ({key}=...)"
-        ) from None
+    except Timeout:  # taken since the probe
+        raise _in_use(folder, path, key) from None
     with contextlib.suppress(OSError):  # who holds it, for the message above; not needed
         path.write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
     return held
+
+
+def _taken(path: Path) -> bool:
+    """Whether another process holds `path`'s flock (filelock's own mechanism on Unix), probed
+    without creating or writing the file."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # no lock file yet (or unreadable): filelock decides
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the flock if it was taken
+    return False
+
+
+def _in_use(folder: Path, path: Path, key: str) -> FolderInUse:
+    return FolderInUse(
+        f"run folder {folder} is in use: another kd process{_holder(path)} is writing to it; "
+        f"wait for that run to end, or give this one a folder of its own ({key}=...)")
 
 
 def _holder(path: Path) -> str:

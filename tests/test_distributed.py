@@ -312,3 +312,39 @@ def test_on_main_hands_rank0s_result_or_failure_through_the_store(monkeypatch):
     with pytest.raises(distributed.RankFailed, match="rank 0 failed: OSError: disk full"):
         distributed.on_main(lambda: ran.append(1))
     assert not ran  # fn runs on rank 0 only
+
+
+def test_rank0_leaves_last_where_its_process_hosts_the_store(monkeypatch):
+    # Ranks started with MASTER_ADDR/MASTER_PORT alone (srun; torchrun of torch 2.4): rank 0
+    # hosts the key-value store, and exiting first took it away from rank 1, still reading the
+    # report's on_main result ("Connection reset by peer").
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    store = dist.HashStore()
+    destroyed = []
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: destroyed.append(True))
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "is_main", lambda: True)
+    rank0 = threading.Thread(target=distributed.shutdown)
+    rank0.start()
+    time.sleep(0.5)
+    assert rank0.is_alive() and not destroyed  # rank 0 waits for rank 1
+    store.add("kd/left", 1)  # rank 1 checks out at its exit
+    rank0.join(timeout=5)
+    assert not rank0.is_alive() and destroyed
+    # The other ranks do not wait; a rank that never checks out (killed) holds rank 0 only so
+    # long.
+    store.delete_key("kd/left")
+    started = time.monotonic()
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    distributed._leave_together(timeout_s=30)
+    monkeypatch.setattr(distributed, "is_main", lambda: True)
+    store.delete_key("kd/left")
+    distributed._leave_together(timeout_s=0.3)
+    assert time.monotonic() - started < 3

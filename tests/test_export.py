@@ -453,6 +453,27 @@ def test_onnx_falls_back_to_the_torchscript_based_exporter() -> None:
     assert exporter == "torchscript-based" and len(data) > 0
 
 
+
+def test_onnx_before_torch_2_5_is_the_torchscript_based_export_without_a_warning(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # torch 2.4's onnx.export takes `dynamo=` but not `dynamic_shapes=`: every export there
+    # warned that the torch.export-based exporter had failed, for a TypeError of kd's own call.
+    real = torch.onnx.export
+    calls = []
+
+    def export_2_4(model, args, f=None, *, input_names=None, output_names=None,
+                   opset_version=None, dynamic_axes=None, dynamo=False):
+        calls.append(dynamo)
+        return real(model, args, f, input_names=input_names, output_names=output_names,
+                    opset_version=opset_version, dynamic_axes=dynamic_axes, dynamo=False)
+
+    monkeypatch.setattr(torch.onnx, "export", export_2_4)
+    with caplog.at_level(logging.INFO, logger="kdcli.export"):
+        data, exporter = export.export_onnx(torch.nn.Linear(4, 3).eval(), torch.ones(2, 4))
+    assert exporter == "torchscript-based" and len(data) > 0 and calls == [False]
+    assert [r.levelname for r in caplog.records] == ["INFO"]
+    assert "needs torch 2.5" in caplog.text
+
 def test_export_md_says_which_precision_each_top1_is() -> None:
     # A review read report.md's student top-1 (36.67, bf16 autocast) against export.md's fp32
     # 37.33, beside a teacher row whose top-1 was report.md's bf16 figure, with no word of it.

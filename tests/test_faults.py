@@ -329,6 +329,29 @@ def test_run_folder_lock_of_a_killed_run_does_not_block_and_is_no_output(tmp_pat
     assert (tmp_path / runfolder.LOCK).is_file()
 
 
+
+def test_a_run_folder_lock_held_elsewhere_is_not_written_even_by_a_truncating_filelock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # filelock before 3.30 opens the lock file with O_TRUNC before it tries the lock: a second
+    # run erased the first one's "pid N on HOST" line, then read the empty file for its message.
+    from filelock import FileLock, Timeout
+
+    held = runfolder.lock(tmp_path)
+    line = (tmp_path / runfolder.LOCK).read_text()
+    try:
+        def truncating_acquire(self, timeout=None, **kw):
+            Path(self.lock_file).write_text("")
+            raise Timeout(self.lock_file)
+
+        monkeypatch.setattr(FileLock, "acquire", truncating_acquire)
+        with pytest.raises(runfolder.FolderInUse,
+                           match=f"another kd process \\(pid {os.getpid()} on "):
+            runfolder.lock(tmp_path)
+        assert (tmp_path / runfolder.LOCK).read_text() == line
+    finally:
+        monkeypatch.undo()
+        held.release()
+
 # --- kill -9 in the cache and student stages (the teacher's: test_pipeline) --------------------
 
 # Runs `kd` with one function wrapped so that the process SIGKILLs itself right after a given
