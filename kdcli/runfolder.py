@@ -87,7 +87,11 @@ def lock(folder: Path, key: str = "hydra.run.dir") -> FileLock:
     # Probed first, on a read-only descriptor: filelock before 3.30 opens the file with O_TRUNC
     # on every attempt, a failed one too, so a second run erased the holder's line (and wrote
     # into the folder it must not touch) before it found the lock taken.
-    if _taken(path):
+    try:
+        taken = held_elsewhere(path)
+    except OSError:  # an unreadable lock file: filelock decides
+        taken = False
+    if taken:
         raise _in_use(folder, path, key)
     held = FileLock(str(path))
     try:
@@ -99,14 +103,16 @@ def lock(folder: Path, key: str = "hydra.run.dir") -> FileLock:
     return held
 
 
-def _taken(path: Path) -> bool:
-    """Whether another process holds `path`'s flock (filelock's own mechanism on Unix), probed
-    without creating or writing the file."""
+def held_elsewhere(path: Path) -> bool:
+    """Whether another process holds the lock file `path`'s flock (filelock's own mechanism on
+    Unix), probed on a read-only descriptor: the file is neither created nor written, and a
+    process that wants the lock meanwhile just retries. False when there is no such file;
+    another OSError (an unreadable file) is raised. The run-folder lock and `kd store` use it."""
     import fcntl
 
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # no lock file yet (or unreadable): filelock decides
+    except FileNotFoundError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import os
 import re
 import shutil
@@ -39,6 +38,7 @@ from rich.table import Table
 
 from kdcli.errors import ConfigError, KDError
 from kdcli.report import format_bytes
+from kdcli.runfolder import held_elsewhere
 from kdcli.store import META, Store
 
 DEFAULT_STORE = "kd-store"  # configs/kd.yaml: store: ${oc.env:KD_STORE,kd-store}
@@ -160,22 +160,11 @@ def _created(entry: Path) -> float | None:
 
 
 def in_use(item: Item) -> bool:
-    """True if another process holds the entry's lock. Probed with flock on a read-only
-    descriptor (filelock's own mechanism on Linux), so the lock file is neither created nor
-    written, and a run that wants the lock meanwhile just retries."""
+    """True if another process holds the entry's lock (probed without writing the lock file:
+    `runfolder.held_elsewhere`)."""
     if item.lock is None:
         return item.status == INCOMPLETE and time.time() - item.modified < BUSY_S
-    try:
-        fd = os.open(item.lock, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the flock if it was taken
-    return False
+    return held_elsewhere(item.lock)
 
 
 # --------------------------------------------------------------------------- list
