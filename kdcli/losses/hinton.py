@@ -38,8 +38,13 @@ class HintonKD(DistillationLoss):
 
     def forward(self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor
                 ) -> dict[str, torch.Tensor]:
-        assert teacher is not None, "HintonKD needs teacher logits"
+        assert teacher is not None, f"{type(self).__name__} needs teacher logits"
         ce = F.cross_entropy(student.logits.float(), targets)
         # The teacher is a fixed target: no gradient may flow into it.
-        kd = kl_div_with_temperature(student.logits, teacher.logits.detach(), self.temperature)
+        kd = self.soft_term(student.logits, teacher.logits.detach())
         return {"loss": self.ce_weight * ce + self.kd_weight * kd, "ce": ce, "kd": kd}
+
+    def soft_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+                  ) -> torch.Tensor:
+        """The KD term, before its weight (a variant changes what the softmax sees)."""
+        return kl_div_with_temperature(student_logits, teacher_logits, self.temperature)

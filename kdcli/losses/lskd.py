@@ -18,10 +18,8 @@ the raw logits, as in the official code.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from kdcli.losses.base import DistillationLoss, Outputs, check_temperature, check_weights
-from kdcli.losses.hinton import kl_div_with_temperature
+from kdcli.losses.hinton import HintonKD, kl_div_with_temperature
 
 # The official code's guard: (z - mean) / (eps + std). A constant row (std 0) standardises to
 # zeros, i.e. a uniform softmax, instead of 0 / 0.
@@ -44,23 +42,14 @@ def standardize(logits: torch.Tensor) -> torch.Tensor:
     return (logits - mean) / (std + _EPS)
 
 
-class LogitStandardKD(DistillationLoss):
+class LogitStandardKD(HintonKD):
     """Hinton KD on per-sample z-scored logits, plus the hard-label term on the raw logits."""
 
     def __init__(self, temperature: float = 2.0, ce_weight: float = 1.0, kd_weight: float = 9.0
                  ) -> None:
-        super().__init__()
-        check_temperature(temperature)
-        check_weights(ce_weight=ce_weight, kd_weight=kd_weight)
-        self.temperature = temperature
-        self.ce_weight = ce_weight
-        self.kd_weight = kd_weight
+        super().__init__(temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight)
 
-    def forward(self, student: Outputs, teacher: Outputs | None, targets: torch.Tensor
-                ) -> dict[str, torch.Tensor]:
-        assert teacher is not None, "LogitStandardKD needs teacher logits"
-        ce = F.cross_entropy(student.logits.float(), targets)
-        # The teacher is a fixed target: no gradient may flow into it.
-        kd = kl_div_with_temperature(standardize(student.logits),
-                                     standardize(teacher.logits.detach()), self.temperature)
-        return {"loss": self.ce_weight * ce + self.kd_weight * kd, "ce": ce, "kd": kd}
+    def soft_term(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor
+                  ) -> torch.Tensor:
+        return kl_div_with_temperature(standardize(student_logits), standardize(teacher_logits),
+                                       self.temperature)
