@@ -595,12 +595,7 @@ def test_ctrl_c_or_sigterm_is_one_line_and_the_rerun_resumes(
             "dataset.test_size=64", f"store={store}")
     proc = _start(*args, f"hydra.run.dir={tmp_path / 'first'}", cwd=tmp_path,
                   preexec_fn=_signals_default)
-    try:
-        _wait_for(proc, store / "teacher", "*/last.pt", "the teacher never saved an epoch")
-        proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    stderr = _signal_after_a_teacher_epoch(proc, store, sig)
     assert proc.returncode == status
     assert "Traceback" not in stderr
     line = f"{words}: {RESUME}"
@@ -618,6 +613,18 @@ def test_ctrl_c_or_sigterm_is_one_line_and_the_rerun_resumes(
         storecmd.COMPLETE]
 
 
+def _signal_after_a_teacher_epoch(proc: subprocess.Popen, store: Path, sig: signal.Signals
+                                  ) -> str:
+    """Sends `sig` to `proc` once a teacher in `store` has saved an epoch; its stderr."""
+    try:
+        _wait_for(proc, store / "teacher", "*/last.pt", "the teacher never saved an epoch")
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return stderr
+
+
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_ends_a_sweep_not_just_its_job(tmp_path: Path, sig: signal.Signals,
                                                          status: int) -> None:
@@ -628,12 +635,7 @@ def test_ctrl_c_or_sigterm_ends_a_sweep_not_just_its_job(tmp_path: Path, sig: si
                   "dataset.test_size=64", f"store={store}", "seed=1,2",
                   f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path,
                   preexec_fn=_signals_default)
-    try:
-        _wait_for(proc, store / "teacher", "*/last.pt", "the teacher never saved an epoch")
-        proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
+    stderr = _signal_after_a_teacher_epoch(proc, store, sig)
     assert proc.returncode == status
     assert "Traceback" not in stderr and "failed" not in stderr
     assert stderr.strip().splitlines()[-1].endswith(RESUME)
