@@ -5,7 +5,8 @@ dataset content, optimizer, schedule, epochs, seed, precision, ...). Runs that a
 share the entry, so a sweep over loss settings trains its teacher once. Layout:
 
     <root>/<stage>/<name>-<key>/      files of the stage (checkpoints, logits, metrics.csv)
-    <root>/<stage>/<name>-<key>/meta.json   written last: the entry is complete when it exists
+    <root>/<stage>/<name>-<key>/meta.json   written last: the entry is complete when it exists;
+                                            its mtime is when a run last built or reused it
     <root>/<stage>/<name>-<key>.lock  held while a process builds or checks the entry
 
 `meta.json` records the key inputs and a sha256 of every file, so a damaged or altered entry
@@ -277,6 +278,12 @@ class Entry:
                 raise CorruptArtifact(f"store entry file {f} does not match its checksum")
         return meta
 
+    def mark_used(self) -> None:
+        """Sets meta.json's mtime to now: `kd store prune --older-than` goes by when an entry
+        was last built or reused, so a teacher every run reuses is not pruned for its age.
+        Best effort: a read-only store is still reused."""
+        mark_used(self.path / META)
+
     def finish(self, files: list[str], info: dict[str, Any]) -> dict[str, Any]:
         """Marks the entry complete: records inputs, file checksums and `info` in meta.json."""
         meta = {
@@ -300,6 +307,12 @@ class Entry:
         if self.path.exists():
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d%H%M%S')}")
             os.replace(self.path, aside)
+
+
+def mark_used(meta: Path) -> None:
+    """Sets `meta`'s mtime to now (see `Entry.mark_used`); decoded-image caches do the same."""
+    with contextlib.suppress(OSError):  # read-only or shared store: reuse must not fail on it
+        os.utime(meta)
 
 
 class Store:

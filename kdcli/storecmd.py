@@ -1,8 +1,8 @@
 """`kd store [list] [PATH]` and `kd store prune ...`: see what the store holds, and remove some.
 
 The store (kdcli/store.py) only grows: every config gets its own entry, and nothing else ever
-deletes one. This verb lists each entry (stage, name, key, status, size, when built) with totals,
-and prunes the ones selected, without breaking a run that is using the store:
+deletes one. This verb lists each entry (stage, name, key, status, size, when built and last
+used) with totals, and prunes the ones selected, without breaking a run that is using the store:
 
 - an entry is removed only while its own lock (`<entry>.lock`, the one `Entry.lock` takes) is
   held by this process, taken without waiting: an entry a run is building or reusing is skipped
@@ -77,11 +77,7 @@ class Item:
     size: int  # bytes on disk
     freed: int  # bytes removing it frees: files not also hard-linked from a run folder
     created: float | None  # meta.json "created"
-    modified: float  # the newest mtime inside
-
-    @property
-    def age_from(self) -> float:
-        return self.created if self.created is not None else self.modified
+    used: float  # when a run last built or reused it (meta.json's mtime), else last wrote to it
 
 
 # --------------------------------------------------------------------------- reading
@@ -128,8 +124,10 @@ def _items(stage_dir: Path) -> Iterator[Item]:
         else:
             continue
         size, freed, modified = _du(path)
+        complete = status == COMPLETE
         yield Item(stage, m["name"], m["key"], status, path, lock, size, freed,
-                   _created(path) if status == COMPLETE else None, modified)
+                   _created(path) if complete else None,
+                   _mtime(path / META, modified) if complete else modified)
 
 
 def _du(folder: Path) -> tuple[int, int, float]:
@@ -147,23 +145,29 @@ def _du(folder: Path) -> tuple[int, int, float]:
 
 
 def _created(entry: Path) -> float | None:
-    """meta.json's "created" as a timestamp (decoded caches record none: their meta's mtime)."""
+    """meta.json's "created" as a timestamp; None where it has none (decoded-image caches
+    written before kd recorded it)."""
     import json
 
     try:
         text = json.loads((entry / META).read_text()).get("created")
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").timestamp()
     except (OSError, ValueError, TypeError, AttributeError):
-        with contextlib.suppress(OSError):
-            return (entry / META).stat().st_mtime
         return None
+
+
+def _mtime(path: Path, default: float) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:  # removed meanwhile
+        return default
 
 
 def in_use(item: Item) -> bool:
     """True if another process holds the entry's lock (probed without writing the lock file:
     `runfolder.held_elsewhere`)."""
     if item.lock is None:
-        return item.status == INCOMPLETE and time.time() - item.modified < BUSY_S
+        return item.status == INCOMPLETE and time.time() - item.used < BUSY_S
     return held_elsewhere(item.lock)
 
 
@@ -180,7 +184,7 @@ def to_table(root: Path, items: list[Item]) -> Table:
         table.add_column(title, style="cyan" if title == "stage" else None)
     table.add_column("size", justify="right")
     table.add_column("created", justify="right")
-    table.add_column("modified", justify="right")
+    table.add_column("last used", justify="right")
     style = {COMPLETE: "green", INCOMPLETE: "yellow", DAMAGED: "red"}
     stage = None
     for item in items:
@@ -189,7 +193,7 @@ def to_table(root: Path, items: list[Item]) -> Table:
         stage = item.stage
         table.add_row(item.stage, item.name, item.key,
                       f"[{style[item.status]}]{item.status}[/]", format_bytes(item.size),
-                      _when(item.created), _when(item.modified))
+                      _when(item.created), _when(item.used))
     if stage is not None:
         _stage_total(table, stage, items)
     table.add_section()
@@ -223,13 +227,13 @@ def _console() -> Console:
 def select(items: list[Item], args: argparse.Namespace, now: float) -> list[Item]:
     """The entries the flags pick. Each flag narrows: --damaged/--incomplete pick those
     statuses (both: either); without them, complete and damaged entries (never incomplete
-    ones: resumable work); --older-than keeps those built (else last written) over DAYS days
-    ago; --stage keeps that stage."""
+    ones: resumable work); --older-than keeps those no run has built or reused (an incomplete
+    or damaged one: written to) for over DAYS days; --stage keeps that stage."""
     statuses = {s for s, on in ((DAMAGED, args.damaged), (INCOMPLETE, args.incomplete)) if on}
     statuses = statuses or {COMPLETE, DAMAGED}
     chosen = [i for i in items if i.status in statuses]
     if args.older_than is not None:
-        chosen = [i for i in chosen if now - i.age_from > args.older_than * 86400]
+        chosen = [i for i in chosen if now - i.used > args.older_than * 86400]
     if args.stage:
         chosen = [i for i in chosen if i.stage in args.stage]
     return chosen
@@ -322,7 +326,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="started but unfinished entries (no meta.json); a rerun would "
                             "resume them, so they are removed only with this flag")
         p.add_argument("--older-than", type=float, default=None, metavar="DAYS",
-                       help="built (meta.json 'created'; else last written) over DAYS days ago")
+                       help="not built or reused by a run (incomplete or damaged: not "
+                            "written to) for over DAYS days")
         p.add_argument("--stage", action="append", default=None, metavar="S",
                        help="only this stage folder (teacher, cache, student, baseline, "
                             "pretrain, datasets); repeatable")

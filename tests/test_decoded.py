@@ -180,10 +180,27 @@ def test_write_leaves_the_first_finished_copy(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["cifar10-k"]
     loaded, meta = decoded.load(path)
     assert loaded["train"].images.unique().tolist() == [1]
-    assert meta == {"classes": ["a", "b"], "counts": {"train": 2, "test": 2}}
+    assert meta == {"classes": ["a", "b"], "counts": {"train": 2, "test": 2},
+                    "created": meta["created"]}
     # Labels that disagree with the inputs' make the cache stale: None, and it is removed.
     assert decoded.load(path, {"train": np.array([1, 0]), "test": np.array([0, 1])}) is None
     assert not list(tmp_path.iterdir())
+
+
+def test_a_load_marks_the_cache_used_except_read_only(tmp_path: Path) -> None:
+    # `kd store prune --older-than` ages a decoded cache from its last use: meta.json's mtime.
+    path = tmp_path / "cifar10-k"
+    splits = {s: datasets.Split(torch.zeros((2, 3, 4, 4), dtype=torch.uint8), torch.arange(2))
+              for s in ("train", "test")}
+    decoded.write(path, splits, {})
+    meta = path / "meta.json"
+    old = meta.stat().st_mtime - 30 * 86400
+    os.utime(meta, (old, old))
+    with decoded.read_only():  # `kd export` writes nothing outside its own folders
+        assert decoded.load(path) is not None
+    assert meta.stat().st_mtime == old
+    assert decoded.load(path) is not None
+    assert meta.stat().st_mtime > old + 29 * 86400
 
 
 def test_a_view_is_written_as_the_copy_of_its_rows(tmp_path: Path,

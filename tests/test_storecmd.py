@@ -207,6 +207,42 @@ def test_older_than_keeps_recent_entries(store: Path) -> None:
     assert "removed datasets/.cifar10-" in out and "removed 1 of 9 entries" in out
 
 
+def test_older_than_goes_by_last_use_so_entries_a_run_reuses_stay(
+        built: Path, store: Path, tmp_path: Path) -> None:
+    # A teacher built long ago that every run still reuses is not old: age is the time since a
+    # run last built or reused the entry (meta.json's mtime), not since it was built.
+    report = read_report(built / "run")
+    entries = [Path(p.replace(str(built / "store"), str(store)))
+               for p in report["store"].values()]
+    assert len(entries) == 4  # teacher, cache, student, baseline
+    created = {e: json.loads((e / "meta.json").read_text())["created"] for e in entries}
+    old = time.time() - 10 * 86400
+    for entry in entries:
+        os.utime(entry / "meta.json", (old, old))
+    code, out, _ = store_cmd("prune", str(store), "--older-than", "5")
+    assert code == 0 and "removed" not in out
+    picked = set(re.findall(r"^would remove (\S+) \(", out, re.M))
+    assert picked == {f"{e.parent.name}/{e.name}" for e in entries}, out
+    table = rows(store_cmd(str(store))[1])
+    keys = {e.name.rsplit("-", 1)[1] for e in entries}
+    assert {r[6] for r in table if r[2] in keys and r[3] == "complete"} == {
+        time.strftime("%Y-%m-%d %H:%M", time.localtime(old))}
+
+    run = tmp_path / "again"
+    kd("train", *TINY, "baseline=true", f"store={store}", f"hydra.run.dir={run}",
+       cwd=tmp_path)
+    assert set(read_report(run)["stages"].values()) == {"reused"}
+    code, out, _ = store_cmd("prune", str(store), "--older-than", "5", "--yes")
+    assert code == 0 and (code, out) == (0, f"nothing to prune in {store.resolve()} "
+                                             "(of 9 entries)\n")
+    assert all(e.is_dir() for e in entries)
+    # Reuse marks the entry, not its contents: the checksums and "created" still hold.
+    for entry in entries:
+        meta = json.loads((entry / "meta.json").read_text())
+        assert meta["created"] == created[entry]
+        assert time.time() - (entry / "meta.json").stat().st_mtime < 600
+
+
 def test_an_entry_another_process_holds_is_skipped(store: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     teacher = next(p for p in (store / "teacher").iterdir()

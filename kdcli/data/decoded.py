@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from kdcli.data.datasets import Split
+from kdcli.store import mark_used
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ def load(path: Path, expected_labels: dict[str, np.ndarray] | None = None
             os.rename(path, aside)
             shutil.rmtree(aside, ignore_errors=True)
         return None
+    if not _read_only:  # `kd store prune --older-than` goes by last use
+        mark_used(path / "meta.json")
     log.info("%s: loaded decoded images from %s", _what(path), path)
     return splits, meta
 
@@ -124,7 +128,8 @@ def write(path: Path, splits: dict[str, Split], meta: dict) -> None:
                     fh.flush()
                     os.fsync(fh.fileno())
         counts = {split: len(data) for split, data in splits.items()}
-        (tmp / "meta.json").write_text(json.dumps({**meta, "counts": counts}, indent=2) + "\n")
+        meta = {**meta, "counts": counts, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         try:
             os.rename(tmp, path)
         except OSError:

@@ -560,11 +560,13 @@ def reuse_if_valid(entry: Entry) -> dict[str, Any] | None:
     if not entry.complete:
         return None
     try:
-        return entry.verify()
+        meta = entry.verify()
     except CorruptArtifact as exc:
         log.warning("%s; rebuilding %s", exc, entry.path)
         entry.invalidate()
         return None
+    entry.mark_used()
+    return meta
 
 
 def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationLoss,
