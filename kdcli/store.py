@@ -285,7 +285,16 @@ class Entry:
         mark_used(self.path / META)
 
     def finish(self, files: list[str], info: dict[str, Any]) -> dict[str, Any]:
-        """Marks the entry complete: records inputs, file checksums and `info` in meta.json."""
+        """Marks the entry complete: records inputs, file checksums and `info` in meta.json.
+
+        The entry's files become read-only first, as git's objects are: run folders hard-link
+        them (`stages.common.publish`), so a write through a run's `checkpoints/best.pt` would
+        change the entry and every other run linking it; now it fails instead (for anyone but
+        root). Files kd replaces (meta.json, a resumed `last.pt`) are renamed over, which a
+        read-only file does not stop."""
+        for name in os.listdir(self.path):
+            if name != META and (self.path / name).is_file():
+                _read_only(self.path / name)
         meta = {
             "stage": self.stage,
             "key": self.key,
@@ -307,6 +316,11 @@ class Entry:
         if self.path.exists():
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d%H%M%S')}")
             os.replace(self.path, aside)
+
+
+def _read_only(path: Path) -> None:
+    with contextlib.suppress(OSError):  # a store on a filesystem without modes (some mounts)
+        os.chmod(path, path.stat().st_mode & ~0o222)
 
 
 def mark_used(meta: Path) -> None:

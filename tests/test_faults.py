@@ -71,6 +71,7 @@ def test_damaged_stored_teacher_is_detected_and_rebuilt(tmp_path: Path) -> None:
     last = _entry(store, "teacher") / "last.pt"
     blob = bytearray(last.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
+    last.chmod(0o644)  # a finished entry's files are read-only; a bit flip on disk does not ask
     last.write_bytes(bytes(blob))
     kd("teacher", *SMOKE, f"store={store}", f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path)
     log = (tmp_path / "again" / "teacher.log").read_text()
@@ -87,6 +88,7 @@ def test_truncated_checkpoint_of_an_interrupted_stage_is_set_aside(tmp_path: Pat
               env={"KD_TEST_NAN_AT": "teacher:10"})
     assert proc.returncode == 1
     last = _entry(store, "teacher") / "last.pt"
+    last.chmod(0o644)
     last.write_bytes(last.read_bytes()[:100])
     kd("train", *NO_BASELINE, f"store={store}", f"hydra.run.dir={tmp_path / 'run'}",
        cwd=tmp_path)
@@ -415,6 +417,7 @@ def test_kill_in_cache_and_student_stages_then_bit_flipped_cache(tmp_path: Path)
     train_kdsl = cache_entry / "train.kdsl"
     blob = bytearray(train_kdsl.read_bytes())
     blob[-7] ^= 0x10
+    train_kdsl.chmod(0o644)  # read-only since the entry finished
     train_kdsl.write_bytes(bytes(blob))
     kd("train", *args, f"hydra.run.dir={tmp_path / 'flipped'}", cwd=tmp_path)
     assert f"{train_kdsl} does not match its checksum; rebuilding" in \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -279,9 +280,33 @@ def test_finish_writes_meta_with_checksums(tmp_path):
     assert entry.verify() == on_disk
 
 
+def test_finished_files_are_read_only_and_links_to_them_too(tmp_path):
+    # Run folders hard-link an entry's files: a write through a run's checkpoints/ would change
+    # the entry and every run linking it. Read-only, the write fails (for anyone but root).
+    entry = _filled_entry(tmp_path)
+    entry.file("last.pt.sha256").write_text("x\n")
+    entry.finish(["train.kdsl", "test.kdsl"], {})
+    for name in ("train.kdsl", "test.kdsl", "last.pt.sha256"):
+        assert entry.file(name).stat().st_mode & 0o777 == 0o444, name
+    assert entry.file("meta.json").stat().st_mode & 0o200  # kd renames it over, marks its use
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    os.link(entry.file("train.kdsl"), run / "train.kdsl")
+    assert not (run / "train.kdsl").stat().st_mode & 0o222
+    if os.geteuid() != 0:  # root writes through any mode
+        with pytest.raises(PermissionError):
+            (run / "train.kdsl").write_bytes(b"changed")
+    # Read-only files do not stop kd from setting a damaged entry aside or pruning it.
+    entry.invalidate()
+    (aside,) = [p for p in entry.path.parent.iterdir() if ".corrupt-" in p.name]
+    shutil.rmtree(aside)
+    assert not aside.exists()
+
+
 def test_verify_detects_modified_file(tmp_path):
     entry = _filled_entry(tmp_path)
     entry.finish(["train.kdsl"], {})
+    entry.file("train.kdsl").chmod(0o644)  # as a bit flip on disk would not ask
     entry.file("train.kdsl").write_bytes(b"abd")
     with pytest.raises(CorruptArtifact, match="checksum"):
         entry.verify()
