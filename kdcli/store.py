@@ -215,7 +215,21 @@ class Entry:
 
         filelock's OS-level locks are released by the kernel when their holder dies, so a
         killed run never leaves a lock that blocks the next one.
+
+        A store kd cannot write to (a team's store mounted read-only) has no lock to take:
+        a finished entry is reused as it is, since nobody can change it through this mount;
+        one that would have to be built is refused, naming the store.
         """
+        if not _writable(self.path.parent):
+            if not self.complete:
+                raise ConfigError(
+                    f"store {self.path.parent.parent} is read-only: kd cannot build "
+                    f"{self.stage} {self.path.name} there; set store= to a folder kd can write "
+                    "(a read-only store's finished entries are reused as they are)")
+            log.info("%s %s: the store is read-only; reusing the finished entry without its "
+                     "lock", self.stage, self.path.name)
+            yield
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         waited = False
         while True:
@@ -316,6 +330,14 @@ class Entry:
         if self.path.exists():
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d%H%M%S')}")
             os.replace(self.path, aside)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether this process may create files in `folder`, or in its nearest existing parent
+    (access(2): permissions, and a filesystem mounted read-only, for root too)."""
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return os.access(folder, os.W_OK)
 
 
 def _read_only(path: Path) -> None:

@@ -303,6 +303,37 @@ def test_finished_files_are_read_only_and_links_to_them_too(tmp_path):
     assert not aside.exists()
 
 
+def test_a_read_only_store_reuses_finished_entries_and_refuses_to_build(tmp_path, monkeypatch):
+    # A team's store mounted read-only (checked by hand on a `mount -o remount,bind,ro`; here
+    # the access check is what says so): no lock file can be created there.
+    import kdcli.store as store_module
+    from kdcli.stages.common import reuse_if_valid
+
+    done = _filled_entry(tmp_path)
+    done.finish(["train.kdsl"], {})
+    todo = Store(tmp_path).entry("cache", "resnet8", {**INPUTS, "model": "resnet8"})
+    monkeypatch.setattr(store_module, "_writable", lambda folder: False)
+    with done.lock():
+        assert reuse_if_valid(done)["key"] == done.key
+    assert not Path(f"{done.path}.lock").exists()
+    with pytest.raises(ConfigError, match=rf"^store {tmp_path} is read-only: kd cannot build "
+                                          rf"cache {todo.path.name} there; set store="):
+        with todo.lock():
+            pass
+    assert not todo.path.exists()
+    # A damaged entry there can be neither set aside nor rebuilt: one error saying both.
+    done.file("train.kdsl").chmod(0o644)
+    done.file("train.kdsl").write_bytes(b"abd")
+
+    def refuse(*args):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(store_module.os, "replace", refuse)
+    with pytest.raises(CorruptArtifact, match=r"does not match its checksum; cannot set it aside "
+                                              r"to rebuild it \(Read-only file system\)"):
+        reuse_if_valid(done)
+
+
 def test_verify_detects_modified_file(tmp_path):
     entry = _filled_entry(tmp_path)
     entry.finish(["train.kdsl"], {})

@@ -562,8 +562,12 @@ def reuse_if_valid(entry: Entry) -> dict[str, Any] | None:
     try:
         meta = entry.verify()
     except CorruptArtifact as exc:
+        try:
+            entry.invalidate()
+        except OSError as why:  # a read-only store: it can be neither set aside nor rebuilt
+            raise CorruptArtifact(f"{exc}; cannot set it aside to rebuild it ({why.strerror}): "
+                                  "repair the store, or set store= to another folder") from why
         log.warning("%s; rebuilding %s", exc, entry.path)
-        entry.invalidate()
         return None
     entry.mark_used()
     return meta
