@@ -3,7 +3,8 @@
 A PATH is a run folder (it holds ``report.json``), a multirun folder (its numbered jobs) or any
 folder with runs somewhere below it (``store`` folders and hidden folders are skipped). Each row
 shows the run's command-line overrides that differ between the runs compared, then the
-student's top-1 and agreement, the from-scratch baseline and what distillation gained over it,
+student's top-1 and agreement, the baseline (the student trained on hard labels from the same
+start: from scratch, the teacher's weights or pretraining) and what distillation gained over it,
 the teacher, the student's size and latency, the latency speed-up over the teacher (timed in
 turn within the run, so it compares across runs where the absolute latencies do not), and the
 wall time. The table is printed, and
@@ -39,7 +40,7 @@ from rich.table import Table
 from kdcli import distributed
 from kdcli.checkpoint import atomic_write_text
 from kdcli.errors import KDError
-from kdcli.report import _duration, format_count
+from kdcli.report import _duration, baseline_start, format_count
 from kdcli.runfolder import EARLIER, FAILED, REPORT, holds_a_run
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,8 @@ class Summary:
     keys: list[str]  # the override keys whose values differ between runs
     rows: list[Row]
     paths: list[str] = field(default_factory=list)  # those given that hold the runs
+    # What the runs' baselines started from (kdcli.report.baseline_start), in run order.
+    starts: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[Row]:
@@ -347,7 +350,10 @@ def collect(paths: Sequence[Path], sort: str | None = None) -> Summary:
                for p in paths]
     given = [str(p) for p, folder in zip(paths, folders, strict=True)
              if any(run.is_relative_to(folder) for run in runs)]
-    return Summary(base, keys, rows, given)
+    starts = list(dict.fromkeys(baseline_start(reports[run]) for run in runs
+                                if run in reports and isinstance(reports[run].get("baseline"),
+                                                                 Mapping)))
+    return Summary(base, keys, rows, given, starts)
 
 
 # --------------------------------------------------------------------------- output
@@ -398,9 +404,8 @@ def to_markdown(summary: Summary) -> str:
         "",
         f"{_count_runs(summary, '`')}. Override columns show only the settings whose "
         "command-line values differ between runs; a run that did not set one shows the value "
-        f"its config gave it (a preset's or the default; {MISSING}: none). Accuracies in %; gain = "
-        f"student top-1 − baseline (from scratch) top-1; {LATENCY_NOTE} Best student top-1 "
-        "in bold.",
+        f"its config gave it (a preset's or the default; {MISSING}: none). Accuracies in %; "
+        f"{_gain_note(summary)}; {LATENCY_NOTE} Best student top-1 in bold.",
         "",
         "| " + " | ".join(map(_md_cell, header)) + " |",
         "| " + " | ".join(align) + " |",
@@ -419,6 +424,18 @@ def to_markdown(summary: Summary) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _gain_note(summary: Summary) -> str:
+    """What the gain subtracts, naming the baselines' start: "(from scratch)", "(teacher
+    init)", or each run's own when they differ (the student.init / pretrain.dataset columns)."""
+    if len(summary.starts) == 1:
+        start = summary.starts[0]
+    elif summary.starts:
+        start = f"each run's own start: {', '.join(summary.starts)}"
+    else:
+        start = "from scratch"
+    return f"gain = student top-1 − baseline ({start}) top-1"
+
+
 def _count_runs(summary: Summary, quote: str = "") -> str:
     """`3 run(s), 1 failed, in A, B`: the paths given, not their common parent (which the user
     may not have named); none when there are too many to read in a title."""
@@ -434,7 +451,7 @@ def to_table(summary: Summary) -> Table:
     best = summary.best()
     failed = bool(summary.failed)
     table = Table(title=_count_runs(summary),
-                  caption=f"gain = student top-1 − baseline top-1 (points); {LATENCY_NOTE}")
+                  caption=f"{_gain_note(summary)} (points); {LATENCY_NOTE}")
     for key in summary.keys:
         table.add_column(key, style="cyan")
     for m in METRICS:

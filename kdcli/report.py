@@ -2,7 +2,9 @@
 
 The report dict has the blocks ``kd_version``, ``versions``, ``wall_time_s``, ``dataset``,
 ``teacher`` and ``student`` (metrics in percent plus ``profile_model`` costs and
-``train_time_s``), ``baseline`` (the student architecture trained without KD),
+``train_time_s``; the student's ``init`` says where it started), ``baseline`` (the student
+architecture trained without KD from the same start, its ``init``), ``pretrain`` (the
+pretraining stage's set, image counts and top-1; missing without pretraining),
 ``compression`` (see :func:`compression`), ``distillation_gain``, ``cache`` (soft-label cache
 footprint; ``None`` when the loss reads no cached logits), ``stages`` (stage ->
 trained/reused/resumed, or "not needed" for a cache nothing reads), ``best_pt`` (the split each
@@ -32,8 +34,8 @@ from kdcli.checkpoint import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compression", "format_bytes", "format_count", "teacher_warning", "to_jsonable",
-           "write_report"]
+__all__ = ["baseline_start", "compression", "format_bytes", "format_count", "student_warning",
+           "teacher_warning", "to_jsonable", "write_report"]
 
 PLOTS_DIR = "plots"
 _DASH = "—"
@@ -140,6 +142,50 @@ def _block(report: Mapping[str, Any], key: str) -> dict[str, Any]:
     """``report[key]`` as a dict, ``{}`` when missing, ``None`` or not a mapping."""
     value = report.get(key)
     return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _config(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The report's resolved config as a plain dict, ``{}`` when missing."""
+    config = report.get("config")
+    config = to_jsonable(config) if config is not None else {}
+    return config if isinstance(config, dict) else {}
+
+
+# --------------------------------------------------------------------------- the baseline's start
+
+_SCRATCH = "from scratch"
+
+
+def baseline_start(report: Mapping[str, Any]) -> str:
+    """What the baseline, like the student, started from, as the report labels it: "from
+    scratch", "teacher init" (``student.init=from_teacher``) or "pretrained on cifar10"
+    (``pretrain.dataset``). Read from the baseline's ``init``, else the student's (the baseline
+    always starts like the student); a report with neither is from scratch."""
+    init = _block(report, "baseline").get("init") or _block(report, "student").get("init")
+    init = str(init or "scratch")
+    if init == "scratch":
+        return _SCRATCH
+    if "from_teacher" in init:
+        return "teacher init"
+    if "pretraining" in init:
+        pretrain = _config(report).get("pretrain")
+        dataset = _block(report, "pretrain").get("dataset") or (
+            pretrain.get("dataset") if isinstance(pretrain, Mapping) else None)
+        return f"pretrained on {dataset}" if dataset else "pretrained"
+    return init
+
+
+def _baseline_how(report: Mapping[str, Any]) -> str:
+    """The baseline's start as words after "trained": "from scratch", "from the teacher's
+    weights", "pretrained on cifar10"."""
+    start = baseline_start(report)
+    return "from the teacher's weights" if start == "teacher init" else start
+
+
+def _baseline_label(report: Mapping[str, Any]) -> str:
+    """The baseline in plots: "from scratch", else "baseline (teacher init)" and the like."""
+    start = baseline_start(report)
+    return start if start == _SCRATCH else f"baseline ({start})"
 
 
 # --------------------------------------------------------------------------- data
@@ -265,8 +311,10 @@ def _curve_colors(stages: Any) -> dict[str, Any]:
 
 
 def _plot_training_curves(histories: Mapping[str, Path | str], path: Path,
-                          split: str = "test") -> bool:
-    """Loss and per-epoch top-1 of each stage; `split`: what the top-1 was measured on."""
+                          split: str = "test", labels: Mapping[str, str] | None = None) -> bool:
+    """Loss and per-epoch top-1 of each stage; `split`: what the top-1 was measured on;
+    `labels`: legend entries by stage, over `_STAGE_LABELS`."""
+    labels = {**_STAGE_LABELS, **(labels or {})}
     curves = {}
     for stage, csv_path in histories.items():
         try:
@@ -288,7 +336,7 @@ def _plot_training_curves(histories: Mapping[str, Path | str], path: Path,
                     xs,
                     ys,
                     marker=".",
-                    label=_STAGE_LABELS.get(stage, stage),
+                    label=labels.get(stage, stage),
                     color=colors.get(stage),
                 )
     axes["train/loss"].set(title="Training loss", xlabel="epoch", ylabel="train/loss")
@@ -393,7 +441,7 @@ def _make_plots(
         # The baseline is the student architecture, so it has the student's parameter count.
         (
             "baseline",
-            "from scratch",
+            _baseline_label(report).replace(" (", "\n(", 1),
             baseline.get("top1"),
             baseline.get("params", student.get("params")),
         ),
@@ -410,7 +458,8 @@ def _make_plots(
     }
     if histories:
         split = _block(report, "best_pt").get("split", "test")
-        jobs["training_curves"] = lambda p: _plot_training_curves(histories, p, split)
+        labels = {"baseline": _baseline_label(report)}
+        jobs["training_curves"] = lambda p: _plot_training_curves(histories, p, split, labels)
     if confusion is not None:
         jobs["confusion_matrix"] = lambda p: _plot_confusion(confusion, class_names, p)
 
@@ -449,7 +498,10 @@ def _summary(report: Mapping[str, Any]) -> str:
     if _is_finite(baseline.get("top1")):
         gain = _block(report, "distillation_gain").get("top1")
         gain = float(gain) if _is_finite(gain) else s_top1 - float(baseline["top1"])
-        against.append(f"{float(baseline['top1']):.1f}% from scratch ({gain:+.1f} points)")
+        how = _baseline_how(report)
+        against.append(f"{float(baseline['top1']):.1f}% "
+                       f"{how if how == _SCRATCH else 'for the baseline ' + how} "
+                       f"({gain:+.1f} points)")
     if _is_finite(teacher.get("top1")):
         against.append(f"{float(teacher['top1']):.1f}% for the teacher")
     if against:
@@ -468,37 +520,91 @@ def _summary(report: Mapping[str, Any]) -> str:
     return text + "."
 
 
-def teacher_warning(report: Mapping[str, Any]) -> str | None:
-    """Says so when the teacher has nothing to teach: its test (or validation) top-1 within
-    two standard errors of chance (1/classes), or below the from-scratch baseline's. A review's
-    teacher read 10.67% on 10 classes, under the baseline's 15.33%, and the report's first
-    sentence still read as a distillation result. None when the teacher is fine or unknown."""
-    teacher, baseline = _block(report, "teacher"), _block(report, "baseline")
+def _two_standard_errors(p: float, n: Any) -> float:
+    """Two standard errors, in points, of an accuracy `p` (0..1) measured on `n` images (2
+    points when the count is unknown): 4.9 points at chance on 150 images of 10 classes, 1.9
+    on 1,000."""
+    return 200.0 * math.sqrt(p * (1 - p) / n) if _is_finite(n) and n > 0 else 2.0
+
+
+def _at_chance(model: Mapping[str, Any], report: Mapping[str, Any]) -> str | None:
+    """"10.7% test top-1 on 10 classes, where guessing gets 10.0%" when the model's test (or
+    validation) top-1 is within two standard errors of chance (1/classes); else None."""
     dataset = _block(report, "dataset")
     classes = dataset.get("num_classes")
+    if not (isinstance(classes, int) and classes > 1):
+        return None
+    chance = 100.0 / classes
+    for key, size_key, split in (("top1", "test_size", "test"),
+                                 ("val_top1", "val_size", "validation")):
+        top1 = model.get(key)
+        if not _is_finite(top1):
+            continue
+        if float(top1) <= chance + _two_standard_errors(1.0 / classes, dataset.get(size_key)):
+            return (f"{float(top1):.1f}% {split} top-1 on {classes} classes, where guessing "
+                    f"gets {chance:.1f}%")
+    return None
+
+
+def teacher_warning(report: Mapping[str, Any]) -> str | None:
+    """Says so when the teacher has nothing to teach: its test (or validation) top-1 within
+    two standard errors of chance (1/classes), or below the baseline's. A review's teacher read
+    10.67% on 10 classes, under the baseline's 15.33%, and the report's first sentence still
+    read as a distillation result. None when the teacher is fine or unknown."""
+    teacher, baseline = _block(report, "teacher"), _block(report, "baseline")
     if not _is_finite(teacher.get("top1")):
         return None
     name = f"teacher ({teacher['name']})" if teacher.get("name") else "teacher"
-    if isinstance(classes, int) and classes > 1:
-        chance = 100.0 / classes
-        for key, size_key, split in (("top1", "test_size", "test"),
-                                     ("val_top1", "val_size", "validation")):
-            top1, n = teacher.get(key), dataset.get(size_key)
-            if not _is_finite(top1):
-                continue
-            # Two standard errors of a chance-level accuracy on this many images (2 points
-            # when the count is unknown): 4.9 points on 150 images of 10 classes, 1.9 on 1,000.
-            p = 1.0 / classes
-            margin = 200.0 * math.sqrt(p * (1 - p) / n) if _is_finite(n) and n > 0 else 2.0
-            if float(top1) <= chance + margin:
-                return (f"The {name} is at chance: {float(top1):.1f}% {split} top-1 on "
-                        f"{classes} classes, where guessing gets {chance:.1f}%. Distilling from "
-                        "it teaches nothing; train it longer or check its data and labels.")
+    if (chance := _at_chance(teacher, report)) is not None:
+        return (f"The {name} is at chance: {chance}. Distilling from it teaches nothing; train "
+                "it longer or check its data and labels.")
     if _is_finite(baseline.get("top1")) and float(teacher["top1"]) < float(baseline["top1"]):
-        return (f"The {name} is worse than the student trained from scratch: "
+        how = _baseline_how(report)
+        than = ("the student trained from scratch" if how == _SCRATCH else
+                f"the baseline (the student trained on hard labels, {how})")
+        return (f"The {name} is worse than {than}: "
                 f"{float(teacher['top1']):.1f}% against {float(baseline['top1']):.1f}% test "
                 "top-1. Distilling from it is unlikely to help; train it longer or pick a stronger "
                 "one.")
+    return None
+
+
+def student_warning(report: Mapping[str, Any]) -> str | None:
+    """Says so when distillation broke the student: its test (or validation) top-1 within two
+    standard errors of chance, or below the baseline's by more than two standard errors (of
+    the baseline's accuracy on the test images). A review's FitNets student read 8.6% on 10
+    classes against the baseline's 17.6%, agreeing with its teacher on 2% of the images, and
+    the report gave only the numbers. None when the student is fine or unknown."""
+    student, baseline = _block(report, "student"), _block(report, "baseline")
+    if not _is_finite(student.get("top1")):
+        return None
+    name = f"distilled student ({student['name']})" if student.get("name") else \
+        "distilled student"
+    weights = [f"loss.{k}" for k, v in (_config(report).get("loss") or {}).items()
+               if str(k).endswith("_weight") and k != "ce_weight" and _is_finite(v)]
+    advice = (f"lower {' or '.join(weights) if weights else 'the distillation loss weight'}, "
+              "or train it for more epochs (trainer.student.epochs)")
+    chance = _at_chance(student, report)
+    below = None  # "(4.8 points on 256 images)" when more than that under the baseline
+    if _is_finite(baseline.get("top1")):
+        s_top1, b_top1 = float(student["top1"]), float(baseline["top1"])
+        n = _block(report, "dataset").get("test_size")
+        margin = _two_standard_errors(min(max(b_top1 / 100, 0.0), 1.0), n)
+        if s_top1 < b_top1 - margin:
+            below = f"{margin:.1f} points" + (f" on {int(n)} images" if _is_finite(n) and n > 0
+                                              else "")
+        elif chance is not None:  # the baseline did no better: the budget, not distillation
+            return (f"The {name} is at chance: {chance}; the baseline ({baseline_start(report)})"
+                    f" does no better ({b_top1:.1f}%), so the training budget is too short for "
+                    "this data: train for more epochs (trainer.student.epochs) or check the "
+                    "data and labels.")
+    if chance is not None:
+        return (f"The {name} is at chance: {chance}. The distillation term may be swamping the "
+                f"labels; {advice}.")
+    if below is not None:
+        return (f"The {name} is far below the baseline ({baseline_start(report)}): "
+                f"{s_top1:.1f}% against {b_top1:.1f}% test top-1, more than two standard "
+                f"errors ({below}) apart. Distillation hurt it; {advice}.")
     return None
 
 
@@ -558,7 +664,7 @@ def _results_table(report: Mapping[str, Any]) -> list[str]:
     header = [
         "metric",
         f"teacher ({teacher['name']})" if teacher.get("name") else "teacher",
-        "baseline (from scratch)",
+        f"baseline ({baseline_start(report)})",
         f"distilled student ({student['name']})" if student.get("name") else "distilled student",
     ]
     rows = [
@@ -570,9 +676,44 @@ def _results_table(report: Mapping[str, Any]) -> list[str]:
         row(FLOPS_LABEL, "flops", format_count),
         row("size", "size_bytes", format_bytes),
         row("latency (ms)", "latency_ms", _ms),
-        row("train time", "train_time_s", _duration),
+        ["train time", *(_train_time(report, role, m) for role, m in
+                         zip(("teacher", "baseline", "student"), models, strict=True))],
     ]
     return _table(header, rows)
+
+
+def _status(report: Mapping[str, Any], role: str) -> str | None:
+    """How this run got the `role`'s model: trained, reused or resumed (its block's `status`,
+    else the Stages block's; a multi-teacher ensemble is reused when all its teachers were)."""
+    if status := _block(report, role).get("status"):
+        return str(status)
+    stages = _block(report, "stages")
+    if stages.get(role):
+        return str(stages[role])
+    members = {v for k, v in stages.items() if k.startswith(f"{role}-")}
+    return "reused" if role == "teacher" and members == {"reused"} else None
+
+
+def _train_time(report: Mapping[str, Any], role: str, model: Mapping[str, Any]) -> str:
+    """The model's training time, "3.3 s (reused)" when this run reused it: the time is then
+    the one of the run that trained it, not spent in this one."""
+    text = _duration(model.get("train_time_s")) if model else _DASH
+    return f"{text} (reused)" if text != _DASH and _status(report, role) == "reused" else text
+
+
+def _reused_note(report: Mapping[str, Any]) -> str:
+    if not any(_status(report, role) == "reused" for role in _STAGE_ORDER):
+        return ""
+    return (" A train time marked (reused) is the one of the run that trained the model; this "
+            "run took it from the store.")
+
+
+def _baseline_noun(report: Mapping[str, Any]) -> str:
+    """"from-scratch baseline", or "baseline (hard labels only, from the teacher's weights like the
+    student)" and the like."""
+    how = _baseline_how(report)
+    return ("from-scratch baseline" if how == _SCRATCH
+            else f"baseline (hard labels only, {how} like the student)")
 
 
 def _compression_table(report: Mapping[str, Any]) -> list[str]:
@@ -663,9 +804,7 @@ def _find_key(node: Any, key: str, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _config_rows(report: Mapping[str, Any]) -> list[list[str]]:
-    config = report.get("config")
-    config = to_jsonable(config) if config is not None else {}
-    config = config if isinstance(config, dict) else {}
+    config = _config(report)
 
     def name_of(section: str, fallback: Any) -> str:
         if fallback:
@@ -680,6 +819,12 @@ def _config_rows(report: Mapping[str, Any]) -> list[list[str]]:
         ["student", name_of("student", _block(report, "student").get("name"))],
         ["dataset", name_of("dataset", _block(report, "dataset").get("name"))],
     ]
+    # Where the student and the baseline start, when not from scratch (the defaults).
+    student, pretrain = config.get("student"), config.get("pretrain")
+    if isinstance(student, Mapping) and student.get("init") not in (None, "scratch"):
+        rows.append(["student.init", str(student["init"])])
+    if isinstance(pretrain, Mapping) and pretrain.get("dataset") is not None:
+        rows.append(["pretrain.dataset", str(pretrain["dataset"])])
     loss = config.get("loss")
     if isinstance(loss, Mapping):
         name = loss.get("name") or _short_target(loss.get("_target_", "loss"))
@@ -729,6 +874,27 @@ def _dataset_line(report: Mapping[str, Any]) -> str | None:
     return "Dataset: " + ", ".join(parts) + "."
 
 
+def _pretrain_line(report: Mapping[str, Any]) -> str | None:
+    """The pretraining stage's set, image counts and result; None without pretraining."""
+    pre = _block(report, "pretrain")
+    if not pre:
+        return None
+    parts = [f"**{pre.get('dataset', 'dataset')}**"]
+    for key, split in (("train_size", "train"), ("val_size", "validation"),
+                       ("test_size", "test images")):
+        if _is_finite(pre.get(key)) and (key != "val_size" or pre[key]):
+            parts.append(f"{int(pre[key]):,} {split}")
+    if _is_finite(pre.get("epochs")):
+        parts.append(f"{int(pre['epochs'])} epoch{'' if pre['epochs'] == 1 else 's'}")
+    if _is_finite(pre.get("top1")):
+        parts.append(f"{float(pre['top1']):.1f}% top-1 on its own test split")
+    if _is_finite(pre.get("train_time_s")):
+        reused = " (reused)" if pre.get("status") == "reused" else ""
+        parts.append(f"trained in {_duration(pre['train_time_s'])}{reused}")
+    return ("Pretraining: " + ", ".join(parts) + ". The student and the baseline start from "
+            "these weights.")
+
+
 def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None = None) -> str:
     """The human-readable report; ``plots`` maps plot names to paths relative to the run dir."""
     plots = plots or {}
@@ -741,10 +907,12 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
         title += f" on {dataset['name']}"
 
     lines = [f"# {title}", "", _summary(report), ""]
-    if (warning := teacher_warning(report)) is not None:
-        lines += [f"**Warning:** {warning}", ""]
-    if (line := _dataset_line(report)) is not None:
-        lines += [line, ""]
+    for warning in (teacher_warning(report), student_warning(report)):
+        if warning is not None:
+            lines += [f"**Warning:** {warning}", ""]
+    for line in (_dataset_line(report), _pretrain_line(report)):
+        if line is not None:
+            lines += [line, ""]
     if _is_finite(report.get("wall_time_s")):
         lines += [f"Total wall time: {_duration(report['wall_time_s'])} (dataset load, every "
                   "stage run or reused, the report's profiling, timing and plots).", ""]
@@ -757,8 +925,8 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
             "Accuracy metrics in percent on the test split, of each model's final weights "
             f"(`last.pt`; {_best_pt_text(report)}). Latency is the median CPU fp32 "
             f"batch-1 forward time{_threads(report)}, teacher and student timed in turn; the "
-            "from-scratch baseline shares the student's architecture and costs."
-            f"{_busy_note(report)}"
+            f"{_baseline_noun(report)} shares the student's architecture and costs."
+            f"{_busy_note(report)}{_reused_note(report)}"
         ),
         "",
     ]

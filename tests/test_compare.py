@@ -283,3 +283,26 @@ def test_report_warns_of_a_path_without_runs_and_names_the_paths_given(
     assert f"under `{tmp_path / 'day'}`" not in md
     summary = collect([tmp_path / "day" / "a"])
     assert compare.to_table(summary).title == f"1 run(s) in {tmp_path / 'day' / 'a'}"
+
+
+def test_summary_names_what_the_baselines_started_from(tmp_path: Path) -> None:
+    # The gain was explained as "student top-1 − baseline (from scratch) top-1" also for runs
+    # whose baseline started from the teacher's weights (student.init=from_teacher).
+    def set_init(run: str, init: str) -> None:
+        path = tmp_path / run / "report.json"
+        report = json.loads(path.read_text())
+        report["baseline"]["init"] = init
+        path.write_text(json.dumps(report))
+
+    _fake_run(tmp_path / "a", ["loss.temperature=2"], 60.0)
+    _fake_run(tmp_path / "b", ["loss.temperature=8"], 61.0)
+    assert "gain = student top-1 − baseline (from scratch) top-1" in to_markdown(
+        collect([tmp_path]))
+    for run in ("a", "b"):
+        set_init(run, "student.init=from_teacher (resnet20)")
+    summary = collect([tmp_path])
+    assert "gain = student top-1 − baseline (teacher init) top-1" in to_markdown(summary)
+    assert "baseline (teacher init)" in str(compare.to_table(summary).caption)
+    set_init("b", "scratch")
+    assert ("gain = student top-1 − baseline (each run's own start: teacher init, from "
+            "scratch) top-1") in to_markdown(collect([tmp_path]))

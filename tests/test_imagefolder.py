@@ -383,13 +383,23 @@ def test_pretraining_on_an_image_folder_through_pretrain_root(folder: Path,
                                                              tmp_path: Path) -> None:
     # dataset.loader.root names the main dataset's folder and never reached the pretraining
     # set, so pretrain.dataset=imagefolder could not be used at all.
+    # The log and the report give the pretraining set's image counts, and the report says the
+    # baseline started from the pretrained weights, not "from scratch".
     run = tmp_path / "run"
-    kd("train", *TINY, "pretrain.dataset=imagefolder", f"pretrain.root={folder}",
-       "pretrain.epochs=1", f"store={tmp_path / 'store'}", f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = kd("train", *TINY, "baseline=true", "pretrain.dataset=imagefolder",
+              f"pretrain.root={folder}", "pretrain.epochs=1", f"store={tmp_path / 'store'}",
+              f"hydra.run.dir={run}", cwd=tmp_path)
     report = read_report(run)
     assert report["stages"]["pretrain"] == "trained"
     assert report["dataset"]["name"] == "cifar10_subset"  # the main dataset is untouched
     assert list((tmp_path / "store" / "datasets").glob("imagefolder-*/meta.json"))
+    assert "pretrain: imagefolder, 80 train / 30 test images" in proc.stdout + proc.stderr
+    assert report["pretrain"]["train_size"] == 80 and report["pretrain"]["test_size"] == 30
+    assert report["baseline"]["init"] == "student init from pretraining"
+    md = (run / "report.md").read_text()
+    assert "Pretraining: **imagefolder**, 80 train, 30 test images, 1 epoch," in md
+    assert "| baseline (pretrained on imagefolder) |" in md
+    assert "| pretrain.dataset | imagefolder |" in md and "from scratch" not in md
 
 
 @pytest.mark.parametrize("augment", [RandomResizedCrop(), CropFlip(2)],

@@ -461,3 +461,121 @@ def test_report_warns_of_a_teacher_at_chance_or_below_the_baseline(tmp_path):
         "The teacher (resnet20) is worse than the student trained from scratch: 50.0% against "
         "65.0% test top-1. Distilling from it is unlikely to help; train it longer or pick a "
         "stronger one.")
+
+
+@pytest.mark.parametrize("start, init, label, headline, than, config_row", [
+    ("teacher", "student.init=from_teacher (resnet20)", "teacher init",
+     "for the baseline from the teacher's weights",
+     "the baseline (the student trained on hard labels, from the teacher's weights)",
+     "| student.init | from_teacher |"),
+    ("pretrain", "student init from pretraining", "pretrained on cifar10",
+     "for the baseline pretrained on cifar10",
+     "the baseline (the student trained on hard labels, pretrained on cifar10)",
+     "| pretrain.dataset | cifar10 |"),
+])
+def test_report_names_what_the_baseline_started_from(tmp_path, monkeypatch, start, init, label,
+                                                     headline, than, config_row):
+    # With student.init=from_teacher (or pretraining) the baseline starts from those weights,
+    # but the report called it "from scratch" in its first sentence, its column and its
+    # warning, and said nowhere how the student started.
+    figures = drawn_figures(monkeypatch)
+    rep = sample_report()
+    rep["student"]["init"] = rep["baseline"]["init"] = init
+    if start == "teacher":
+        rep["config"]["student"]["init"] = "from_teacher"
+    else:
+        rep["config"]["pretrain"] = {"dataset": "cifar10", "epochs": 1, "root": None}
+    write_report(rep, tmp_path, histories={"baseline": write_histories(tmp_path)["teacher"]})
+    md = (tmp_path / "report.md").read_text()
+    assert "from scratch" not in md and "from-scratch" not in md
+    assert f"reaches 71.2% top-1 vs 65.0% {headline} (+6.2 points)" in md
+    assert f"| metric | teacher (resnet20) | baseline ({label}) |" in md
+    assert config_row in md
+    assert [line.get_label() for line in figures["training_curves.png"].axes[0].get_lines()] \
+        == [f"baseline ({label})"]
+    rep["teacher"]["top1"] = 50.0
+    assert report_mod.teacher_warning(rep).startswith(
+        f"The teacher (resnet20) is worse than {than}: 50.0% against 65.0% test top-1.")
+
+
+def test_configuration_lists_no_start_of_a_student_from_scratch(tmp_path):
+    rep = sample_report()
+    rep["config"]["student"]["init"] = "scratch"
+    rep["config"]["pretrain"] = {"dataset": None, "epochs": 0}
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| baseline (from scratch) |" in md
+    assert "student.init" not in md and "pretrain.dataset" not in md
+
+
+def test_report_gives_the_pretraining_sets_image_counts(tmp_path):
+    # `experiment=smoke pretrain.dataset=cifar10 pretrain.epochs=1` pretrained on the preset's
+    # 512 images, and nothing said so.
+    rep = sample_report()
+    rep["student"]["init"] = "student init from pretraining"
+    rep["pretrain"] = {"dataset": "cifar10", "train_size": 512, "val_size": None,
+                       "test_size": 256, "epochs": 1, "top1": 14.45, "train_time_s": 3.8,
+                       "status": "trained"}
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert ("Pretraining: **cifar10**, 512 train, 256 test images, 1 epoch, 14.4% top-1 on its "
+            "own test split, trained in 3.8 s. The student and the baseline start from these "
+            "weights.") in md
+    assert "| baseline (pretrained on cifar10) |" in md
+
+
+def test_report_warns_of_a_collapsed_distilled_student(tmp_path):
+    # A review's FitNets student read 8.6% on 10 classes against the baseline's 17.6% (256
+    # test images); the report gave the numbers without a word, while a weak teacher got a
+    # bold Warning.
+    rep = sample_report()
+    rep["dataset"]["test_size"] = 256
+    rep["config"]["loss"] = {"_target_": "kdcli.losses.fitnets.FitNetsLoss", "ce_weight": 1.0,
+                             "hint_weight": 100.0, "student_layer": "block2"}
+    rep["teacher"]["top1"], rep["baseline"]["top1"] = 30.0, 17.6
+    rep["student"]["top1"] = 8.6
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text().split("\n")
+    assert md[4] == ("**Warning:** The distilled student (tiny_cnn) is at chance: 8.6% test "
+                     "top-1 on 10 classes, where guessing gets 10.0%. The distillation term may "
+                     "be swamping the labels; lower loss.hint_weight, or train it for more "
+                     "epochs (trainer.student.epochs).")
+    # On 1,000 images: above chance + 2 standard errors (11.9), but more than two standard
+    # errors of the baseline's accuracy (2.4 points) below it.
+    rep["dataset"]["test_size"] = 1000
+    rep["student"]["top1"] = 14.0
+    assert report_mod.student_warning(rep) == (
+        "The distilled student (tiny_cnn) is far below the baseline (from scratch): 14.0% "
+        "against 17.6% test top-1, more than two standard errors (2.4 points on 1000 images) "
+        "apart. Distillation hurt it; lower loss.hint_weight, or train it for more epochs "
+        "(trainer.student.epochs).")
+    rep["student"]["top1"] = 15.5  # 2.1 points below: within the noise
+    assert report_mod.student_warning(rep) is None
+    # At chance beside a baseline that does no better: the budget, not the distillation loss.
+    rep["student"]["top1"], rep["baseline"]["top1"] = 10.5, 11.0
+    assert report_mod.student_warning(rep) == (
+        "The distilled student (tiny_cnn) is at chance: 10.5% test top-1 on 10 classes, where "
+        "guessing gets 10.0%; the baseline (from scratch) does no better (11.0%), so the "
+        "training budget is too short for this data: train for more epochs "
+        "(trainer.student.epochs) or check the data and labels.")
+    rep["student"]["top1"] = float("nan")  # no accuracy: the summary says why
+    assert report_mod.student_warning(rep) is None
+    assert report_mod.student_warning(sample_report()) is None
+
+
+def test_train_time_of_a_reused_stage_is_marked(tmp_path):
+    # A reused teacher's "train time" is the one of the run that trained it: unmarked, it
+    # read as time this run spent.
+    rep = sample_report()
+    rep["stages"].update(teacher="reused", baseline="reused")
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| train time | 10 min 00 s (reused) | 1 min 30 s (reused) | 1 min 35 s |" in md
+    assert "A train time marked (reused) is the one of the run that trained the model" in md
+    rep["stages"] = {"teacher-a": "reused", "teacher-b": "trained", "student": "reused"}
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "| train time | 10 min 00 s | 1 min 30 s | 1 min 35 s (reused) |" in md
+    rep["stages"]["teacher-b"] = "reused"
+    write_report(rep, tmp_path)
+    assert "| train time | 10 min 00 s (reused) |" in (tmp_path / "report.md").read_text()

@@ -28,7 +28,7 @@ from kdcli.metrics import (
     measure_latencies,
     profile_model,
 )
-from kdcli.report import compression, teacher_warning, write_report
+from kdcli.report import compression, student_warning, teacher_warning, write_report
 from kdcli.stages import cache as cache_stage
 from kdcli.stages import pretrain as pretrain_stage
 from kdcli.stages import student as student_stage
@@ -68,8 +68,9 @@ def run(ctx: Context, started: float | None = None) -> dict[str, Any]:
             if result is not None:
                 publish(result["entry"], ctx.run_dir, stage)
         report = build_report(ctx, teachers, cache, pretrained, student, baseline, started)
-        if (warning := teacher_warning(report)) is not None:
-            log.warning("%s", warning)
+        for warning in (teacher_warning(report), student_warning(report)):
+            if warning is not None:
+                log.warning("%s", warning)
         s, b = report["student"], report["baseline"]
         log.info("student %s: top-1 %.2f%% (baseline %s, teacher %.2f%%); report: %s",
                  s["name"], s["top1"], f"{b['top1']:.2f}%" if b else "off",
@@ -149,6 +150,15 @@ def _cache_block(cache: dict[str, Any]) -> dict[str, Any]:
     return block
 
 
+def _pretrain_block(ctx: Context, pretrained: dict[str, Any]) -> dict[str, Any]:
+    """The pretraining set (an experiment preset's dataset sizes apply to it too), its image
+    counts and the pretrained student's result."""
+    meta = pretrained["meta"]
+    return {"dataset": str(ctx.cfg.pretrain.dataset), **pretrained["images"],
+            "epochs": meta.get("epochs"), "top1": meta["metrics"]["top1"],
+            "train_time_s": meta.get("train_time_s"), "status": pretrained["status"]}
+
+
 def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
                  pretrained: dict | None, student: dict, baseline: dict | None,
                  started: float) -> dict[str, Any]:
@@ -182,7 +192,8 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
     if baseline is not None:
         b_logits, _ = _test_logits(baseline)
         b_block = {**classification_metrics(b_logits, labels, t_logits, name="baseline"),
-                   "train_time_s": baseline["meta"]["train_time_s"]}
+                   "train_time_s": baseline["meta"]["train_time_s"],
+                   "status": baseline["status"], "init": baseline["entry"].inputs["init"]}
     s_logits, _ = _test_logits(student)
     ds = ctx.dataset
     if len(teachers) == 1:
@@ -218,6 +229,7 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
         "teachers": teacher_blocks,
         "student": s_block,
         "baseline": b_block,
+        "pretrain": _pretrain_block(ctx, pretrained) if pretrained is not None else None,
         "compression": compression(t_block, s_block),
         "distillation_gain": {"top1": s_block["top1"] - b_block["top1"]} if b_block else None,
         "cache": _cache_block(cache) if cache is not None else None,

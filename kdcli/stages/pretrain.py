@@ -42,10 +42,25 @@ def run(ctx: Context) -> dict[str, Any] | None:
     name = str(ctx.cfg.pretrain.dataset)
     cfg = recompose(dataset_overrides(ctx.cfg), ("dataset",))
     pctx = ctx.variant(cfg, {"dataset": name}, load_dataset(cfg.dataset, int(cfg.seed)))
+    images = image_counts(pctx)
     budget = OmegaConf.create({"epochs": int(ctx.cfg.pretrain.epochs),
                                "batch_size": int(ctx.cfg.trainer.student.batch_size)})
     inputs = train_inputs(pctx, "student", "optimizer", "scheduler", budget)
     entry = ctx.store.entry("pretrain", f"{ctx.choice('student')}-{name}", inputs)
-    return train_entry(pctx, entry, role="student", loss_fn=CrossEntropy(),
-                       optimizer="optimizer", scheduler="scheduler", budget=budget,
-                       label="pretrain")
+    result = train_entry(pctx, entry, role="student", loss_fn=CrossEntropy(),
+                         optimizer="optimizer", scheduler="scheduler", budget=budget,
+                         label="pretrain")
+    return {**result, "images": images}
+
+
+def image_counts(pctx: Context) -> dict[str, int | None]:
+    """Logs and returns the pretraining set's sizes: an experiment preset's `dataset.*` sizes
+    (`experiment=smoke`: 512 train / 256 test) apply to it too, which a review's "1 epoch of
+    CIFAR-10" did not show."""
+    ds = pctx.dataset
+    counts = {"train_size": len(ds.train), "val_size": len(ds.val) if ds.val is not None else None,
+              "test_size": len(ds.test)}
+    held = f", {counts['val_size']} validation" if counts["val_size"] else ""
+    log.info("pretrain: %s, %d train%s / %d test images", ds.name, counts["train_size"], held,
+             counts["test_size"])
+    return counts
