@@ -330,6 +330,14 @@ STAGES = ("teacher", "cache", "pretrain", "student", "baseline")
     ("train", "cache.storage=half", "cache.storage='half'"),
     ("student", "loss.temperature=0", "temperature must be > 0"),
     ("cache", "dataset.augment=none cache.views=2", "dataset.augment=none"),
+    # No pretraining data (at the default root, or at pretrain.root): the pretraining set is
+    # loaded before the teacher trains, and the key to set is pretrain.root, not the main
+    # dataset's dataset.loader.root.
+    ("train", "pretrain.dataset=cifar10 pretrain.epochs=1",
+     "error: pretrain.dataset=cifar10: no CIFAR-10 data at"),
+    ("train", "pretrain.dataset=cifar10 pretrain.epochs=1 pretrain.root=nodata",
+     "no CIFAR-10 data at nodata: expected train.npz/test.npz (JPEG pack) or a "
+     "cifar-10-batches-py folder; set pretrain.root\n"),
 ])
 def test_config_only_checks_run_before_any_stage(tmp_path: Path, verb: str, override: str,
                                                  expected: str) -> None:

@@ -51,6 +51,7 @@ def run(ctx: Context, started: float | None = None) -> dict[str, Any]:
     counts from (main takes it before the dataset loads), now if None."""
     started = time.perf_counter() if started is None else started
     mode = student_stage.preflight(ctx)  # config-only checks, before anything trains
+    pretrain_set = pretrain_stage.prepare(ctx)  # its data too, as the main dataset's
     teachers = teacher_stage.run_all(ctx)
     cache = None
     if mode == "cache":
@@ -58,7 +59,8 @@ def run(ctx: Context, started: float | None = None) -> dict[str, Any]:
         if int(ctx.cfg.cache.get("check") or 0) > 0:
             distributed.on_main(
                 lambda: cache_stage.check(ctx, teachers, cache, int(ctx.cfg.cache.check)))
-    pretrained = pretrain_stage.run(ctx)
+    pretrained = pretrain_stage.run(ctx, pretrain_set)
+    del pretrain_set  # its images are not needed past its stage
     student = student_stage.run(ctx, cache, teachers, pretrained)
     baseline = student_stage.run_baseline(ctx, teachers, pretrained) if ctx.cfg.baseline else None
 

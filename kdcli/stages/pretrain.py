@@ -4,6 +4,9 @@
 student first learns from hard labels on a pretraining set (possibly larger, possibly with
 other classes), then is distilled starting from those weights. Layers whose shapes differ
 (a classifier over other classes) start fresh. Reused by key like every stage.
+
+The pretraining set is loaded by `prepare`, before any stage runs (as the main dataset is), so
+missing data fails the run before the teacher trains rather than after it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from kdcli.errors import ConfigError, DataError
 from kdcli.losses.ce import CrossEntropy
 from kdcli.stages.common import Context, load_dataset, recompose, train_entry, train_inputs
 
@@ -35,13 +39,29 @@ def dataset_overrides(cfg: DictConfig) -> list[str]:
     return overrides
 
 
-def run(ctx: Context) -> dict[str, Any] | None:
-    """Pretrains (or reuses) the student on the pretraining set; None when not configured."""
+def prepare(ctx: Context) -> Context | None:
+    """The run's context on the pretraining set, loaded now; None when not configured. A load
+    that fails (no data at the root, wrong class count) names the pretraining set and the key
+    that points it elsewhere, `pretrain.root`: the loader's own text names the main dataset's
+    `dataset.loader.root`, which does not reach this set."""
     if not enabled(ctx):
         return None
     name = str(ctx.cfg.pretrain.dataset)
     cfg = recompose(dataset_overrides(ctx.cfg), ("dataset",))
-    pctx = ctx.variant(cfg, {"dataset": name}, load_dataset(cfg.dataset, int(cfg.seed)))
+    try:
+        dataset = load_dataset(cfg.dataset, int(cfg.seed))
+    except (ConfigError, DataError) as exc:
+        message = str(exc).replace("set dataset.loader.root", "set pretrain.root")
+        raise type(exc)(f"pretrain.dataset={name}: {message}") from exc
+    return ctx.variant(cfg, {"dataset": name}, dataset)
+
+
+def run(ctx: Context, pctx: Context | None) -> dict[str, Any] | None:
+    """Pretrains (or reuses) the student on `pctx`, the pretraining set `prepare` loaded; None
+    when not configured."""
+    if pctx is None:
+        return None
+    name = str(ctx.cfg.pretrain.dataset)
     images = image_counts(pctx)
     budget = OmegaConf.create({"epochs": int(ctx.cfg.pretrain.epochs),
                                "batch_size": int(ctx.cfg.trainer.student.batch_size)})

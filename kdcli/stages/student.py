@@ -255,7 +255,7 @@ def main(cfg) -> dict[str, Any]:
     teachers = teacher_stage.require_all(ctx)
     # Looked up before pretraining trains anything: a missing cache is known at once.
     cache = cache_stage.require(ctx, teachers) if mode == "cache" else None
-    pretrained = pretrain_stage.run(ctx)
+    pretrained = pretrain_stage.run(ctx, pretrain_stage.prepare(ctx))
     result = run(ctx, cache, teachers, pretrained)
     distributed.on_main(lambda: publish(result["entry"], ctx.run_dir, "student"))
     return result
