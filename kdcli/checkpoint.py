@@ -12,6 +12,8 @@ import functools
 import hashlib
 import io
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -92,12 +94,40 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
                               f"{sidecar})")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, bit flips, foreign pickle: all the same to a user
-        raise CorruptArtifact(f"checkpoint {path} is unreadable ({type(exc).__name__}: "
-                              f"{(str(exc).splitlines() or [''])[0][:200]})") from exc
+    except Exception as exc:  # truncated zip, bit flips, foreign pickle, not a torch file
+        raise CorruptArtifact(f"checkpoint {path} is unreadable: {_why_unreadable(path, exc)}"
+                              ) from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CorruptArtifact(f"checkpoint {path} is not a kd checkpoint of format {FORMAT}")
     return obj
+
+
+def _why_unreadable(path: Path, exc: Exception) -> str:
+    """What a file `torch.load(weights_only=True)` refused is, in kd's words. torch's own text
+    advises loading with `weights_only=False`, which would let the file run code (README, Trust
+    model), so it is not passed on."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    from kdcli.softlabels import MAGIC  # softlabels owns the cache format (and imports this)
+
+    if not head:
+        return "the file is empty"
+    if head.startswith(MAGIC):
+        return "it is a kd soft-label cache (.kdsl), not a checkpoint"
+    if head.startswith(b"PK"):
+        kind = "a zip archive"
+    elif head.startswith(b"\x80"):
+        if "magic number" in str(exc):  # PyTorch's old format opens with its own magic number
+            return "a pickle, not a PyTorch checkpoint"
+        kind = "a pickle (PyTorch's old format)"
+    else:
+        return "not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        return (f"{kind} holding Python objects{f' ({found.group(1)})' if found else ''} "
+                "beyond tensors, numbers, strings and containers, which kd does not unpickle")
+    return (f"{kind} PyTorch cannot read: truncated, damaged or not a PyTorch checkpoint "
+            f"({type(exc).__name__})")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

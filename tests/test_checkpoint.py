@@ -205,3 +205,33 @@ def test_published_checkpoints_carry_their_checksum(tmp_path, monkeypatch, links
         with pytest.raises(CorruptArtifact, match="fails its checksum"):
             checkpoint.load(copy)
 
+
+
+def _truncated(path):
+    checkpoint.save(sample_state(), path)
+    path.write_bytes(path.read_bytes()[:200])
+    path.with_name(path.name + ".sha256").unlink()
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda p: p.write_text("garbage\n"), "not a PyTorch checkpoint (neither a zip archive nor "
+                                          "a pickle)"),
+    (lambda p: p.write_bytes(b""), "the file is empty"),
+    (_truncated, "a zip archive PyTorch cannot read: truncated, damaged"),
+    (lambda p: torch.save({"obj": Arbitrary()}, p),
+     "holding Python objects (tests.test_checkpoint.Arbitrary) beyond tensors"),
+    (lambda p: p.write_bytes(pickle.dumps({"a": 1}, protocol=2)),
+     "a pickle, not a PyTorch checkpoint"),
+    (lambda p: p.write_bytes(b"KDSOFTLB" + bytes(40)), "a kd soft-label cache (.kdsl), not a "
+                                                       "checkpoint"),
+])
+def test_unreadable_file_says_what_it_is_without_torchs_advice(tmp_path, make, says):
+    # torch's own text, cut at 200 characters, advised re-running with weights_only=False:
+    # the unsafe load kd's trust model avoids.
+    path = tmp_path / "junk.pt"
+    make(path)
+    with pytest.raises(CorruptArtifact) as err:
+        checkpoint.load(path)
+    assert str(err.value).startswith(f"checkpoint {path} is unreadable: ")
+    assert says in str(err.value)
+    assert "weights_only" not in str(err.value)
