@@ -240,6 +240,21 @@ def test_stages_run_alone_in_order(workdir: Path) -> None:
     assert len(list((workdir / "store" / "cache").glob("*/train.kdsl"))) == 1
 
 
+@pytest.mark.parametrize("loss, why", [
+    ("loss=fitnets loss.student_layer=block2 loss.teacher_layer=block2",
+     "not needed for loss=fitnets (it runs the teacher online); nothing to do"),
+    ("loss=ce", "not needed for loss=ce (it reads no teacher); nothing to do"),
+])
+def test_kd_cache_builds_nothing_for_a_loss_that_reads_no_cache(tmp_path: Path, loss: str,
+                                                                 why: str) -> None:
+    # It made a full teacher pass and wrote a cache that no student stage would read.
+    store = f"store={tmp_path / 'store'}"
+    kd("teacher", *TINY, store, *loss.split(), cwd=tmp_path)
+    proc = kd("cache", *TINY, store, *loss.split(), cwd=tmp_path)
+    assert why in proc.stdout + proc.stderr
+    assert not (tmp_path / "store" / "cache").exists()
+
+
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(workdir: Path) -> None:
     common = [*SMOKE, "trainer.teacher.epochs=30", "baseline=false", "deterministic=true"]
     args = [*common, f"store={workdir / 'store'}"]

@@ -20,6 +20,7 @@ from kdcli.data.transforms import CropFlip, ViewTable, build_augment
 from kdcli.errors import ConfigError, CorruptArtifact
 from kdcli.stages import teacher as teacher_stage
 from kdcli.stages.common import (
+    NOT_NEEDED,
     REUSED,
     TRAINED,
     Context,
@@ -214,9 +215,22 @@ def require(ctx: Context, teachers: list[dict[str, Any]]) -> dict[str, Any]:
     return {"status": REUSED, "entry": entry, "meta": meta}
 
 
+# Why a student of each mode but "cache" reads no soft-label cache (kdcli.stages.student).
+_NO_CACHE = {"online": "it runs the teacher online", "none": "it reads no teacher"}
+
+
 def main(cfg) -> dict[str, Any]:
-    """`kd cache`: stage 2 alone (needs the stage-1 teacher(s) in the store)."""
+    """`kd cache`: stage 2 alone (needs the stage-1 teacher(s) in the store). For a loss that
+    reads no cached logits (a feature loss, `loss=ce`) it builds nothing, as `kd train` does:
+    a full teacher pass would write a cache nothing reads."""
+    from kdcli.stages import student as student_stage  # it imports this module
+
     ctx = build_context(cfg)
+    mode = student_stage.mode_of(student_stage.build_loss(ctx))
+    if mode in _NO_CACHE:
+        log.info("cache: not needed for loss=%s (%s); nothing to do", ctx.choice("loss"),
+                 _NO_CACHE[mode])
+        return {"status": NOT_NEEDED}
     check_settings(ctx, len(teacher_stage.contexts(ctx)))
     teachers = teacher_stage.require_all(ctx)
     result = run(ctx, teachers)
