@@ -385,12 +385,14 @@ def fit(
                 where = (f"{label}: loss became NaN/inf at epoch {epoch + 1}, "
                          f"step {stats.bad_step + 1}")
                 if nan_retries <= 0:
-                    kept = last_path if last_path.exists() else "(none yet)"
+                    kept = (f"the last good checkpoint is kept: {last_path}"
+                            if last_path.exists()
+                            else "no epoch finished, so there is no checkpoint yet")
                     # fp32 is the way out of a mixed-precision overflow, not of an fp32 run's.
                     fp32 = "" if runtime.precision == "fp32" else " or use precision fp32"
                     raise TrainingDiverged(
-                        f"{where}; the last good checkpoint is kept: {kept}; lower the learning "
-                        f"rate (or set trainer.nan_retries){fp32}")
+                        f"{where}; {kept}; lower the learning rate (or set "
+                        f"trainer.nan_retries){fp32}")
                 nan_retries -= 1
                 state = checkpoint.load(last_path) if last_path.exists() else initial
                 restore(state)

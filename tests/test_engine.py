@@ -89,6 +89,35 @@ def test_nan_advice_names_fp32_only_for_mixed_precision(tmp_path, precision, adv
     assert ("or use precision fp32" in str(err.value)) is advice
 
 
+class NaNFromEpoch(CrossEntropy):
+    """NaN from epoch `first` (0-based) on."""
+
+    def __init__(self, first: int) -> None:
+        super().__init__()
+        self.first, self.epoch = first, 0
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        self.epoch = epoch
+
+    def forward(self, student, teacher, targets):
+        out = super().forward(student, teacher, targets)
+        return {**out, "loss": out["loss"] * float("nan")} if self.epoch >= self.first else out
+
+
+@pytest.mark.parametrize("first, says", [
+    (0, "no epoch finished, so there is no checkpoint yet;"),
+    (1, "the last good checkpoint is kept: {out}/last.pt;"),
+])
+def test_nan_error_says_whether_a_checkpoint_is_kept(tmp_path, first, says):
+    # It said "the last good checkpoint is kept: (none yet)" when no epoch had finished.
+    step, loader = setup(torch.device("cpu"), loss=NaNFromEpoch(first))
+    with pytest.raises(TrainingDiverged) as err:
+        engine.fit(model=step.model, train_loader=loader, val_loader=None, loss_fn=step.loss_fn,
+                   optimizer=step.optimizer, scheduler=step.scheduler, runtime=step.runtime,
+                   epochs=2, out_dir=tmp_path)
+    assert f"at epoch {first + 1}, step 1; {says.format(out=tmp_path)}" in str(err.value)
+
+
 def test_compiled_model_keeps_its_feature_taps_after_a_hookless_compile_of_its_class(
         monkeypatch):
     # Dynamo's default reuses code compiled for a model of the same class without checking
