@@ -348,7 +348,35 @@ def unknown_key_line(exc: Exception) -> str | None:
              if not (str(k).startswith("_") and str(k).endswith("_"))
              and not (str(k) == "hydra" and "." not in full_key)]
     guess = did_you_mean(node, full_key, valid) if node is not None else ""
-    return f"{full_key}: unknown key (valid: {', '.join(valid) or 'none'}{guess})"
+    return f"{full_key}: unknown key (valid: {', '.join(valid) or 'none'}{guess})" + \
+        sweep_hint(full_key)
+
+
+def sweep_hint(full_key: str) -> str:
+    """Why a `-m` sweep refused a key of a group it sweeps (`loss=hinton,fitnets
+    loss.student_layer=block2`), and what to do; "" otherwise. Hydra composes the sweep's first
+    config before any job, with the group's option chosen without the sweep (its default), and
+    checks the keys set for every job against that option, whatever the jobs choose."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = sys.argv[1:]
+    if not {"-m", "--multirun"} & set(args):
+        return ""
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except Exception:  # noqa: BLE001 - Hydra reports a bad override itself
+        return ""
+    swept = next((o for o in parsed if o.is_sweep_override() and
+                  full_key.startswith(f"{o.package or o.key_or_group}.")), None)
+    if swept is None:
+        return ""
+    given = next((o.input_line for o in parsed if o.key_or_group == full_key), f"{full_key}=...")
+    group = swept.package or swept.key_or_group
+    return (f"; a -m sweep checks it before any job runs, against the {group} option chosen "
+            f"without the sweep (its default), not each of {swept.input_line}: sweep options "
+            f"that take other keys in separate runs, or give ++{given.lstrip('+')} (a job whose "
+            "option lacks the key then fails alone, the others run)")
 
 
 def run_plain(verb: str, main_fn, argv: list[str]) -> int:

@@ -176,6 +176,23 @@ def test_unknown_key_on_the_command_line_is_one_line(tmp_path: Path, override: s
     assert not list(tmp_path.iterdir())  # refused before any folder is made
 
 
+def test_a_sweep_refusing_a_key_of_a_swept_group_says_why_and_what_to_do(tmp_path: Path
+                                                                         ) -> None:
+    # Hydra checks the keys set for every job against the group's default option before the
+    # sweep: the line did not say that the refusal was not about loss=fitnets.
+    proc = subprocess.run([sys.executable, "-m", "kdcli.cli", "train", "-m", "loss=hinton,fitnets",
+                           "loss.student_layer=block2", "loss.teacher_layer=block2"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        "error: config: loss.student_layer: unknown key (valid: temperature, ce_weight, "
+        "kd_weight); a -m sweep checks it before any job runs, against the loss option chosen "
+        "without the sweep (its default), not each of loss=hinton,fitnets: sweep options that "
+        "take other keys in separate runs, or give ++loss.student_layer=block2 (a job whose "
+        "option lacks the key then fails alone, the others run)\n")
+    assert not list(tmp_path.iterdir())
+
+
 def test_plus_still_adds_a_key() -> None:
     proc = run_kd("train", "+loss.temprature=2", "--cfg", "job", "-p", "loss")
     assert proc.returncode == 0, proc.stderr
