@@ -136,6 +136,20 @@ def test_agreement_with_teacher():
     assert classification_metrics(LOGITS, TARGETS, teacher_logits=LOGITS)["agreement"] == 100.0
 
 
+def test_shares_are_exact_ratios_of_counts():
+    # 45 of 200 right read 22.499999403953552 (a float32 mean) in metrics CSVs and report.json.
+    targets = torch.zeros(200, dtype=torch.long)
+    logits = torch.zeros(200, 10)
+    logits[:45, 0] = 1.0  # 45 right at top-1 (the rest predict class 1)
+    logits[45:, 1] = 1.0
+    logits[45:51, 0] = 0.5  # 6 more among the top 5
+    logits[45:51, 2:5] = 0.6
+    teacher = torch.zeros(200, 10)
+    teacher[:153, 1] = 1.0  # agrees with the student on 153 - 45 = 108 rows
+    m = classification_metrics(logits, targets, teacher_logits=teacher)
+    assert (m["top1"], m["top5"], m["agreement"]) == (22.5, 25.5, 54.0)
+
+
 def test_perfect_predictions():
     m = classification_metrics(torch.eye(6) * 4, torch.arange(6))
     assert m == pytest.approx({"top1": 100.0, "top5": 100.0, "macro_f1": 100.0})
