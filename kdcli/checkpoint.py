@@ -106,6 +106,8 @@ def _why_unreadable(path: Path, exc: Exception) -> str:
     """What a file `torch.load(weights_only=True)` refused is, in kd's words. torch's own text
     advises loading with `weights_only=False`, which would let the file run code (README, Trust
     model), so it is not passed on."""
+    if isinstance(exc, OSError):  # a folder, no permission: the system's word is the reason
+        return exc.strerror or type(exc).__name__
     with open(path, "rb") as fh:
         head = fh.read(8)
     from kdcli.softlabels import MAGIC  # softlabels owns the cache format (and imports this)

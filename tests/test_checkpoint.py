@@ -224,6 +224,7 @@ def _truncated(path):
      "a pickle, not a PyTorch checkpoint"),
     (lambda p: p.write_bytes(b"KDSOFTLB" + bytes(40)), "a kd soft-label cache (.kdsl), not a "
                                                        "checkpoint"),
+    (lambda p: p.mkdir(), "is unreadable: Is a directory"),
 ])
 def test_unreadable_file_says_what_it_is_without_torchs_advice(tmp_path, make, says):
     # torch's own text, cut at 200 characters, advised re-running with weights_only=False:
