@@ -12,6 +12,7 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +27,14 @@ __all__ = [
     "confusion_matrix",
     "count_flops",
     "count_params",
+    "latency_policy",
     "macro_f1",
     "measure_latencies",
     "measure_latency_ms",
     "model_size_bytes",
     "profile_model",
+    "time_calls",
+    "time_models",
 ]
 
 
@@ -263,37 +267,48 @@ def measure_latencies(
     device: str | torch.device = "cpu",
     threads: int | None = None,
 ) -> Latencies:
-    """Times several models in turn: each iteration runs every model once, the order rotating,
-    so a machine whose speed drifts while they are timed (a shared virtual machine, clocks
-    settling after training: the same student read 0.8 and 2.3 ms here minutes apart) moves
-    them all alike, and their ratio (the report's latency speedup) holds. Arguments as
-    :func:`measure_latency_ms`.
-    """
-    if iters < 1:
-        raise ValueError("iters must be >= 1")
+    """Times several models in turn (see :func:`time_calls`), in fp32 at batch 1. Arguments as
+    :func:`measure_latency_ms`."""
     device = torch.device(device)
     clones = [copy.deepcopy(_unwrap(m)).to(device=device, dtype=torch.float32).eval()
               for m in models]
     x = torch.zeros(1, *input_shape, device=device, dtype=torch.float32)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
-    times_ms: list[list[float]] = [[] for _ in clones]
+    def call(clone: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            clone(x)
+            sync()
+        return run
+
+    with torch.inference_mode():
+        return time_calls([call(c) for c in clones], warmup=warmup, iters=iters, threads=threads)
+
+
+def time_calls(calls: list[Callable[[], Any]], *, warmup: int, iters: int,
+               threads: int | None = None) -> Latencies:
+    """Times each call `iters` times after `warmup` untimed rounds, with `threads` CPU threads
+    for PyTorch (restored afterwards; None = :func:`latency_threads`). Each iteration runs every
+    call once, the order rotating, so a machine whose speed drifts while they are timed (a
+    shared virtual machine, clocks settling after training: the same student read 0.8 and
+    2.3 ms here minutes apart) moves them all alike, and their ratio (a speed-up) holds.
+    """
+    if iters < 1:
+        raise ValueError("iters must be >= 1")
+    times_ms: list[list[float]] = [[] for _ in calls]
     before = torch.get_num_threads()
     used = threads or latency_threads()
     torch.set_num_threads(used)
     try:
-        with torch.inference_mode():
-            for _ in range(warmup):
-                for clone in clones:
-                    clone(x)
-            sync()
-            for i in range(iters):
-                for k in range(len(clones)):
-                    j = (i + k) % len(clones)
-                    start = time.perf_counter()
-                    clones[j](x)
-                    sync()
-                    times_ms[j].append((time.perf_counter() - start) * 1000.0)
+        for _ in range(warmup):
+            for fn in calls:
+                fn()
+        for i in range(iters):
+            for k in range(len(calls)):
+                j = (i + k) % len(calls)
+                start = time.perf_counter()
+                calls[j]()
+                times_ms[j].append((time.perf_counter() - start) * 1000.0)
     finally:
         torch.set_num_threads(before)
     return Latencies(median_ms=[float(statistics.median(t)) for t in times_ms],
@@ -301,37 +316,86 @@ def measure_latencies(
 
 
 def latency_threads() -> int:
-    """CPU threads the report's latency is timed with: one per core this process may use."""
+    """CPU threads latencies are timed with on a quiet machine: one per core this process may
+    use (:func:`latency_policy` takes one on a busy machine)."""
     from kdcli.device import usable_cores
 
     return usable_cores()
 
 
-def profile_model(
-    model: nn.Module, input_shape: tuple[int, ...], latency: bool = True, **latency_kwargs: Any
-) -> dict[str, float | int]:
-    """Parameters, FLOPs, size and latency of a model for the report.
+@dataclass(frozen=True)
+class LatencyPolicy:
+    """How this machine's latencies are timed now: `kd train`'s report, `kd eval` and `kd
+    export` all time through :func:`latency_policy`, so their figures compare. `other_load` is
+    the cores' worth of CPU other processes used (None where it cannot be read), out of
+    `cpus`; `busy` when over kdcli.device.BUSY_CORES."""
+
+    threads: int
+    busy: bool
+    other_load: float | None
+    cpus: int
+
+    def record(self) -> dict[str, Any]:
+        """What report.json, eval.json and export.json keep beside the latencies."""
+        return {"threads": self.threads, "other_load": self.other_load, "cpus": self.cpus,
+                "busy": self.busy}
+
+    def describe(self) -> str:
+        """The thread count and, when busy, the load: what the logs say next to a latency."""
+        threads = f"{self.threads} thread{'' if self.threads == 1 else 's'}"
+        if not self.busy:
+            return threads
+        return (f"{threads}, on a busy machine: other processes used {self.other_load:.1f} of "
+                f"{self.cpus} CPUs")
+
+
+def latency_policy() -> LatencyPolicy:
+    """Samples the load of other processes (kdcli.device.machine_load) and picks the threads to
+    time with: one on a busy machine, with a warning, else :func:`latency_threads`.
+
+    Multi-threaded PyTorch waits for its slowest thread, which a busy core stalls for a whole
+    time slice (0.85 against 10 ms here; `kd eval` read 108 ms where the report's one thread
+    read 0.19 ms), while one thread reads as on an idle machine. Speed-ups divide the fastest
+    calls (:class:`Latencies`), which the load moves least.
+    """
+    from kdcli import device  # looked up at call time, so tests can stand in for the probe
+
+    load, cpus = device.machine_load()
+    busy = device.is_busy(load, cpus)
+    policy = LatencyPolicy(threads=1 if busy else latency_threads(), busy=busy,
+                           other_load=load, cpus=cpus)
+    if busy:
+        log.warning("the machine is busy (other processes used %.1f of %d CPUs): timing latency "
+                    "with 1 thread; the figures will be noisy, speed-ups (fastest calls) less so",
+                    load, cpus)
+    return policy
+
+
+def time_models(models: list[nn.Module], input_shape: tuple[int, ...], **kwargs: Any
+                ) -> tuple[Latencies, LatencyPolicy]:
+    """The models' latencies timed under :func:`latency_policy`, and the policy to record with
+    them. `kwargs` go to :func:`measure_latencies` (``warmup``, ``iters``)."""
+    policy = latency_policy()
+    return measure_latencies(models, input_shape, threads=policy.threads, **kwargs), policy
+
+
+def profile_model(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """Parameters, FLOPs and size of a model for the report; its latency is timed apart
+    (:func:`time_models`), under the load check every command shares.
 
     Args:
         model: The model to profile; left unchanged.
         input_shape: One sample's shape without the batch dimension.
-        latency: Time it too (False: the caller times several models together with
-            :func:`measure_latencies`).
-        **latency_kwargs: Passed to :func:`measure_latency_ms` (``warmup``, ``iters``).
 
     Returns:
-        ``{"params", "flops", "macs", "size_bytes", "latency_ms"}`` (no ``latency_ms`` without
-        `latency`). ``flops`` counts a multiply-add as 2; ``macs`` (= flops / 2) is what CIFAR
-        KD papers quote as "FLOPs" (resnet20: 40.8M MACs, 81.6M FLOPs), so a reader comparing
-        with a paper does not see twice the cost.
+        ``{"params", "flops", "macs", "size_bytes"}``. ``flops`` counts a multiply-add as 2;
+        ``macs`` (= flops / 2) is what CIFAR KD papers quote as "FLOPs" (resnet20: 40.8M MACs,
+        81.6M FLOPs), so a reader comparing with a paper does not see twice the cost.
     """
     flops = count_flops(model, input_shape)
-    profile: dict[str, float | int] = {
+    return {
         "params": count_params(model),
         "flops": flops,
         "macs": flops // 2,
         "size_bytes": model_size_bytes(model),
     }
-    if latency:
-        profile["latency_ms"] = measure_latency_ms(model, input_shape, **latency_kwargs)
-    return profile

@@ -539,7 +539,7 @@ def test_latency_on_a_busy_machine_is_timed_with_one_thread(monkeypatch) -> None
 
     ctx = SimpleNamespace(dataset=SimpleNamespace(image_shape=(4,)))
     monkeypatch.setattr("kdcli.device.usable_cores", lambda: 2)
-    monkeypatch.setattr(pipeline, "machine_load", lambda: (5.0, 2))
+    monkeypatch.setattr("kdcli.device.machine_load", lambda: (5.0, 2))
     blocks = [{}, {}]
     latency = pipeline._time_together(ctx, blocks, [Probe(), Probe()])
     assert set(seen) == {1}
@@ -547,6 +547,51 @@ def test_latency_on_a_busy_machine_is_timed_with_one_thread(monkeypatch) -> None
                        "speedup_from": "min"}
     assert all(b["latency_min_ms"] <= b["latency_ms"] for b in blocks)
     seen.clear()
-    monkeypatch.setattr(pipeline, "machine_load", lambda: (0.5, 2))
+    monkeypatch.setattr("kdcli.device.machine_load", lambda: (0.5, 2))
     assert pipeline._time_together(ctx, blocks, [Probe(), Probe()])["threads"] == 2
     assert set(seen) == {2}
+
+
+@pytest.mark.parametrize("load, threads", [(5.0, 1), (0.1, 2)])
+def test_eval_times_as_the_report_does_and_records_it(workdir: Path, monkeypatch, caplog,
+                                                      load: float, threads: int) -> None:
+    # kd eval timed with every core on a busy machine and read 108 ms where report.md's one
+    # thread read 0.19 ms for the same checkpoint, with no word of the load or the threads.
+    import logging
+
+    from hydra import compose, initialize_config_module
+
+    from kdcli import checkpoint
+    from kdcli.models.small import tiny_cnn
+    from kdcli.stages import common, evaluate
+
+    path = workdir / "student.pt"
+    checkpoint.save({"model": tiny_cnn().state_dict()}, path)
+    with initialize_config_module(config_module="kdcli.configs", version_base="1.3"):
+        cfg = compose(config_name="kd_eval", overrides=[*SMOKE, f"checkpoint={path}"])
+    monkeypatch.setattr(evaluate, "build_context",
+                        lambda cfg: common.build_context(cfg, run_dir=workdir / "eval"))
+    seen = []  # the thread count of each timed call (batch 1; FLOPs are counted under no_grad)
+
+    def note_threads(module, args) -> None:
+        if len(args[0]) == 1 and torch.is_inference_mode_enabled():
+            seen.append(torch.get_num_threads())
+
+    def build_model(ctx, arch):
+        model = common.build_model(ctx, arch)
+        model.register_forward_pre_hook(note_threads)
+        return model
+
+    monkeypatch.setattr(evaluate, "build_model", build_model)
+    monkeypatch.setattr("kdcli.device.usable_cores", lambda: 2)
+    monkeypatch.setattr("kdcli.device.machine_load", lambda: (load, 2))
+    with caplog.at_level(logging.INFO):
+        evaluate.main(cfg)
+    assert seen and set(seen) == {threads}
+    result = json.loads((workdir / "eval" / "eval.json").read_text())
+    assert result["latency"] == {"threads": threads, "other_load": load, "cpus": 2,
+                                 "busy": load > 1}
+    assert 0 < result["latency_min_ms"] <= result["latency_ms"]
+    said = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("eval "))
+    assert f"ms (CPU fp32 batch 1, {threads} thread" in said
+    assert ("busy machine: other processes used 5.0 of 2 CPUs" in said) == (load > 1)

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from kdcli import distributed, engine
 from kdcli.checkpoint import atomic_write_text
 from kdcli.errors import ConfigError
-from kdcli.metrics import classification_metrics, profile_model
+from kdcli.metrics import classification_metrics, profile_model, time_models
 from kdcli.report import to_jsonable
 from kdcli.stages.common import build_context, build_model, load_weights
 
@@ -38,15 +38,20 @@ def main(cfg) -> dict[str, Any]:
     hint = f"it was loaded as arch={cfg.arch} {loaded}; {fix}"
     model = load_weights(build_model(ctx, cfg.arch), path, hint)
     logits, labels = engine.predict(model, ctx.eval_loader(cfg.split), ctx.runtime)
+    # Timed as kd train's report times (one thread on a busy machine), so the figures compare.
+    timed, policy = time_models([model], ctx.dataset.image_shape)
     result = {"checkpoint": str(path), "arch": ctx.choice(cfg.arch), "split": cfg.split,
               "dataset": ctx.dataset.name, **classification_metrics(logits, labels, name=str(path)),
-              **profile_model(model.float(), ctx.dataset.image_shape)}
+              **profile_model(model.float(), ctx.dataset.image_shape),
+              "latency_ms": timed.median_ms[0], "latency_min_ms": timed.min_ms[0],
+              "latency": policy.record()}
     if distributed.is_main():
         atomic_write_text(ctx.run_dir / "eval.json", json.dumps(to_jsonable(result), indent=2))
     top5 = result["top5"]
-    log.info("eval %s on %s/%s: top-1 %.2f%%  top-5 %s  macro-F1 %.2f", path,
-             ctx.dataset.name, cfg.split, result["top1"],
-             "— (5 classes or fewer)" if top5 is None else f"{top5:.2f}%", result["macro_f1"])
+    log.info("eval %s on %s/%s: top-1 %.2f%%  top-5 %s  macro-F1 %.2f  latency %.2f ms (CPU "
+             "fp32 batch 1, %s)", path, ctx.dataset.name, cfg.split, result["top1"],
+             "— (5 classes or fewer)" if top5 is None else f"{top5:.2f}%", result["macro_f1"],
+             result["latency_ms"], policy.describe())
     return result
 
 

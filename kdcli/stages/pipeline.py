@@ -19,15 +19,8 @@ import torchvision
 
 import kdcli
 from kdcli import checkpoint, distributed
-from kdcli.device import is_busy, machine_load
 from kdcli.errors import TrainingDiverged
-from kdcli.metrics import (
-    classification_metrics,
-    confusion_matrix,
-    latency_threads,
-    measure_latencies,
-    profile_model,
-)
+from kdcli.metrics import classification_metrics, confusion_matrix, profile_model, time_models
 from kdcli.report import compression, student_warning, teacher_warning, write_report
 from kdcli.stages import cache as cache_stage
 from kdcli.stages import pretrain as pretrain_stage
@@ -99,33 +92,20 @@ def _model_block(ctx: Context, role: str, result: dict[str, Any], teacher_logits
         block["val_top1"] = result["meta"]["metrics"]["val_top1"]
     model = load_entry_weights(build_model(ctx, role), result["entry"])
     model = model.float().to(memory_format=torch.contiguous_format)
-    block.update(profile_model(model, ctx.dataset.image_shape, latency=False))
+    block.update(profile_model(model, ctx.dataset.image_shape))
     return block, model
 
 
 def _time_together(ctx: Context, blocks: list[dict[str, Any]], models: list[torch.nn.Module]
                    ) -> dict[str, Any]:
     """Sets each block's `latency_ms` (median) and `latency_min_ms` (fastest call, what the
-    speed-up divides), the models timed in turn; returns the report's `latency` block.
-
-    On a busy machine (`kd export`'s check: other processes using over half a core,
-    kdcli.device.machine_load) the models are
-    timed with one thread: multi-threaded PyTorch waits for its slowest thread, which a busy
-    core stalls for a whole time slice (0.85 against 10 ms here, 288 against 0.89 ms in a
-    review), while one thread reads as on an idle machine.
-    """
-    load, cpus = machine_load()
-    busy = is_busy(load, cpus)
-    threads = 1 if busy else latency_threads()
-    if busy:
-        log.warning("the machine is busy (other processes used %.1f of %d CPUs): timing the "
-                    "models' latency with 1 thread; the figures "
-                    "will be noisy, the speed-up (fastest calls) less so", load, cpus)
-    timed = measure_latencies(models, ctx.dataset.image_shape, threads=threads)
+    speed-up divides), the models timed in turn under the load check `kd eval` and `kd export`
+    make too (kdcli.metrics.latency_policy: one thread on a busy machine); returns the report's
+    `latency` block."""
+    timed, policy = time_models(models, ctx.dataset.image_shape)
     for block, median, fastest in zip(blocks, timed.median_ms, timed.min_ms, strict=True):
         block["latency_ms"], block["latency_min_ms"] = median, fastest
-    return {"threads": timed.threads, "other_load": load, "cpus": cpus, "busy": busy,
-            "speedup_from": "min"}
+    return {**policy.record(), "speedup_from": "min"}
 
 
 def _ensemble_block(blocks: list[dict[str, Any]], logits: torch.Tensor, labels: torch.Tensor
