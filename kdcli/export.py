@@ -650,13 +650,25 @@ def _input_note(spec: dict[str, Any] | None) -> list[str]:
 
 
 def write_outputs(data: dict[str, Any], run_dir: Path, out: Path) -> list[str]:
-    """export.json, export.md, the report's `export` block and `## Export` section."""
+    """export.json, export.md, the report's `export` block and `## Export` section. A run folder
+    that cannot be written (read-only, with `--out` elsewhere) only gets a warning: the export
+    itself passed and is in OUT."""
     table, notes = markdown_table(data), markdown_notes(data)
     atomic_write_text(out / "export.json",
                       json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n")
     title = f"# kd export: {data['student']} from {run_dir}"
     atomic_write_text(out / "export.md", "\n".join([title, "", *table, "", *notes]) + "\n")
+    try:
+        add_to_report(data, table, notes, run_dir, out)
+    except OSError as exc:
+        log.warning("exported to %s (checked; export.json and export.md there); could not add the "
+                    "table to %s: %s", out, run_dir / "report.md", exc.strerror or exc)
+    return table
 
+
+def add_to_report(data: dict[str, Any], table: list[str], notes: list[str], run_dir: Path,
+                  out: Path) -> None:
+    """The `export` block of RUN/report.json and the `## Export` section of RUN/report.md."""
     report_path = run_dir / "report.json"
     report = json.loads(report_path.read_text())
     report["export"] = data
@@ -667,7 +679,6 @@ def write_outputs(data: dict[str, Any], run_dir: Path, out: Path) -> list[str]:
     section = [SECTION, "", f"Files in `{where}/`.", "", *table, "", *notes]
     old = md_path.read_text() if md_path.exists() else ""
     atomic_write_text(md_path, replace_section(old, section))
-    return table
 
 
 # --------------------------------------------------------------------------- main

@@ -288,6 +288,31 @@ def test_export_times_as_the_report_does_and_records_it(run: Path, tmp_path: Pat
             "thread" in md) == (load > 1)
 
 
+def test_a_read_only_run_folder_still_exports_elsewhere(run: Path, tmp_path: Path, monkeypatch,
+                                                        caplog) -> None:
+    # The export passed, then kd exited 1 with "RUN/.report.json.xxxx.tmp: Read-only file
+    # system": the user could not tell the export from the report update.
+    import errno
+
+    copy, out = copy_run(run, tmp_path / "run"), tmp_path / "elsewhere"
+    before = (copy / "report.json").read_text()
+    write = export.atomic_write_text
+
+    def read_only_run(path: Path, text: str) -> None:
+        if path.is_relative_to(copy):
+            raise OSError(errno.EROFS, "Read-only file system", str(path.parent / ".x.tmp"))
+        write(path, text)
+
+    monkeypatch.setattr(export, "atomic_write_text", read_only_run)
+    with caplog.at_level(logging.WARNING, logger="kdcli.export"):
+        assert export.main([str(copy), "--formats", "torchscript", "--out", str(out),
+                            *FAST]) == 0
+    assert (out / "student.ts").is_file() and (out / "export.json").is_file()
+    assert (copy / "report.json").read_text() == before
+    assert (f"exported to {out} (checked; export.json and export.md there); could not add the "
+            f"table to {copy / 'report.md'}: Read-only file system") in caplog.text
+
+
 def test_teacher_without_weights_leaves_the_speed_ups_out(run: Path, tmp_path: Path) -> None:
     copy = copy_run(run, tmp_path / "run")
     shutil.rmtree(copy / "checkpoints" / "teacher")
