@@ -217,7 +217,32 @@ def test_eval_of_a_run_checkpoint_names_the_runs_own_target(workdir: Path) -> No
               cwd=workdir, check=False)
     assert proc.returncode == 1
     assert proc.stderr.endswith(f"it was loaded as arch=student student=tiny_cnn; the run {run} "
-                                "trained it as student._target_=mynets.small_net: set that\n")
+                                "trained it as student._target_=mynets.small_net: set "
+                                "arch=student student._target_=mynets.small_net\n")
+
+
+def test_eval_of_a_run_teacher_checkpoint_says_the_whole_fix(workdir: Path) -> None:
+    # The hint said "trained it as teacher=tiny_cnn-wide: set that"; setting that gave the same
+    # error, since arch=student still loaded the student's model.
+    from kdcli import checkpoint
+    from kdcli.models.small import tiny_cnn
+
+    run = workdir / "run"
+    path = run / "checkpoints" / "teacher" / "last.pt"
+    path.parent.mkdir(parents=True)
+    checkpoint.save({"model": tiny_cnn(width=32).state_dict()}, path)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text(
+        "teacher:\n  _target_: kdcli.models.small.tiny_cnn\n")
+    (run / ".hydra" / "hydra.yaml").write_text(
+        "hydra:\n  runtime:\n    choices:\n      teacher: tiny_cnn-wide\n")
+    proc = kd("eval", *SMOKE, f"checkpoint={path}", f"hydra.run.dir={workdir / 'eval'}",
+              cwd=workdir, check=False)
+    assert proc.returncode == 1
+    fix = "arch=teacher teacher=tiny_cnn-wide"
+    assert proc.stderr.endswith(f"trained it as teacher=tiny_cnn-wide: set {fix}\n")
+    kd("eval", *SMOKE, f"checkpoint={path}", *fix.split(), f"hydra.run.dir={workdir / 'eval'}",
+       cwd=workdir)
 
 
 def test_stages_run_alone_in_order(workdir: Path) -> None:

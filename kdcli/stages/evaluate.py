@@ -31,7 +31,9 @@ def main(cfg) -> dict[str, Any]:
     loaded = ctx.selected(cfg.arch)
     trained = as_trained(path)
     if trained is not None and trained[1] != loaded:
-        fix = f"the run {trained[0]} trained it as {trained[1]}: set that"
+        # `arch` too: `teacher=resnet20` alone still loads the student's model (F2 of a review).
+        arch = trained[1].split("=", 1)[0].split(".", 1)[0]
+        fix = f"the run {trained[0]} trained it as {trained[1]}: set arch={arch} {trained[1]}"
     else:
         fix = ("set arch= and student=/teacher= (student._target_= for a model of your own) to "
                "the model the checkpoint was trained as")
