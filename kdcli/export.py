@@ -553,9 +553,9 @@ def markdown_notes(data: dict[str, Any]) -> list[str]:
         f"{data['latency']['runs']} batch-1 CPU runs after {data['latency']['warmup']} warm-up "
         f"runs, {data['latency']['threads']} thread(s), {timed} timed in turns so load from "
         "other processes hits them alike; the speed-ups divide the fastest calls, the ones "
-        "other processes touched least, as report.md's does. The teacher's top-1 and file "
-        "size are from "
-        "`report.json`. File size of the PyTorch rows is the saved `state_dict`.",
+        "other processes touched least, as report.md's speed-up does. The teacher's top-1 and "
+        "file size are from `report.json`. File size of the PyTorch rows is the saved "
+        "`state_dict`.",
         "",
         *_precision_note(data),
         *_untimed_teacher_note(teacher),
