@@ -198,9 +198,10 @@ def machine_load(window_s: float = 0.25) -> tuple[float | None, int]:
     `window_s` while this process sleeps: other processes' work alone, read from /proc/stat
     (Linux); None where that cannot be read (then no busy check). Not the load average: it
     holds this run's own training of the last minute, so a quiet machine read as busy right
-    after training. What `kd export` and the report check before timing models: multi-threaded
-    PyTorch waits for its slowest thread, and a core another process takes stalls it (0.85 and
-    10 ms for the same model with 2 threads under two busy loops on 2 cores).
+    after training. What kdcli.metrics.latency_policy checks before `kd train`'s report, `kd
+    eval` and `kd export` time models: multi-threaded PyTorch waits for its slowest thread,
+    and a core another process takes stalls it (0.85 and 10 ms for the same model with 2
+    threads under two busy loops on 2 cores).
     """
     import time
 
