@@ -109,7 +109,8 @@ def _threads(report: Mapping[str, Any]) -> str:
 
 def _busy_note(report: Mapping[str, Any]) -> str:
     """A sentence saying the models were timed on a busy machine, when the report's `latency`
-    block says so (`metrics.latency_policy`); "" otherwise, and for reports from before the check."""
+    block says so (`metrics.latency_policy`); "" otherwise, and for reports from before the
+    check."""
     latency = _block(report, "latency")
     if not latency.get("busy"):
         return ""
