@@ -839,6 +839,9 @@ def _config_rows(report: Mapping[str, Any]) -> list[list[str]]:
     elif loss is not None:
         rows.append(["loss", str(loss)])
     for path, value in _find_key(config, "epochs"):
+        if path == "pretrain.epochs" and not (isinstance(pretrain, Mapping)
+                                              and pretrain.get("dataset") is not None):
+            continue  # no pretraining: its epochs setting says nothing about this run
         rows.append([path, str(value)])
     if "seed" in config:
         rows.append(["seed", str(config["seed"])])

@@ -491,6 +491,7 @@ def test_report_names_what_the_baseline_started_from(tmp_path, monkeypatch, star
     assert f"reaches 71.2% top-1 vs 65.0% {headline} (+6.2 points)" in md
     assert f"| metric | teacher (resnet20) | baseline ({label}) |" in md
     assert config_row in md
+    assert ("| pretrain.epochs | 1 |" in md) == (start == "pretrain")
     assert [line.get_label() for line in figures["training_curves.png"].axes[0].get_lines()] \
         == [f"baseline ({label})"]
     rep["teacher"]["top1"] = 50.0
@@ -505,7 +506,7 @@ def test_configuration_lists_no_start_of_a_student_from_scratch(tmp_path):
     write_report(rep, tmp_path)
     md = (tmp_path / "report.md").read_text()
     assert "| baseline (from scratch) |" in md
-    assert "student.init" not in md and "pretrain.dataset" not in md
+    assert "student.init" not in md and "pretrain." not in md  # pretrain.epochs | 0 included
 
 
 def test_report_gives_the_pretraining_sets_image_counts(tmp_path):
