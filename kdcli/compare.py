@@ -252,7 +252,11 @@ def _load_yaml(path: Path) -> Any:
 
 
 def _show_value(value: Any) -> str:
-    """A config value as it would be typed on the command line (`[resnet56,vgg8]`, `null`)."""
+    """A config value as it would be typed on the command line (`[resnet56,vgg8]`, `null`, `4`
+    for the float 4.0: a column read `4.0` for a run that kept the default beside `2` and `8`
+    typed by the others)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
     if isinstance(value, (dict, list)):
         return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip() \
             .replace(", ", ",").replace(": ", ":")

@@ -213,10 +213,10 @@ def test_a_setting_a_run_got_from_its_config_shows_its_value(tmp_path: Path) -> 
     assert summary.keys == ["experiment", "loss.temperature", "teacher", "student",
                             "loss.kd_weight"]
     assert [list(r.overrides.values()) for r in summary.rows] == [
-        ["smoke", "4.0", "tiny_cnn-wide", "tiny_cnn", "0.5"],
+        ["smoke", "4", "tiny_cnn-wide", "tiny_cnn", "0.5"],  # 4.0 as typed beside the 2
         ["smoke", "2", "tiny_cnn-wide", "tiny_cnn", "0.5"],
-        [MISSING, "4.0", "resnet8", "resnet8", "0.9"],  # no experiment picked
-        [MISSING, "8.0", MISSING, MISSING, "0.7"],
+        [MISSING, "4", "resnet8", "resnet8", "0.9"],  # no experiment picked
+        [MISSING, "8", MISSING, MISSING, "0.7"],
         [MISSING, MISSING, MISSING, MISSING, "0.7"]]
     assert "a run that did not set one shows the value its config gave it" in to_markdown(summary)
 
