@@ -216,7 +216,20 @@ def find_runs(paths: Sequence[Path]) -> list[Path]:
         raise NoRunsFound(f"no runs ({REPORT}) found under {', '.join(map(str, paths))}")
     for path in empty:  # the table would just lack it (a `kd eval` folder, say)
         log.warning("%s: no %s under it, skipped", path, REPORT)
+    # A `kd train` that started but never wrote its report or failed.json (a sweep's job cut
+    # off by Ctrl-C or a time limit) would be missing from the table without a word.
+    for given in map(Path, paths):
+        for run in _folders_under(given, _unfinished) if given.is_dir() else []:
+            log.warning("%s: a kd train run that did not finish (no %s: interrupted, or still "
+                        "running), skipped", run, REPORT)
     return list(runs)
+
+
+def _unfinished(folder: Path) -> bool:
+    """A `kd train` run folder (its `.hydra/` and `train.log`) with neither a report nor a
+    failed.json; a `kd teacher`/`kd eval` folder, which never writes a report, is not one."""
+    return ((folder / OVERRIDES).is_file() and (folder / "train.log").is_file()
+            and not holds_a_run(folder))
 
 
 def read_overrides(run: Path) -> dict[str, str]:

@@ -285,6 +285,27 @@ def test_report_warns_of_a_path_without_runs_and_names_the_paths_given(
     assert compare.to_table(summary).title == f"1 run(s) in {tmp_path / 'day' / 'a'}"
 
 
+def test_report_warns_of_a_train_run_that_did_not_finish(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # A sweep's job cut off by Ctrl-C keeps .hydra/ and train.log only: `kd report` left it out
+    # of the table without a word. A `kd teacher` folder never writes a report: not warned of.
+    _fake_run(tmp_path / "sweep" / "0", ["loss.temperature=2"], 60.0)
+    cut = tmp_path / "sweep" / "1"
+    (cut / ".hydra").mkdir(parents=True)
+    (cut / ".hydra" / "overrides.yaml").write_text("- loss.temperature=8\n")
+    (cut / "train.log").write_text("teacher epoch 1/40\n")
+    teacher_only = tmp_path / "sweep" / "teacher-run"
+    (teacher_only / ".hydra").mkdir(parents=True)
+    (teacher_only / ".hydra" / "overrides.yaml").write_text("[]\n")
+    (teacher_only / "teacher.log").write_text("")
+    assert run_plain("report", compare.main, [str(tmp_path / "sweep"), "--out",
+                                              str(tmp_path)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"{cut}: a kd train run that did not finish (no report.json: "
+                        "interrupted, or still running), skipped"]
+    assert "1 run(s)" in (tmp_path / "summary.md").read_text()
+
+
 def test_summary_names_what_the_baselines_started_from(tmp_path: Path) -> None:
     # The gain was explained as "student top-1 − baseline (from scratch) top-1" also for runs
     # whose baseline started from the teacher's weights (student.init=from_teacher).
