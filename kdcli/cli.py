@@ -319,7 +319,7 @@ def with_kd_errors(func):
     try:
         return func()
     except ConfigCompositionException as exc:
-        line = unknown_key_line(exc)
+        line = unknown_key_line(exc) or unknown_option_line(exc)
         if line is None:
             raise
         sys.stderr.write(f"error: config: {line}\n")
@@ -350,6 +350,26 @@ def unknown_key_line(exc: Exception) -> str | None:
     guess = did_you_mean(node, full_key, valid) if node is not None else ""
     return f"{full_key}: unknown key (valid: {', '.join(valid) or 'none'}{guess})" + \
         sweep_hint(full_key)
+
+
+def unknown_option_line(exc: Exception) -> str | None:
+    """`student=resnet9: no such option (did you mean resnet8, resnet18?; options: ...)` for
+    Hydra's refusal of a group option that does not exist, else None. Hydra's own text is 35
+    lines for the shipped students (every option on a line, its config search path, and
+    HYDRA_FULL_ERROR advice), the only bad input that was not one line."""
+    import difflib
+
+    from hydra.errors import MissingConfigException
+
+    if not (isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file
+            and "/" in str(exc.missing_cfg_file)):
+        return None
+    group, _, option = str(exc.missing_cfg_file).rpartition("/")
+    options = sorted(map(str, exc.options))
+    close = difflib.get_close_matches(option, options, n=3)
+    guess = f"did you mean {', '.join(close)}?; " if close else ""
+    return (f"{group}={option}: no such option ({guess}options: {', '.join(options)}); one of "
+            f"your own: --config-dir DIR with DIR/{group}/{option}.yaml")
 
 
 def sweep_hint(full_key: str) -> str:

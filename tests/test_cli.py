@@ -193,6 +193,26 @@ def test_a_sweep_refusing_a_key_of_a_swept_group_says_why_and_what_to_do(tmp_pat
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args, line", [
+    (["train", "student=resnet9"],
+     "error: config: student=resnet9: no such option (did you mean resnet8, resnet56, "
+     "resnet50?; options: efficientnet_b0, mlp, mlp-large, "),
+    (["train", "-m", "experiment=smoke", "loss=hinton,dkdd"],
+     "error: config: loss=dkdd: no such option (did you mean dkd?; options: attention, ce, "
+     "dist, dkd, fitnets, hinton, lskd, mse); one of your own: --config-dir DIR with "
+     "DIR/loss/dkdd.yaml\n"),
+])
+def test_an_unknown_option_is_one_line_with_the_options(tmp_path: Path, args: list[str],
+                                                        line: str) -> None:
+    # Hydra's own text was 35 lines for a student (each option on a line, its config search
+    # path, HYDRA_FULL_ERROR advice): the only bad input that was not kd's one line.
+    proc = subprocess.run([sys.executable, "-m", "kdcli.cli", *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(line) and proc.stderr.count("\n") == 1, proc.stderr
+    assert not list(tmp_path.rglob("*.pt"))  # a sweep stops before its first job
+
+
 def test_plus_still_adds_a_key() -> None:
     proc = run_kd("train", "+loss.temprature=2", "--cfg", "job", "-p", "loss")
     assert proc.returncode == 0, proc.stderr
