@@ -198,21 +198,27 @@ def test_eval_of_a_checkpoint_that_does_not_fit_says_why(workdir: Path, saved: s
     assert proc.stderr == f"error: checkpoint {path} {message}\n"
 
 
-def test_eval_of_a_run_checkpoint_names_the_runs_own_target(workdir: Path) -> None:
-    # A run with student._target_=mynets.small_net, evaluated without it: the hint said
-    # "set ... student=", which cannot select a model of one's own.
+def _run_checkpoint(run: Path, role: str, target: str, option: str) -> Path:
+    """A run folder whose `checkpoints/<role>/last.pt` holds a tiny_cnn(width=32), and whose
+    `.hydra/` says it was trained as `<role>._target_: target`, picked as `<role>=option`."""
     from kdcli import checkpoint
     from kdcli.models.small import tiny_cnn
 
-    run = workdir / "custom-run"
-    path = run / "checkpoints" / "student" / "last.pt"
+    path = run / "checkpoints" / role / "last.pt"
     path.parent.mkdir(parents=True)
     checkpoint.save({"model": tiny_cnn(width=32).state_dict()}, path)
     (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text(
-        "student:\n  _target_: mynets.small_net\n")
+    (run / ".hydra" / "config.yaml").write_text(f"{role}:\n  _target_: {target}\n")
     (run / ".hydra" / "hydra.yaml").write_text(
-        "hydra:\n  runtime:\n    choices:\n      student: tiny_cnn\n")
+        f"hydra:\n  runtime:\n    choices:\n      {role}: {option}\n")
+    return path
+
+
+def test_eval_of_a_run_checkpoint_names_the_runs_own_target(workdir: Path) -> None:
+    # A run with student._target_=mynets.small_net, evaluated without it: the hint said
+    # "set ... student=", which cannot select a model of one's own.
+    run = workdir / "custom-run"
+    path = _run_checkpoint(run, "student", "mynets.small_net", "tiny_cnn")
     proc = kd("eval", *SMOKE, f"checkpoint={path}", f"hydra.run.dir={workdir / 'eval'}",
               cwd=workdir, check=False)
     assert proc.returncode == 1
@@ -224,18 +230,8 @@ def test_eval_of_a_run_checkpoint_names_the_runs_own_target(workdir: Path) -> No
 def test_eval_of_a_run_teacher_checkpoint_says_the_whole_fix(workdir: Path) -> None:
     # The hint said "trained it as teacher=tiny_cnn-wide: set that"; setting that gave the same
     # error, since arch=student still loaded the student's model.
-    from kdcli import checkpoint
-    from kdcli.models.small import tiny_cnn
-
-    run = workdir / "run"
-    path = run / "checkpoints" / "teacher" / "last.pt"
-    path.parent.mkdir(parents=True)
-    checkpoint.save({"model": tiny_cnn(width=32).state_dict()}, path)
-    (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text(
-        "teacher:\n  _target_: kdcli.models.small.tiny_cnn\n")
-    (run / ".hydra" / "hydra.yaml").write_text(
-        "hydra:\n  runtime:\n    choices:\n      teacher: tiny_cnn-wide\n")
+    path = _run_checkpoint(workdir / "run", "teacher", "kdcli.models.small.tiny_cnn",
+                           "tiny_cnn-wide")
     proc = kd("eval", *SMOKE, f"checkpoint={path}", f"hydra.run.dir={workdir / 'eval'}",
               cwd=workdir, check=False)
     assert proc.returncode == 1
