@@ -78,6 +78,19 @@ def save(obj: dict, path: Path) -> None:
     atomic_write_text(_sidecar(path), hashlib.sha256(data).hexdigest() + "\n")
 
 
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """The sha256 of a model's weights: each tensor's name, dtype, shape and bytes, in name
+    order. Unlike the digest of the checkpoint file, which also holds the epochs' timings, it
+    is the same for a bit-identical retrain (`deterministic=true`, a pruned teacher trained
+    again), so what is keyed by it (the cache, a feature-loss student) is reused."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 

@@ -236,3 +236,26 @@ def test_unreadable_file_says_what_it_is_without_torchs_advice(tmp_path, make, s
     assert str(err.value).startswith(f"checkpoint {path} is unreadable: ")
     assert says in str(err.value)
     assert "weights_only" not in str(err.value)
+
+
+def test_weights_sha256_keys_the_weights_not_the_file(tmp_path) -> None:
+    # The cache was keyed by the sha256 of the teacher's last.pt, which also holds the epochs'
+    # timings: a bit-identical retrain got a new cache, and so did every student after it.
+    model = nn.Linear(3, 2)
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    checkpoint.save({"model": model.state_dict(), "train_time_s": 1.0}, a)
+    checkpoint.save({"model": model.state_dict(), "train_time_s": 2.5}, b)
+    assert checkpoint.sha256_file(a) != checkpoint.sha256_file(b)
+    digest = checkpoint.weights_sha256(checkpoint.load(a)["model"])
+    assert digest == checkpoint.weights_sha256(checkpoint.load(b)["model"])
+    nudged = {k: v.clone() for k, v in model.state_dict().items()}
+    nudged["bias"][0] = torch.nextafter(nudged["bias"][0], torch.tensor(1.0))  # one ulp
+    assert checkpoint.weights_sha256(nudged) != digest
+    renamed = {f"x.{k}": v for k, v in model.state_dict().items()}
+    assert checkpoint.weights_sha256(renamed) != digest
+    # Same bytes, other dtype or shape; a 0-d tensor (BatchNorm's num_batches_tracked).
+    zeros = checkpoint.weights_sha256({"w": torch.zeros(4, dtype=torch.int32)})
+    assert zeros != checkpoint.weights_sha256({"w": torch.zeros(2, dtype=torch.int64)})
+    assert zeros != checkpoint.weights_sha256({"w": torch.zeros(2, 2, dtype=torch.int32)})
+    assert checkpoint.weights_sha256({"n": torch.tensor(3)}) != checkpoint.weights_sha256(
+        {"n": torch.tensor(4)})

@@ -27,6 +27,7 @@ from kdcli.stages.common import (
     build_context,
     dataset_inputs,
     reuse_if_valid,
+    weights_id,
 )
 from kdcli.store import Entry
 
@@ -58,7 +59,7 @@ def check_settings(ctx: Context, num_teachers: int) -> None:
 def entry_for(ctx: Context, teachers: list[dict[str, Any]]) -> Entry:
     inputs = {
         "format": softlabels.VERSION,
-        "teachers": [{"key": t["entry"].key, "weights": t["meta"]["files"]["last.pt"]}
+        "teachers": [{"key": t["entry"].key, "weights": weights_id(t["meta"])}
                      for t in teachers],
         "combine": combine_weights(ctx, len(teachers)),
         "dataset": dataset_inputs(ctx),

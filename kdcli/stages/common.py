@@ -555,6 +555,13 @@ def resumable(path: Path) -> bool:
         return False
 
 
+def weights_id(meta: dict[str, Any]) -> str:
+    """What a model's weights are keyed by downstream (the cache, a feature-loss student): the
+    sha256 of its final weights (`checkpoint.weights_sha256`); for an entry written before kd
+    recorded that, the sha256 of its `last.pt` file, so the keys built on it stay."""
+    return meta.get("weights_sha256") or meta["files"]["last.pt"]
+
+
 def reuse_if_valid(entry: Entry) -> dict[str, Any] | None:
     """Returns the entry's meta when it is complete and intact; a damaged one is rebuilt."""
     if not entry.complete:
@@ -634,7 +641,9 @@ def train_entry(ctx: Context, entry: Entry, *, role: str, loss_fn: DistillationL
                 {"name": ctx.choice(role), "metrics": metrics,
                  "train_time_s": result.train_time_s, "images_per_s": result.images_per_s,
                  "epochs": int(tcfg.epochs), "init": init_info,
-                 "ranks": distributed.world_size()},
+                 "ranks": distributed.world_size(),
+                 "weights_sha256": checkpoint.weights_sha256(
+                     checkpoint.load(entry.file("last.pt"))["model"])},
             )
 
         meta = distributed.on_main(finish)

@@ -45,6 +45,7 @@ from kdcli.stages.common import (
     publish,
     train_entry,
     train_inputs,
+    weights_id,
     with_code,
 )
 
@@ -207,7 +208,7 @@ def run(ctx: Context, cache: dict[str, Any] | None, teachers: list[dict[str, Any
     with_code(inputs, ctx.cfg.loss)
     check_teachers(ctx, mode, len(teachers))
     if mode == "online":
-        inputs["teacher_weights"] = teachers[0]["meta"]["files"]["last.pt"]
+        inputs["teacher_weights"] = weights_id(teachers[0]["meta"])
         source: Any = OnlineTeacher(teachers[0], list(loss.teacher_layers))
         log.info("student: online teacher (loss=%s reads teacher features %s)",
                  ctx.choice("loss"), ", ".join(loss.teacher_layers))
