@@ -529,21 +529,25 @@ def _two_standard_errors(p: float, n: Any) -> float:
 
 
 def _at_chance(model: Mapping[str, Any], report: Mapping[str, Any]) -> str | None:
-    """"10.7% test top-1 on 10 classes, where guessing gets 10.0%" when the model's test (or
-    validation) top-1 is within two standard errors of chance (1/classes); else None."""
+    """"10.7% test top-1 on 10 classes, where guessing gets 10.0%" when the model's top-1 on
+    the larger of its test and validation splits (test when the sizes are unknown or equal) is
+    within two standard errors of chance (1/classes); else None. One split decides: a 64-image
+    validation split put a student "at chance" whose test top-1 on 256 images was well above."""
     dataset = _block(report, "dataset")
     classes = dataset.get("num_classes")
     if not (isinstance(classes, int) and classes > 1):
         return None
     chance = 100.0 / classes
-    for key, size_key, split in (("top1", "test_size", "test"),
-                                 ("val_top1", "val_size", "validation")):
-        top1 = model.get(key)
-        if not _is_finite(top1):
-            continue
-        if float(top1) <= chance + _two_standard_errors(1.0 / classes, dataset.get(size_key)):
-            return (f"{float(top1):.1f}% {split} top-1 on {classes} classes, where guessing "
-                    f"gets {chance:.1f}%")
+    splits = [(key, dataset.get(size_key), split)
+              for key, size_key, split in (("top1", "test_size", "test"),
+                                           ("val_top1", "val_size", "validation"))
+              if _is_finite(model.get(key))]
+    if not splits:
+        return None
+    key, n, split = max(splits, key=lambda s: s[1] if _is_finite(s[1]) else 0)  # test on ties
+    top1 = float(model[key])
+    if top1 <= chance + _two_standard_errors(1.0 / classes, n):
+        return f"{top1:.1f}% {split} top-1 on {classes} classes, where guessing gets {chance:.1f}%"
     return None
 
 
