@@ -145,6 +145,8 @@ def resolve(cfg) -> Runtime:
     threads = cfg.get("threads")
     if device.type == "cpu":
         torch.set_num_threads(int(threads) if threads else default_threads())
+        if not threads:
+            _warn_if_busy(torch.get_num_threads())
     data = cfg.get("data") or "auto"
     if data not in DATA_PLACEMENTS:
         raise ConfigError(f"device.data={data!r} is not valid; choose one of "
@@ -245,6 +247,27 @@ def _cpu_jiffies() -> tuple[int, int, int] | None:
 def is_busy(load: float | None, cpus: int) -> bool:
     """Other processes used more than BUSY_CORES of this process's CPUs (see machine_load)."""
     return load is not None and load > BUSY_CORES
+
+
+_busy_checked = False  # once per process: a sweep's jobs share it
+
+
+def _warn_if_busy(threads: int) -> None:
+    """Warns when other processes keep this machine's cores busy as training starts with
+    `threads` threads (default: one per usable core): each step then waits for its slowest
+    thread, which a busy core stalls for whole time slices. A review measured 3-40x slower
+    epochs with 2 threads than with 1 on a 2-core machine running another job. Not switched
+    by itself: the other job may end in a minute, and one thread would then halve the speed."""
+    global _busy_checked
+    if _busy_checked or threads < 2:
+        return
+    _busy_checked = True
+    load, cpus = machine_load(window_s=0.1)  # a hint, not a measurement: kept short
+    if is_busy(load, cpus):
+        log.warning("the machine is busy (other processes used %.1f of %d CPUs): training with "
+                    "%d threads, each step waits for the slowest, which can make epochs several "
+                    "times slower; if their img/s is low, set device.threads=1", load, cpus,
+                    threads)
 
 
 def default_threads() -> int:

@@ -295,3 +295,28 @@ def test_machine_load_counts_other_processes_not_this_ones_past_work() -> None:
     assert busy > 0.6
     assert device.is_busy(busy, cpus)
     assert not device.is_busy(None, cpus) and not device.is_busy(0.2, cpus)
+
+
+@pytest.mark.parametrize("threads, load, warned", [
+    (None, 1.5, True),   # the default, one per core, on a busy machine
+    (None, 0.1, False),  # a quiet one
+    (2, 1.5, False),     # device.threads set: the user's choice, not sampled
+])
+def test_training_on_a_busy_machine_with_every_core_is_warned_of(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, threads, load,
+        warned) -> None:
+    # A review: kd's default 2 threads trained 3-40x slower than 1 while another job ran, and
+    # the log said nothing (the latency timing already took 1 thread on a busy machine).
+    sampled = []
+    monkeypatch.setattr(device, "_busy_checked", False)
+    monkeypatch.setattr(device, "default_threads", lambda: 2)
+    monkeypatch.setattr(device, "machine_load", lambda window_s: sampled.append(1) or (load, 2))
+    device.resolve(cfg(threads=threads))
+    device.resolve(cfg(threads=threads))  # a sweep's next job: not sampled again
+    assert torch.get_num_threads() == 2
+    assert len(sampled) == (0 if threads else 1)
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert lines == ([f"the machine is busy (other processes used {load:.1f} of 2 CPUs): "
+                      "training with 2 threads, each step waits for the slowest, which can "
+                      "make epochs several times slower; if their img/s is low, set "
+                      "device.threads=1"] if warned else [])
