@@ -89,7 +89,8 @@ class Runtime:
         name = str(self.device)
         if self.device.type == "cuda":
             name += f" ({torch.cuda.get_device_name(self.device)})"
-        return f"{name}, {self.precision}" + (", channels_last" if self.channels_last else "")
+        return (f"{name}, {self.precision}" + (", channels_last" if self.channels_last else "")
+                + (f", torch.compile ({self.compile_mode})" if self.compile else ""))
 
 
 def resolve(cfg) -> Runtime:

@@ -882,6 +882,12 @@ def _dataset_line(report: Mapping[str, Any]) -> str | None:
     return "Dataset: " + ", ".join(parts) + "."
 
 
+def _device_line(report: Mapping[str, Any]) -> str | None:
+    """"Trained on cpu, bf16, channels_last.": the precision the top-1 figures were measured in
+    (and compile), which report.md did not say; None for a report from before it was kept."""
+    return f"Trained on {report['device']}." if report.get("device") else None
+
+
 def _pretrain_line(report: Mapping[str, Any]) -> str | None:
     """The pretraining stage's set, image counts and result; None without pretraining."""
     pre = _block(report, "pretrain")
@@ -918,7 +924,7 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     for warning in (teacher_warning(report), student_warning(report)):
         if warning is not None:
             lines += [f"**Warning:** {warning}", ""]
-    for line in (_dataset_line(report), _pretrain_line(report)):
+    for line in (_dataset_line(report), _device_line(report), _pretrain_line(report)):
         if line is not None:
             lines += [line, ""]
     if _is_finite(report.get("wall_time_s")):

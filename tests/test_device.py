@@ -42,6 +42,9 @@ def test_cpu_fp32():
         assert (a @ a.T).dtype == torch.float32
     assert not rt.grad_scaler().is_enabled()
     assert rt.describe() == "cpu, fp32"
+    # report.md's "Trained on" line: the compile setting too.
+    assert device.resolve(cfg(compile="max-autotune")).describe() == \
+        "cpu, fp32, torch.compile (max-autotune)"
     assert torch.get_num_threads() == 1
 
 

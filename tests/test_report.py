@@ -439,6 +439,18 @@ def test_report_says_when_the_models_were_timed_on_a_busy_machine(tmp_path):
     assert "busy" not in (tmp_path / "report.md").read_text()
 
 
+def test_report_says_what_the_models_were_trained_in(tmp_path):
+    # report.md never said the precision (bf16 top-1 figures) or that the run was compiled.
+    rep = sample_report()
+    write_report(rep, tmp_path)
+    assert "Trained on" not in (tmp_path / "report.md").read_text()  # an older report.json
+    rep["device"] = "cpu, bf16, channels_last, torch.compile (default)"
+    write_report(rep, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "\nTrained on cpu, bf16, channels_last, torch.compile (default).\n" in md
+    assert md.index("Dataset: ") < md.index("Trained on") < md.index("## Results")
+
+
 def test_report_warns_of_a_teacher_at_chance_or_below_the_baseline(tmp_path):
     # A review's teacher read 10.67% on 10 classes, under the baseline's 15.33%, and the
     # report's first sentence still read as a distillation result.
