@@ -380,6 +380,9 @@ def fit(
         while epoch < epochs:
             task = bar.start_epoch(epoch, epochs, len(train_loader))
             loss_fn.start_epoch(epoch, epochs)
+            # The rate the epoch trained at from its first step: read after it, a per-step
+            # schedule's last epoch read 0.0 (cosine), as if it had not trained.
+            lr = optimizer.param_groups[0]["lr"]
             stats = train_epoch(step, train_loader, epoch, lambda: bar.advance(task))  # noqa: B023
             if stats.bad_step >= 0:
                 where = (f"{label}: loss became NaN/inf at epoch {epoch + 1}, "
@@ -402,7 +405,7 @@ def fit(
                             "(%d retries left)", where, epoch + 1, nan_lr_factor, nan_retries)
                 continue
             elapsed += stats.time_s
-            row: dict[str, float] = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            row: dict[str, float] = {"epoch": epoch + 1, "lr": lr}
             row.update({f"train/{k}": v for k, v in stats.terms.items()})
             row["train/top1"] = stats.top1
             done, best_top1 = distributed.on_main(

@@ -50,6 +50,17 @@ def test_history_rows_carry_timing_after_the_metrics(tmp_path):
     assert (tmp_path / "metrics.csv").read_text().splitlines()[0].endswith("time_s,images_per_s")
 
 
+def test_history_lr_is_the_rate_each_epoch_started_at(tmp_path):
+    # Read after the epoch, a per-step schedule's last epoch showed lr 0.0 in metrics.csv
+    # (cosine), as if it had not trained. 4 steps per epoch, the rate falling linearly to 0.
+    step, loader = setup(torch.device("cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(step.optimizer, lambda s: 1 - s / 8)
+    rows = engine.fit(model=step.model, train_loader=loader, val_loader=None,
+                      loss_fn=CrossEntropy(), optimizer=step.optimizer, scheduler=scheduler,
+                      runtime=step.runtime, epochs=2, out_dir=tmp_path).history
+    assert [r["lr"] for r in rows] == pytest.approx([0.01, 0.005])
+
+
 class EpochRecorder(CrossEntropy):
     def __init__(self) -> None:
         super().__init__()
