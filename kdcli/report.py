@@ -637,13 +637,18 @@ def _teachers_table(report: Mapping[str, Any]) -> list[str]:
     if len(members) < 2:
         return []
     ensemble = _block(report, "teacher")
-    rows = [[m.get("name", "?"), _pct(m.get("top1")), _pct(m.get("top5")),
-             format_count(m.get("params")), _ms(m.get("latency_ms"))] for m in members]
-    rows.append([f"ensemble ({ensemble.get('name', '')})", _pct(ensemble.get("top1")),
-                 _pct(ensemble.get("top5")), format_count(ensemble.get("params")),
-                 _ms(ensemble.get("latency_ms"))])
-    return ["## Teachers", "",
-            *_table(["teacher", "top-1 (%)", "top-5 (%)", "params", "latency (ms)"], rows), "",
+    # Each teacher's share of the mix (cache.teacher_weights, normalised), where recorded.
+    weights = ensemble.get("weights")
+    weights = weights if isinstance(weights, list) and len(weights) == len(members) else None
+    rows = [[m.get("name", "?"), *([f"{w:.2f}"] if weights else []), _pct(m.get("top1")),
+             _pct(m.get("top5")), format_count(m.get("params")), _ms(m.get("latency_ms"))]
+            for m, w in zip(members, weights or [None] * len(members), strict=True)]
+    rows.append([f"ensemble ({ensemble.get('name', '')})", *(["1.00"] if weights else []),
+                 _pct(ensemble.get("top1")), _pct(ensemble.get("top5")),
+                 format_count(ensemble.get("params")), _ms(ensemble.get("latency_ms"))])
+    header = ["teacher", *(["weight in the mix"] if weights else []), "top-1 (%)", "top-5 (%)",
+              "params", "latency (ms)"]
+    return ["## Teachers", "", *_table(header, rows), "",
             "The soft labels are the weighted mean of the teachers' logits; the ensemble's "
             "costs are the sum of its members'." if _block(report, "cache") else
             "The ensemble's logits are the weighted mean of the teachers' (no soft-label cache "

@@ -39,7 +39,11 @@ def test_two_teachers_each_keyed_and_combined_in_the_cache(root: Path, weights, 
     b = _teacher_test_logits(report, "tiny_cnn-wide")
     cache = softlabels.open(Path(report["store"]["cache"]) / "test.kdsl").all_logits()
     torch.testing.assert_close(cache, mix[0] * a + mix[1] * b, atol=2e-2, rtol=1e-3)
-    assert "## Teachers" in (run / "report.md").read_text()
+    # The mix is in the report (it was only in report.json's config).
+    assert report["teacher"]["weights"] == pytest.approx(list(mix))
+    md = (run / "report.md").read_text()
+    assert "## Teachers" in md and "| teacher | weight in the mix | top-1 (%) |" in md
+    assert f"| tiny_cnn | {mix[0]:.2f} |" in md and f"| tiny_cnn-wide | {mix[1]:.2f} |" in md
 
 
 def test_second_multi_teacher_run_reuses_both_teachers(root: Path) -> None:

@@ -108,12 +108,13 @@ def _time_together(ctx: Context, blocks: list[dict[str, Any]], models: list[torc
     return {**policy.record(), "speedup_from": "min"}
 
 
-def _ensemble_block(blocks: list[dict[str, Any]], logits: torch.Tensor, labels: torch.Tensor
-                    ) -> dict[str, Any]:
-    """The teachers as one model: accuracy of the combined logits, costs added up."""
+def _ensemble_block(blocks: list[dict[str, Any]], logits: torch.Tensor, labels: torch.Tensor,
+                    weights: list[float]) -> dict[str, Any]:
+    """The teachers as one model: accuracy of the combined logits (their `weights`, summing to
+    1, in the mix), costs added up."""
     name = "+".join(b["name"] for b in blocks)
     block = {"name": name, **classification_metrics(logits, labels, name=f"teachers {name}"),
-             "members": [b["name"] for b in blocks]}
+             "members": [b["name"] for b in blocks], "weights": weights}
     for key in ("params", "flops", "macs", "size_bytes", "latency_ms", "latency_min_ms",
                 "train_time_s"):
         block[key] = sum(b[key] for b in blocks)
@@ -154,6 +155,7 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
         models.append(model)
     member_logits = [_test_logits(t)[0] for t in teachers]
     labels = _test_logits(teachers[0])[1]
+    weights = [1.0]
     if len(teachers) == 1:
         t_logits = member_logits[0]
     else:
@@ -164,7 +166,7 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
     latency = _time_together(ctx, [*teacher_blocks, student_block], [*models, student_model])
     del models, student_model
     t_block = (teacher_blocks[0] if len(teachers) == 1
-               else _ensemble_block(teacher_blocks, t_logits, labels))
+               else _ensemble_block(teacher_blocks, t_logits, labels, weights))
     init = student["meta"].get("init") or {}
     s_block = {**student_block, "mode": student["mode"],
                "init": student["entry"].inputs["init"],
