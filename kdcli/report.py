@@ -889,8 +889,14 @@ def _dataset_line(report: Mapping[str, Any]) -> str | None:
 
 def _device_line(report: Mapping[str, Any]) -> str | None:
     """"Trained on cpu, bf16, channels_last.": the precision the top-1 figures were measured in
-    (and compile), which report.md did not say; None for a report from before it was kept."""
-    return f"Trained on {report['device']}." if report.get("device") else None
+    (and compile), and the data-parallel ranks of a torchrun run, which report.md did not say;
+    None for a report from before it was kept."""
+    if not report.get("device"):
+        return None
+    ranks = report.get("ranks")
+    parallel = (f"; this run data parallel over {int(ranks)} ranks (torchrun)"
+                if _is_finite(ranks) and ranks > 1 else "")
+    return f"Trained on {report['device']}{parallel}."
 
 
 def _pretrain_line(report: Mapping[str, Any]) -> str | None:

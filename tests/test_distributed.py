@@ -147,6 +147,9 @@ def test_torchrun_two_ranks(tmp_path: Path):
     assert report["stages"] == {"teacher": "trained", "cache": "not needed",
                                 "student": "trained"}
     assert report["student"]["mode"] == "online" and not (tmp_path / "store" / "cache").exists()
+    assert report["ranks"] == 2
+    assert "; this run data parallel over 2 ranks (torchrun)." in \
+        (tmp_path / "run" / "report.md").read_text()
     log = (tmp_path / "run" / "train.log").read_text()
     for stage in ("teacher tiny_cnn-wide", "student"):
         assert (f"{stage}: data parallel over 2 ranks, 32 images per rank and step (global batch "

@@ -449,6 +449,10 @@ def test_report_says_what_the_models_were_trained_in(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "\nTrained on cpu, bf16, channels_last, torch.compile (default).\n" in md
     assert md.index("Dataset: ") < md.index("Trained on") < md.index("## Results")
+    rep["ranks"] = 2  # torchrun --nproc_per_node=2
+    write_report(rep, tmp_path)
+    assert ("\nTrained on cpu, bf16, channels_last, torch.compile (default); this run data "
+            "parallel over 2 ranks (torchrun).\n") in (tmp_path / "report.md").read_text()
 
 
 def test_report_warns_of_a_teacher_at_chance_or_below_the_baseline(tmp_path):

@@ -198,6 +198,7 @@ def build_report(ctx: Context, teachers: list[dict], cache: dict | None,
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
         "wall_time_s": None,  # set by write_report, after the report's own work
         "device": ctx.runtime.describe(),
+        "ranks": distributed.world_size(),  # this run's processes (torchrun), 1 without
         "latency_threads": latency["threads"],
         "latency": latency,
         # test_fingerprint: `kd export` re-evaluates on the test split and checks it still
