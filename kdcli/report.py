@@ -552,10 +552,11 @@ def _at_chance(model: Mapping[str, Any], report: Mapping[str, Any]) -> str | Non
 
 
 def teacher_warning(report: Mapping[str, Any]) -> str | None:
-    """Says so when the teacher has nothing to teach: its test (or validation) top-1 within
-    two standard errors of chance (1/classes), or below the baseline's. A review's teacher read
-    10.67% on 10 classes, under the baseline's 15.33%, and the report's first sentence still
-    read as a distillation result. None when the teacher is fine or unknown."""
+    """Says so when the teacher has nothing to teach: its top-1 within two standard errors of
+    chance (1/classes, on the larger evaluation split: `_at_chance`), or below the baseline's.
+    A review's teacher read 10.67% on 10 classes, under the baseline's 15.33%, and the report's
+    first sentence still read as a distillation result. None when the teacher is fine or
+    unknown."""
     teacher, baseline = _block(report, "teacher"), _block(report, "baseline")
     if not _is_finite(teacher.get("top1")):
         return None
@@ -575,11 +576,12 @@ def teacher_warning(report: Mapping[str, Any]) -> str | None:
 
 
 def student_warning(report: Mapping[str, Any]) -> str | None:
-    """Says so when distillation broke the student: its test (or validation) top-1 within two
-    standard errors of chance, or below the baseline's by more than two standard errors (of
-    the baseline's accuracy on the test images). A review's FitNets student read 8.6% on 10
-    classes against the baseline's 17.6%, agreeing with its teacher on 2% of the images, and
-    the report gave only the numbers. None when the student is fine or unknown."""
+    """Says so when distillation broke the student: its top-1 within two standard errors of
+    chance (on the larger evaluation split: `_at_chance`), or below the baseline's by more than
+    two standard errors (of the baseline's accuracy on the test images). A review's FitNets
+    student read 8.6% on 10 classes against the baseline's 17.6%, agreeing with its teacher on
+    2% of the images, and the report gave only the numbers. None when the student is fine or
+    unknown."""
     student, baseline = _block(report, "student"), _block(report, "baseline")
     if not _is_finite(student.get("top1")):
         return None
@@ -833,7 +835,8 @@ def _config_rows(report: Mapping[str, Any]) -> list[list[str]]:
     student, pretrain = config.get("student"), config.get("pretrain")
     if isinstance(student, Mapping) and student.get("init") not in (None, "scratch"):
         rows.append(["student.init", str(student["init"])])
-    if isinstance(pretrain, Mapping) and pretrain.get("dataset") is not None:
+    pretrains = isinstance(pretrain, Mapping) and pretrain.get("dataset") is not None
+    if pretrains:
         rows.append(["pretrain.dataset", str(pretrain["dataset"])])
     loss = config.get("loss")
     if isinstance(loss, Mapping):
@@ -848,8 +851,7 @@ def _config_rows(report: Mapping[str, Any]) -> list[list[str]]:
     elif loss is not None:
         rows.append(["loss", str(loss)])
     for path, value in _find_key(config, "epochs"):
-        if path == "pretrain.epochs" and not (isinstance(pretrain, Mapping)
-                                              and pretrain.get("dataset") is not None):
+        if path == "pretrain.epochs" and not pretrains:
             continue  # no pretraining: its epochs setting says nothing about this run
         rows.append([path, str(value)])
     if "seed" in config:
